@@ -1,0 +1,331 @@
+"""Capability and exit-reason enums, named as in ``include/uapi/linux/kvm.h``.
+
+``Cap`` lists every ``KVM_CAP_*`` of the newest kernel (0..246, all
+architectures: a number is a number, and a probe must be able to name what
+any host reports).  ``ExitReason`` lists every ``KVM_EXIT_*`` (0..41).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Cap", "ExitReason", "cap_name", "exit_name"]
+
+
+class Cap(enum.IntEnum):
+    """``KVM_CAP_*``: pass to ``check_extension`` / ``enable_cap``."""
+
+    IRQCHIP = 0
+    HLT = 1
+    MMU_SHADOW_CACHE_CONTROL = 2
+    USER_MEMORY = 3
+    SET_TSS_ADDR = 4
+    VAPIC = 6
+    EXT_CPUID = 7
+    CLOCKSOURCE = 8
+    NR_VCPUS = 9
+    NR_MEMSLOTS = 10
+    PIT = 11
+    NOP_IO_DELAY = 12
+    PV_MMU = 13
+    MP_STATE = 14
+    COALESCED_MMIO = 15
+    SYNC_MMU = 16
+    IOMMU = 18
+    DESTROY_MEMORY_REGION_WORKS = 21
+    USER_NMI = 22
+    SET_GUEST_DEBUG = 23
+    REINJECT_CONTROL = 24
+    IRQ_ROUTING = 25
+    IRQ_INJECT_STATUS = 26
+    ASSIGN_DEV_IRQ = 29
+    JOIN_MEMORY_REGIONS_WORKS = 30
+    MCE = 31
+    IRQFD = 32
+    PIT2 = 33
+    SET_BOOT_CPU_ID = 34
+    PIT_STATE2 = 35
+    IOEVENTFD = 36
+    SET_IDENTITY_MAP_ADDR = 37
+    XEN_HVM = 38
+    ADJUST_CLOCK = 39
+    INTERNAL_ERROR_DATA = 40
+    VCPU_EVENTS = 41
+    S390_PSW = 42
+    PPC_SEGSTATE = 43
+    HYPERV = 44
+    HYPERV_VAPIC = 45
+    HYPERV_SPIN = 46
+    PCI_SEGMENT = 47
+    PPC_PAIRED_SINGLES = 48
+    INTR_SHADOW = 49
+    DEBUGREGS = 50
+    X86_ROBUST_SINGLESTEP = 51
+    PPC_OSI = 52
+    PPC_UNSET_IRQ = 53
+    ENABLE_CAP = 54
+    XSAVE = 55
+    XCRS = 56
+    PPC_GET_PVINFO = 57
+    PPC_IRQ_LEVEL = 58
+    ASYNC_PF = 59
+    TSC_CONTROL = 60
+    GET_TSC_KHZ = 61
+    PPC_BOOKE_SREGS = 62
+    SPAPR_TCE = 63
+    PPC_SMT = 64
+    PPC_RMA = 65
+    MAX_VCPUS = 66
+    PPC_HIOR = 67
+    PPC_PAPR = 68
+    SW_TLB = 69
+    ONE_REG = 70
+    S390_GMAP = 71
+    TSC_DEADLINE_TIMER = 72
+    S390_UCONTROL = 73
+    SYNC_REGS = 74
+    PCI_2_3 = 75
+    KVMCLOCK_CTRL = 76
+    SIGNAL_MSI = 77
+    PPC_GET_SMMU_INFO = 78
+    S390_COW = 79
+    PPC_ALLOC_HTAB = 80
+    READONLY_MEM = 81
+    IRQFD_RESAMPLE = 82
+    PPC_BOOKE_WATCHDOG = 83
+    PPC_HTAB_FD = 84
+    S390_CSS_SUPPORT = 85
+    PPC_EPR = 86
+    ARM_PSCI = 87
+    ARM_SET_DEVICE_ADDR = 88
+    DEVICE_CTRL = 89
+    IRQ_MPIC = 90
+    PPC_RTAS = 91
+    IRQ_XICS = 92
+    ARM_EL1_32BIT = 93
+    SPAPR_MULTITCE = 94
+    EXT_EMUL_CPUID = 95
+    HYPERV_TIME = 96
+    IOAPIC_POLARITY_IGNORED = 97
+    ENABLE_CAP_VM = 98
+    S390_IRQCHIP = 99
+    IOEVENTFD_NO_LENGTH = 100
+    VM_ATTRIBUTES = 101
+    ARM_PSCI_0_2 = 102
+    PPC_FIXUP_HCALL = 103
+    PPC_ENABLE_HCALL = 104
+    CHECK_EXTENSION_VM = 105
+    S390_USER_SIGP = 106
+    S390_VECTOR_REGISTERS = 107
+    S390_MEM_OP = 108
+    S390_USER_STSI = 109
+    S390_SKEYS = 110
+    MIPS_FPU = 111
+    MIPS_MSA = 112
+    S390_INJECT_IRQ = 113
+    S390_IRQ_STATE = 114
+    PPC_HWRNG = 115
+    DISABLE_QUIRKS = 116
+    X86_SMM = 117
+    MULTI_ADDRESS_SPACE = 118
+    GUEST_DEBUG_HW_BPS = 119
+    GUEST_DEBUG_HW_WPS = 120
+    SPLIT_IRQCHIP = 121
+    IOEVENTFD_ANY_LENGTH = 122
+    HYPERV_SYNIC = 123
+    S390_RI = 124
+    SPAPR_TCE_64 = 125
+    ARM_PMU_V3 = 126
+    VCPU_ATTRIBUTES = 127
+    MAX_VCPU_ID = 128
+    X2APIC_API = 129
+    S390_USER_INSTR0 = 130
+    MSI_DEVID = 131
+    PPC_HTM = 132
+    SPAPR_RESIZE_HPT = 133
+    PPC_MMU_RADIX = 134
+    PPC_MMU_HASH_V3 = 135
+    IMMEDIATE_EXIT = 136
+    MIPS_VZ = 137
+    MIPS_TE = 138
+    MIPS_64BIT = 139
+    S390_GS = 140
+    S390_AIS = 141
+    SPAPR_TCE_VFIO = 142
+    X86_DISABLE_EXITS = 143
+    ARM_USER_IRQ = 144
+    S390_CMMA_MIGRATION = 145
+    PPC_FWNMI = 146
+    PPC_SMT_POSSIBLE = 147
+    HYPERV_SYNIC2 = 148
+    HYPERV_VP_INDEX = 149
+    S390_AIS_MIGRATION = 150
+    PPC_GET_CPU_CHAR = 151
+    S390_BPB = 152
+    GET_MSR_FEATURES = 153
+    HYPERV_EVENTFD = 154
+    HYPERV_TLBFLUSH = 155
+    S390_HPAGE_1M = 156
+    NESTED_STATE = 157
+    ARM_INJECT_SERROR_ESR = 158
+    MSR_PLATFORM_INFO = 159
+    PPC_NESTED_HV = 160
+    HYPERV_SEND_IPI = 161
+    COALESCED_PIO = 162
+    HYPERV_ENLIGHTENED_VMCS = 163
+    EXCEPTION_PAYLOAD = 164
+    ARM_VM_IPA_SIZE = 165
+    MANUAL_DIRTY_LOG_PROTECT = 166
+    HYPERV_CPUID = 167
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
+    PPC_IRQ_XIVE = 169
+    ARM_SVE = 170
+    ARM_PTRAUTH_ADDRESS = 171
+    ARM_PTRAUTH_GENERIC = 172
+    PMU_EVENT_FILTER = 173
+    ARM_IRQ_LINE_LAYOUT_2 = 174
+    HYPERV_DIRECT_TLBFLUSH = 175
+    PPC_GUEST_DEBUG_SSTEP = 176
+    ARM_NISV_TO_USER = 177
+    ARM_INJECT_EXT_DABT = 178
+    S390_VCPU_RESETS = 179
+    S390_PROTECTED = 180
+    PPC_SECURE_GUEST = 181
+    HALT_POLL = 182
+    ASYNC_PF_INT = 183
+    LAST_CPU = 184
+    SMALLER_MAXPHYADDR = 185
+    S390_DIAG318 = 186
+    STEAL_TIME = 187
+    X86_USER_SPACE_MSR = 188
+    X86_MSR_FILTER = 189
+    ENFORCE_PV_FEATURE_CPUID = 190
+    SYS_HYPERV_CPUID = 191
+    DIRTY_LOG_RING = 192
+    X86_BUS_LOCK_EXIT = 193
+    PPC_DAWR1 = 194
+    SET_GUEST_DEBUG2 = 195
+    SGX_ATTRIBUTE = 196
+    VM_COPY_ENC_CONTEXT_FROM = 197
+    PTP_KVM = 198
+    HYPERV_ENFORCE_CPUID = 199
+    SREGS2 = 200
+    EXIT_HYPERCALL = 201
+    PPC_RPT_INVALIDATE = 202
+    BINARY_STATS_FD = 203
+    EXIT_ON_EMULATION_FAILURE = 204
+    ARM_MTE = 205
+    VM_MOVE_ENC_CONTEXT_FROM = 206
+    VM_GPA_BITS = 207
+    XSAVE2 = 208
+    SYS_ATTRIBUTES = 209
+    PPC_AIL_MODE_3 = 210
+    S390_MEM_OP_EXTENSION = 211
+    PMU_CAPABILITY = 212
+    DISABLE_QUIRKS2 = 213
+    VM_TSC_CONTROL = 214
+    SYSTEM_EVENT_DATA = 215
+    ARM_SYSTEM_SUSPEND = 216
+    S390_PROTECTED_DUMP = 217
+    X86_TRIPLE_FAULT_EVENT = 218
+    X86_NOTIFY_VMEXIT = 219
+    VM_DISABLE_NX_HUGE_PAGES = 220
+    S390_ZPCI_OP = 221
+    S390_CPU_TOPOLOGY = 222
+    DIRTY_LOG_RING_ACQ_REL = 223
+    S390_PROTECTED_ASYNC_DISABLE = 224
+    DIRTY_LOG_RING_WITH_BITMAP = 225
+    PMU_EVENT_MASKED_EVENTS = 226
+    COUNTER_OFFSET = 227
+    ARM_EAGER_SPLIT_CHUNK_SIZE = 228
+    ARM_SUPPORTED_BLOCK_SIZES = 229
+    ARM_SUPPORTED_REG_MASK_RANGES = 230
+    USER_MEMORY2 = 231
+    MEMORY_FAULT_INFO = 232
+    MEMORY_ATTRIBUTES = 233
+    GUEST_MEMFD = 234
+    VM_TYPES = 235
+    PRE_FAULT_MEMORY = 236
+    X86_APIC_BUS_CYCLES_NS = 237
+    X86_GUEST_MODE = 238
+    ARM_WRITABLE_IMP_ID_REGS = 239
+    ARM_EL2 = 240
+    ARM_EL2_E2H0 = 241
+    RISCV_MP_STATE_RESET = 242
+    ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
+    GUEST_MEMFD_FLAGS = 244
+    ARM_SEA_TO_USER = 245
+    S390_USER_OPEREXEC = 246
+
+
+class ExitReason(enum.IntEnum):
+    """``KVM_EXIT_*``: the ``exit_reason`` field of ``kvm_run``."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    S390_SIEIC = 13
+    S390_RESET = 14
+    DCR = 15
+    NMI = 16
+    INTERNAL_ERROR = 17
+    OSI = 18
+    PAPR_HCALL = 19
+    S390_UCONTROL = 20
+    WATCHDOG = 21
+    S390_TSCH = 22
+    EPR = 23
+    SYSTEM_EVENT = 24
+    S390_STSI = 25
+    IOAPIC_EOI = 26
+    HYPERV = 27
+    ARM_NISV = 28
+    X86_RDMSR = 29
+    X86_WRMSR = 30
+    DIRTY_RING_FULL = 31
+    AP_RESET_HOLD = 32
+    X86_BUS_LOCK = 33
+    XEN = 34
+    RISCV_SBI = 35
+    RISCV_CSR = 36
+    NOTIFY = 37
+    LOONGARCH_IOCSR = 38
+    MEMORY_FAULT = 39
+    TDX = 40
+    ARM_SEA = 41
+
+
+def cap_name(value: int) -> str:
+    """``KVM_CAP_<NAME>`` for a known number, ``KVM_CAP_<n>?`` otherwise."""
+    try:
+        return "KVM_CAP_" + Cap(value).name
+    except ValueError:
+        return f"KVM_CAP_{value}?"
+
+
+def exit_name(value: int) -> str:
+    """``KVM_EXIT_<NAME>`` for a known reason, ``KVM_EXIT_<n>?`` otherwise."""
+    try:
+        return "KVM_EXIT_" + ExitReason(value).name
+    except ValueError:
+        return f"KVM_EXIT_{value}?"
+
+
+# Module-level KVM_CAP_* / KVM_EXIT_* constants, as in the C header.
+for _c in Cap:
+    globals()["KVM_CAP_" + _c.name] = int(_c)
+    __all__.append("KVM_CAP_" + _c.name)
+for _e in ExitReason:
+    globals()["KVM_EXIT_" + _e.name] = int(_e)
+    __all__.append("KVM_EXIT_" + _e.name)
+del _c, _e
