@@ -1,0 +1,45 @@
+"""pykvm: a thin, complete Python binding over Linux ``/dev/kvm`` (x86-64).
+
+Two layers:
+
+* :mod:`pykvm.uapi` — the kernel's structures, request numbers and enums,
+  under the kernel's names.
+* the object layer — :class:`Kvm` (system fd), :class:`Vm`, :class:`Vcpu`,
+  :class:`GuestMemory`, typed exits (:mod:`pykvm.exits`) and errors.
+
+A guest in a few lines::
+
+    import pykvm
+    with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0x1000, 0x1000)
+        mem.write(0, bytes([0xB0, 0x41, 0xE6, 0xE9, 0xF4]))  # mov al,'A'; out 0xe9,al; hlt
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs(); sregs.cs.base = 0; sregs.cs.selector = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs(); regs.rip = 0x1000; regs.rflags = 2
+        vcpu.set_regs(regs)
+        print(vcpu.run())   # IoOut(port=0xe9, size=1, count=1, data=b'A')
+"""
+
+from . import exits, uapi
+from .errors import KvmClosedError, KvmError, KvmUnavailable
+from .exits import (
+    Debug, Exit, FailEntry, Hlt, Hypercall, InternalError, Interrupted, IoIn, IoOut,
+    IrqWindowOpen, MemoryFault, MmioRead, MmioWrite, Shutdown, SystemEvent, Unknown,
+    X86Rdmsr, X86Wrmsr,
+)
+from .memory import GuestMemory
+from .system import Kvm
+from .uapi.enums import Cap, ExitReason
+from .vcpu import Vcpu
+from .vm import Vm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Kvm", "Vm", "Vcpu", "GuestMemory", "Cap", "ExitReason",
+    "KvmError", "KvmUnavailable", "KvmClosedError",
+    "Exit", "IoOut", "IoIn", "MmioWrite", "MmioRead", "Hlt", "Shutdown", "FailEntry",
+    "InternalError", "SystemEvent", "Hypercall", "Debug", "Interrupted", "X86Rdmsr",
+    "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "Unknown", "exits", "uapi",
+]

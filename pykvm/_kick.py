@@ -1,0 +1,64 @@
+"""The signal that kicks a vCPU thread out of ``KVM_RUN``.
+
+``Vcpu.kick()`` sets ``immediate_exit`` and sends :data:`KICK_SIGNAL` to the
+thread inside ``KVM_RUN``; the signal makes the ioctl return EINTR.  For that
+the signal needs a handler that does nothing (the default action of a
+real-time signal would kill the process, and ``SIG_IGN`` would drop it
+before it interrupts anything).
+
+Python's ``signal.signal`` only works in the main thread and would route the
+signal through the interpreter, so pykvm installs a C-level handler with
+libc's ``sigaction`` instead: the handler is libc's ``getpid``, a function
+that takes no arguments, touches nothing and is async-signal-safe.  The
+handler is installed only when the signal's disposition is still the
+default, so a program that chose its own handler keeps it (any handler
+interrupts ``KVM_RUN`` equally well).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import threading
+
+__all__ = ["KICK_SIGNAL", "ensure_kick_handler"]
+
+#: Real-time signal used for kicks (SIGRTMIN + 6); change before creating vCPUs.
+KICK_SIGNAL: int = int(signal.SIGRTMIN) + 6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _sigaction(ctypes.Structure):
+    # glibc x86-64 struct sigaction
+    _fields_ = [
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_ulong * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_sigaction), ctypes.POINTER(_sigaction)]
+_lock = threading.Lock()
+_installed = set()
+
+
+def ensure_kick_handler(sig: int = 0) -> None:
+    """Install the no-op handler for *sig* (default :data:`KICK_SIGNAL`) once."""
+    sig = sig or KICK_SIGNAL
+    if sig in _installed:
+        return
+    with _lock:
+        if sig in _installed:
+            return
+        old = _sigaction()
+        if _libc.sigaction(sig, None, ctypes.byref(old)) != 0:
+            raise OSError(ctypes.get_errno(), f"sigaction({sig}) query failed")
+        if not old.sa_handler:  # SIG_DFL: install ours
+            new = _sigaction()
+            new.sa_handler = ctypes.cast(_libc.getpid, ctypes.c_void_p).value
+            new.sa_flags = 0  # no SA_RESTART: we want EINTR
+            if _libc.sigaction(sig, ctypes.byref(new), None) != 0:
+                raise OSError(ctypes.get_errno(), f"sigaction({sig}) failed")
+        _installed.add(sig)

@@ -1,0 +1,89 @@
+"""Exceptions raised by pykvm.
+
+Every failing ioctl raises :class:`KvmError` (an ``OSError``) whose message
+names the ioctl, the errno and, where pykvm knows it, the likely cause.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Optional
+
+__all__ = ["KvmError", "KvmUnavailable", "KvmClosedError", "hint_for"]
+
+
+class KvmError(OSError):
+    """An ioctl (or another KVM operation) failed.
+
+    ``.errno`` and ``.strerror`` are those of the failing call, ``.ioctl`` is
+    the kernel's name of the request (``"KVM_SET_USER_MEMORY_REGION"``) and
+    ``.hint`` a sentence on the likely cause, or ``None``.
+    """
+
+    def __init__(self, err: int, ioctl: str, hint: Optional[str] = None) -> None:
+        super().__init__(err, os.strerror(err) if err else "error")
+        self.ioctl = ioctl
+        self.hint = hint
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno, str(self.errno))
+        msg = f"{self.ioctl} failed: {name} ({self.strerror})"
+        if self.hint:
+            msg += f": {self.hint}"
+        return msg
+
+    def __reduce__(self):  # picklable across processes
+        return (type(self), (self.errno, self.ioctl, self.hint))
+
+
+class KvmUnavailable(KvmError):
+    """``/dev/kvm`` is missing, not the KVM device, or not openable by this user."""
+
+
+class KvmClosedError(KvmError, ValueError):
+    """The object was closed; no ioctl was issued (its fd number may be reused).
+
+    Also a ``ValueError``, like Python's "I/O operation on closed file".
+    """
+
+    def __init__(self, what: str, ioctl: str = "operation") -> None:
+        super().__init__(_errno.EBADF, ioctl, f"the {what} is closed")
+
+
+# (ioctl, errno) -> hint; None as ioctl means "any ioctl".
+_HINTS = {
+    (None, _errno.ENOTTY): "this kernel or this fd kind does not know the ioctl (check the capability)",
+    (None, _errno.EBADF): "the fd is not open (was the object closed?)",
+    (None, _errno.EFAULT): "the kernel could not read or write the argument buffer",
+    (None, _errno.EPERM): "operation not permitted for this user",
+    (None, _errno.EACCES): "permission denied",
+    ("KVM_CREATE_VM", _errno.EINVAL): "VM type not supported by this host (see KVM_CAP_VM_TYPES)",
+    ("KVM_CREATE_VM", _errno.ENOMEM): "the host is out of memory",
+    ("KVM_CREATE_VCPU", _errno.EEXIST): "a vCPU with this id already exists in the VM",
+    ("KVM_CREATE_VCPU", _errno.EINVAL): "vCPU id out of range or too many vCPUs (see KVM_CAP_MAX_VCPU_ID, KVM_CAP_MAX_VCPUS)",
+    ("KVM_SET_USER_MEMORY_REGION", _errno.EEXIST): "the region overlaps another slot's guest physical range",
+    ("KVM_SET_USER_MEMORY_REGION", _errno.EINVAL): "slot out of range, address or size not page aligned, or bad flags",
+    ("KVM_SET_USER_MEMORY_REGION2", _errno.EEXIST): "the region overlaps another slot's guest physical range",
+    ("KVM_SET_USER_MEMORY_REGION2", _errno.EINVAL): "slot out of range, address or size not page aligned, or bad flags",
+    ("KVM_RUN", _errno.ENOSPC): "the VM has no memory region (or a needed one is missing)",
+    ("KVM_RUN", _errno.EFAULT): "guest memory could not be accessed by the host (unmapped region?)",
+    ("KVM_RUN", _errno.EINVAL): "the vCPU state is invalid for entry (check sregs/cpuid)",
+    ("KVM_RUN", _errno.EBUSY): "the vCPU is in use by another thread",
+    ("KVM_SET_SREGS", _errno.EINVAL): "inconsistent control registers / segments",
+    ("KVM_CREATE_IRQCHIP", _errno.EEXIST): "the VM already has an irqchip",
+    ("KVM_CREATE_IRQCHIP", _errno.EINVAL): "create the irqchip before any vCPU",
+    ("KVM_CREATE_PIT2", _errno.EEXIST): "the VM already has a PIT",
+    ("KVM_CREATE_PIT2", _errno.ENOENT): "create the in-kernel irqchip before the PIT",
+    ("KVM_GET_SUPPORTED_CPUID", _errno.E2BIG): "the buffer holds too few entries",
+    ("KVM_GET_MSR_INDEX_LIST", _errno.E2BIG): "the buffer holds too few entries",
+    ("KVM_ENABLE_CAP", _errno.EINVAL): "capability not supported here, or bad arguments, or enabled too late",
+    ("KVM_KVMCLOCK_CTRL", _errno.EINVAL): "the guest has not enabled kvmclock",
+    ("KVM_IRQFD", _errno.EINVAL): "no in-kernel irqchip, or bad gsi/fd",
+    ("KVM_IOEVENTFD", _errno.EEXIST): "an ioeventfd with this address/datamatch exists already",
+}
+
+
+def hint_for(ioctl: str, err: int) -> Optional[str]:
+    """The likely cause of *err* from *ioctl*, if pykvm knows one."""
+    return _HINTS.get((ioctl, err)) or _HINTS.get((None, err))

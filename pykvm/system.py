@@ -1,0 +1,206 @@
+"""The system fd: ``/dev/kvm`` itself (``Kvm``).
+
+Queries that concern the host rather than one VM live here: the API version,
+capabilities, the vCPU mmap size, the CPUID the host can offer guests and the
+MSR lists.  ``create_vm()`` returns a :class:`~pykvm.vm.Vm`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from typing import Dict, Iterable, List, Optional
+
+from . import _diagnose
+from ._ioctl import FdObject, ioctl
+from .errors import KvmError, KvmUnavailable
+from .uapi import ioctls as I
+from .uapi.enums import Cap
+from .uapi import structs as S
+
+__all__ = ["Kvm", "KVM_API_VERSION"]
+
+KVM_API_VERSION = 12
+_MAX_CPUID_ENTRIES = 1 << 16
+
+
+class Kvm(FdObject):
+    """An open ``/dev/kvm`` (``O_RDWR | O_CLOEXEC``).
+
+    Raises :class:`~pykvm.errors.KvmUnavailable` with a hint when the path is
+    missing, not the KVM device, not permitted, or speaks another API version.
+    """
+
+    _what = "KVM system fd"
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmUnavailable(e.errno, f"open({path})", _diagnose.explain(path, e.errno)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISCHR(st.st_mode):
+                raise KvmUnavailable(errno.ENODEV, f"open({path})",
+                                     f"{path} is not a character device, so not the KVM device")
+            try:
+                version = ioctl(fd, I.KVM_GET_API_VERSION)
+            except KvmError as e:
+                raise KvmUnavailable(e.errno, "KVM_GET_API_VERSION",
+                                     _diagnose.explain(path, errno.ENOTTY)) from None
+            if version != KVM_API_VERSION:
+                raise KvmUnavailable(errno.EINVAL, "KVM_GET_API_VERSION",
+                                     f"{path} speaks KVM API {version}, pykvm needs {KVM_API_VERSION}")
+        except BaseException:
+            os.close(fd)
+            raise
+        super().__init__(fd)
+        self._api_version = version
+        self._mmap_size: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"<Kvm {self.path} {self._state()}>"
+
+    # -- simple queries -------------------------------------------------------
+    @property
+    def api_version(self) -> int:
+        """``KVM_GET_API_VERSION``: always 12 on any kernel pykvm accepts."""
+        return self._ioctl(I.KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 if *cap* is absent, else a cap-specific value."""
+        return self._ioctl(I.KVM_CHECK_EXTENSION, int(cap))
+
+    @property
+    def vcpu_mmap_size(self) -> int:
+        """``KVM_GET_VCPU_MMAP_SIZE``: bytes to map from each vCPU fd."""
+        if self._mmap_size is None:
+            self._mmap_size = self._ioctl(I.KVM_GET_VCPU_MMAP_SIZE)
+        return self._mmap_size
+
+    @property
+    def nr_vcpus(self) -> int:
+        """Recommended vCPU count (``KVM_CAP_NR_VCPUS``)."""
+        return self.check_extension(Cap.NR_VCPUS)
+
+    @property
+    def max_vcpus(self) -> int:
+        """Maximum vCPUs per VM (``KVM_CAP_MAX_VCPUS``, else NR_VCPUS)."""
+        return self.check_extension(Cap.MAX_VCPUS) or self.nr_vcpus
+
+    @property
+    def nr_memslots(self) -> int:
+        """Memory slots per address space (``KVM_CAP_NR_MEMSLOTS``)."""
+        return self.check_extension(Cap.NR_MEMSLOTS)
+
+    # -- VM creation ------------------------------------------------------------
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        """``KVM_CREATE_VM``: a new VM of *vm_type* (0 = default x86 VM)."""
+        from .vm import Vm
+
+        fd = self._ioctl(I.KVM_CREATE_VM, vm_type)
+        return Vm._from_fd(fd, self.vcpu_mmap_size, self)
+
+    # -- CPUID -------------------------------------------------------------------
+    def _get_cpuid(self, request: int) -> List[S.kvm_cpuid_entry2]:
+        n = 128
+        while True:
+            buf = S.flex(S.kvm_cpuid2, n)
+            try:
+                self._ioctl(request, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < _MAX_CPUID_ENTRIES:
+                    n *= 2
+                    continue
+                raise
+            return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+    def supported_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can give a guest.
+
+        The buffer grows on E2BIG, so no fixed entry limit applies.  Pass the
+        list (possibly edited) to :meth:`Vcpu.set_cpuid2 <pykvm.vcpu.Vcpu.set_cpuid2>`.
+        """
+        return self._get_cpuid(I.KVM_GET_SUPPORTED_CPUID)
+
+    def emulated_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+        """``KVM_GET_EMULATED_CPUID``: leaves KVM emulates (possibly slowly)."""
+        return self._get_cpuid(I.KVM_GET_EMULATED_CPUID)
+
+    def supported_hv_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the system fd (``KVM_CAP_SYS_HYPERV_CPUID``)."""
+        return self._get_cpuid(I.KVM_GET_SUPPORTED_HV_CPUID)
+
+    # -- MSRs ----------------------------------------------------------------------
+    def _msr_list(self, request: int) -> List[int]:
+        probe = S.flex(S.kvm_msr_list, 0)
+        try:
+            self._ioctl(request, probe)
+            n = probe.nmsrs
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            n = probe.nmsrs
+        while True:
+            buf = S.flex(S.kvm_msr_list, n)
+            try:
+                self._ioctl(request, buf)
+            except KvmError as e:  # list grew in between: retry bigger
+                if e.errno == errno.E2BIG and n < 1 << 16:
+                    n = max(buf.nmsrs, n * 2)
+                    continue
+                raise
+            return list(buf.indices[: buf.nmsrs])
+
+    def msr_index_list(self) -> List[int]:
+        """``KVM_GET_MSR_INDEX_LIST``: MSRs a VMM can save/restore with GET/SET_MSRS."""
+        return self._msr_list(I.KVM_GET_MSR_INDEX_LIST)
+
+    def msr_feature_index_list(self) -> List[int]:
+        """``KVM_GET_MSR_FEATURE_INDEX_LIST``: feature MSRs readable via :meth:`get_msrs`."""
+        return self._msr_list(I.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """``KVM_GET_MSRS`` on the system fd: values of feature MSRs.
+
+        Returns ``{index: value}`` for the MSRs the kernel read; it stops at the
+        first one it cannot read, so missing keys were not readable.
+        """
+        from .vcpu import _msrs_buffer
+
+        buf = _msrs_buffer(indices)
+        n = self._ioctl(I.KVM_GET_MSRS, buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+    # -- system-fd device attributes ---------------------------------------------
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        """``KVM_HAS_DEVICE_ATTR`` on the system fd (``KVM_CAP_SYS_ATTRIBUTES``)."""
+        a = S.kvm_device_attr(group=group, attr=attr)
+        try:
+            self._ioctl(I.KVM_HAS_DEVICE_ATTR, a)
+            return True
+        except KvmError as e:
+            if e.errno in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
+                return False
+            raise
+
+    def get_device_attr(self, group: int, attr: int) -> int:
+        """``KVM_GET_DEVICE_ATTR`` on the system fd: a 64-bit attribute value."""
+        val = ctypes.c_uint64()
+        a = S.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(val))
+        self._ioctl(I.KVM_GET_DEVICE_ATTR, a)
+        return val.value
+
+    def mce_cap_supported(self) -> int:
+        """``KVM_X86_GET_MCE_CAP_SUPPORTED``: the MCG_CAP bits KVM supports."""
+        val = ctypes.c_uint64()
+        self._ioctl(I.KVM_X86_GET_MCE_CAP_SUPPORTED, val)
+        return val.value
+
+    def vm_types(self) -> List[int]:
+        """VM types this host accepts for ``create_vm`` (from ``KVM_CAP_VM_TYPES``)."""
+        mask = self.check_extension(Cap.VM_TYPES)
+        return [t for t in range(64) if mask >> t & 1] or [0]
