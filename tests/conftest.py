@@ -1,0 +1,87 @@
+"""Shared fixtures: every test runs against the real /dev/kvm.
+
+Without a usable /dev/kvm the KVM tests are skipped, unless
+``PYKVM_REQUIRE_KVM=1`` (as in CI), which turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterator
+
+import pytest
+
+import pykvm
+
+REQUIRE_KVM = os.environ.get("PYKVM_REQUIRE_KVM", "") not in ("", "0")
+
+
+def _kvm_problem() -> str:
+    try:
+        pykvm.Kvm().close()
+        return ""
+    except pykvm.KvmUnavailable as e:
+        return str(e)
+
+
+KVM_PROBLEM = _kvm_problem()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if KVM_PROBLEM and REQUIRE_KVM:
+        raise pytest.UsageError(f"PYKVM_REQUIRE_KVM is set but KVM is unusable: {KVM_PROBLEM}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not KVM_PROBLEM:
+        return
+    marker = pytest.mark.skip(reason=f"no usable /dev/kvm: {KVM_PROBLEM}")
+    for item in items:
+        if "no_kvm_needed" not in item.keywords:
+            item.add_marker(marker)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "no_kvm_needed: runs without /dev/kvm")
+
+
+@pytest.fixture
+def kvm() -> Iterator[pykvm.Kvm]:
+    k = pykvm.Kvm()
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def vm(kvm) -> Iterator[pykvm.Vm]:
+    v = kvm.create_vm()
+    yield v
+    v.close()
+
+
+class Watchdog:
+    """Kick a vCPU if a run takes longer than *seconds* (guests must never hang a test)."""
+
+    def __init__(self, vcpu: pykvm.Vcpu, seconds: float = 10.0) -> None:
+        self.vcpu = vcpu
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        if not self.vcpu.closed:
+            self.vcpu.kick()
+
+    def __enter__(self) -> "Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+@pytest.fixture
+def watchdog():
+    return Watchdog
