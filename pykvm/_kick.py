@@ -10,9 +10,13 @@ Python's ``signal.signal`` only works in the main thread and would route the
 signal through the interpreter, so pykvm installs a C-level handler with
 libc's ``sigaction`` instead: the handler is libc's ``getpid``, a function
 that takes no arguments, touches nothing and is async-signal-safe.  The
-handler is installed only when the signal's disposition is still the
-default, so a program that chose its own handler keeps it (any handler
-interrupts ``KVM_RUN`` equally well).
+handler is installed when the signal's disposition is the default or
+``SIG_IGN`` (an ignored disposition is inherited across ``exec`` from any
+parent that ignored the signal, and would silently make every kick a no-op);
+a program that chose its own handler keeps it (any handler interrupts
+``KVM_RUN`` equally well, ``SA_RESTART`` or not: ``KVM_RUN`` is never
+restarted).  A thread that *blocks* the signal cannot be kicked out of
+``KVM_RUN``; ``immediate_exit`` still stops its next entry.
 """
 
 from __future__ import annotations
@@ -40,22 +44,21 @@ class _sigaction(ctypes.Structure):
 
 
 _libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_sigaction), ctypes.POINTER(_sigaction)]
+_SIG_IGN = 1
 _lock = threading.Lock()
 _installed = set()
 
 
 def ensure_kick_handler(sig: int = 0) -> None:
-    """Install the no-op handler for *sig* (default :data:`KICK_SIGNAL`) once."""
+    """Install the no-op handler for *sig* (default :data:`KICK_SIGNAL`) unless it has a handler."""
     sig = sig or KICK_SIGNAL
-    if sig in _installed:
-        return
+    # Checked on every call (once per vCPU, about a microsecond): a program may
+    # have reset the disposition since, and SIG_DFL would make a kick kill it.
     with _lock:
-        if sig in _installed:
-            return
         old = _sigaction()
         if _libc.sigaction(sig, None, ctypes.byref(old)) != 0:
             raise OSError(ctypes.get_errno(), f"sigaction({sig}) query failed")
-        if not old.sa_handler:  # SIG_DFL: install ours
+        if old.sa_handler in (None, _SIG_IGN):  # SIG_DFL or SIG_IGN: install ours
             new = _sigaction()
             new.sa_handler = ctypes.cast(_libc.getpid, ctypes.c_void_p).value
             new.sa_flags = 0  # no SA_RESTART: we want EINTR

@@ -7,6 +7,11 @@ unmapped only after KVM was told to drop the slot (``Vm.remove_memory``) or
 after every fd that could reach it was closed (``Vm.close``).  While a
 ``memoryview`` of it is alive, Python refuses to unmap it (``BufferError``),
 and pykvm then leaves the unmapping to the garbage collector.
+
+The ``mmap`` methods that would unmap or move a registered region behind
+KVM's back are guarded: ``close()`` refuses, ``resize()`` always refuses, and
+leaving a ``with`` block removes the region from its VM before unmapping it.
+(Calling the base class directly, ``mmap.mmap.close(mem)``, is not guarded.)
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ class GuestMemory(mmap.mmap):
     ``mmap.mmap``'s file-like methods.
     """
 
-    slot: int
-    guest_phys_addr: int
-    size: int
-    userspace_addr: int
-    flags: int
+    slot: int = -1
+    guest_phys_addr: int = 0
+    size: int = 0
+    userspace_addr: int = 0
+    flags: int = 0
+    _vm = None
 
     @classmethod
     def _anonymous(cls, size: int) -> "GuestMemory":
@@ -96,3 +102,20 @@ class GuestMemory(mmap.mmap):
         if self._vm is not None:
             raise ValueError("guest memory is registered with a VM: use vm.remove_memory(mem)")
         mmap.mmap.close(self)
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # mmap's own __exit__ unmaps without asking close(): that would pull the
+        # memory out from under a live memslot (KVM would then read and write
+        # whatever the host maps at that address next).  Remove the slot first.
+        vm = self._vm
+        if vm is not None:
+            vm.remove_memory(self)
+        elif not self.closed:
+            mmap.mmap.close(self)
+
+    def resize(self, newsize: int) -> None:  # type: ignore[override]
+        """Refused: a memslot's size is fixed (resizing could move or shrink the mapping)."""
+        raise ValueError("guest memory cannot be resized: remove it and add a new region")

@@ -126,7 +126,11 @@ KVM_APIC_REG_SIZE = 0x400
 
 
 class kvm_lapic_state(_S):
-    _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
+    """The LAPIC register page.  C declares ``char regs[1024]``; bytes here
+    (``c_uint8``), because a ctypes ``c_char`` array field reads back as bytes
+    cut at the first NUL."""
+
+    _fields_ = [("regs", c_uint8 * KVM_APIC_REG_SIZE)]
 
 
 class kvm_segment(_S):
@@ -1262,6 +1266,41 @@ class kvm_one_reg(_S):
     _fields_ = [("id", c_uint64), ("addr", c_uint64)]
 
 
+# ONE_REG register ids (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h).
+KVM_REG_ARCH_MASK = 0xFF00000000000000
+KVM_REG_GENERIC = 0x0000000000000000
+KVM_REG_X86 = 0x2000000000000000
+KVM_REG_SIZE_SHIFT = 52
+KVM_REG_SIZE_MASK = 0x00F0000000000000
+KVM_REG_SIZE_U8 = 0x0000000000000000
+KVM_REG_SIZE_U16 = 0x0010000000000000
+KVM_REG_SIZE_U32 = 0x0020000000000000
+KVM_REG_SIZE_U64 = 0x0030000000000000
+KVM_REG_SIZE_U128 = 0x0040000000000000
+KVM_REG_SIZE_U256 = 0x0050000000000000
+KVM_REG_SIZE_U512 = 0x0060000000000000
+KVM_REG_SIZE_U1024 = 0x0070000000000000
+KVM_REG_SIZE_U2048 = 0x0080000000000000
+KVM_X86_REG_TYPE_MSR = 2
+KVM_X86_REG_TYPE_KVM = 3
+KVM_REG_GUEST_SSP = 0  # the one KVM-defined x86 register (CET shadow-stack pointer)
+
+
+def KVM_X86_REG_ID(type_: int, index: int) -> int:
+    """The kernel macro: an x86 ONE_REG id (every x86 register there is 64-bit)."""
+    return KVM_REG_X86 | (type_ << 32) | KVM_REG_SIZE_U64 | index
+
+
+def KVM_X86_REG_MSR(index: int) -> int:
+    """ONE_REG id of MSR *index* (kernel 6.18+)."""
+    return KVM_X86_REG_ID(KVM_X86_REG_TYPE_MSR, index)
+
+
+def KVM_X86_REG_KVM(index: int) -> int:
+    """ONE_REG id of KVM-defined register *index* (``KVM_REG_GUEST_SSP``)."""
+    return KVM_X86_REG_ID(KVM_X86_REG_TYPE_KVM, index)
+
+
 class kvm_msi(_S):
     _fields_ = [
         ("address_lo", c_uint32),
@@ -1274,6 +1313,22 @@ class kvm_msi(_S):
 
 
 KVM_CREATE_DEVICE_TEST = 1
+
+# enum kvm_device_type
+KVM_DEV_TYPE_FSL_MPIC_20 = 1
+KVM_DEV_TYPE_FSL_MPIC_42 = 2
+KVM_DEV_TYPE_XICS = 3
+KVM_DEV_TYPE_VFIO = 4
+KVM_DEV_TYPE_ARM_VGIC_V2 = 5
+KVM_DEV_TYPE_FLIC = 6
+KVM_DEV_TYPE_ARM_VGIC_V3 = 7
+KVM_DEV_TYPE_ARM_VGIC_ITS = 8
+KVM_DEV_TYPE_XIVE = 9
+KVM_DEV_TYPE_ARM_PV_TIME = 10
+KVM_DEV_TYPE_RISCV_AIA = 11
+KVM_DEV_TYPE_LOONGARCH_IPI = 12
+KVM_DEV_TYPE_LOONGARCH_EIOINTC = 13
+KVM_DEV_TYPE_LOONGARCH_PCHPIC = 14
 
 
 class kvm_create_device(_S):

@@ -20,7 +20,8 @@ from typing import Dict, Iterable, List, Optional
 __all__ = [
     "CR0", "CR4", "EFER", "RFLAGS", "PTE", "MSR", "Vector", "SegType", "Feature",
     "FEATURES", "KiB", "MiB", "GiB", "PAGE_4K", "PAGE_2M", "PAGE_4M", "PAGE_1G",
-    "decode_flags",
+    "decode_flags", "features_in", "find_leaf", "APIC_BASE_BSP", "APIC_BASE_EXTD",
+    "APIC_BASE_ENABLE", "APIC_DEFAULT_BASE", "IOAPIC_DEFAULT_BASE",
 ]
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

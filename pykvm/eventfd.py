@@ -1,0 +1,121 @@
+"""An owned eventfd (``EventFd``): the doorbell of irqfd and ioeventfd.
+
+KVM signals and consumes plain Linux eventfds:
+
+* ``Vm.register_irqfd(efd, gsi)``: writing to *efd* raises interrupt *gsi* in
+  the guest, without any ``KVM_RUN`` round trip through user space;
+* ``Vm.register_ioevent(efd, addr, ...)``: a guest write to *addr* increments
+  *efd*'s counter inside the kernel instead of returning an exit;
+* the *resample* fd of a level-triggered irqfd, which KVM signals when the
+  guest acknowledges (EOIs) the interrupt.
+
+``EventFd`` wraps ``os.eventfd`` with ``EFD_CLOEXEC`` (so no child process
+inherits it) and, by default, ``EFD_NONBLOCK`` (so :meth:`EventFd.read` on
+an unsignalled fd returns 0 instead of blocking).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import Optional, Union
+
+from ._ioctl import FdObject
+from .errors import KvmError
+
+__all__ = ["EventFd", "fd_of"]
+
+
+class EventFd(FdObject):
+    """A Linux eventfd: a 64-bit counter that ``write`` adds to and ``read`` drains.
+
+    *initval* is the starting counter.  With *semaphore* a read takes 1 from
+    the counter instead of draining it.  With *nonblocking* (the default)
+    :meth:`read` returns 0 when the counter is 0; otherwise it blocks.
+    """
+
+    _what = "eventfd"
+
+    def __init__(self, initval: int = 0, *, semaphore: bool = False, nonblocking: bool = True) -> None:
+        if isinstance(initval, bool) or not isinstance(initval, int):
+            raise TypeError(f"initval must be an int, not {type(initval).__name__}")
+        if not 0 <= initval <= 0xFFFFFFFF:
+            raise ValueError(f"initval={initval} out of range [0, 2**32-1]")
+        flags = os.EFD_CLOEXEC
+        if semaphore:
+            flags |= os.EFD_SEMAPHORE
+        if nonblocking:
+            flags |= os.EFD_NONBLOCK
+        try:
+            fd = os.eventfd(initval, flags)
+        except OSError as e:
+            raise KvmError(e.errno, "eventfd", "could not create an eventfd") from None
+        super().__init__(fd)
+        self.nonblocking = nonblocking
+
+    def __repr__(self) -> str:
+        return f"<EventFd {self._state()}>"
+
+    def write(self, value: int = 1) -> None:
+        """Add *value* (1 .. 2**64-2) to the counter: what KVM's irqfd waits for."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"value must be an int, not {type(value).__name__}")
+        if not 0 < value < 2**64 - 1:
+            raise ValueError(f"value={value} out of range [1, 2**64-2]")
+        try:
+            os.eventfd_write(self.fileno(), value)
+        except OSError as e:
+            raise KvmError(e.errno, "eventfd write") from None
+
+    def read(self) -> int:
+        """Take the counter (or 1 of it in semaphore mode) and reset it.
+
+        Returns 0 when the counter is 0 and the fd is non-blocking; a blocking
+        fd waits for a write instead.
+        """
+        try:
+            return os.eventfd_read(self.fileno())
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            raise KvmError(e.errno, "eventfd read") from None
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the counter is non-zero (readable); False on timeout.
+
+        Does not consume the counter.  *timeout* is in seconds, ``None`` waits
+        for ever.
+        """
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        while True:
+            try:
+                return bool(p.poll(ms))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries already
+                continue
+
+    @property
+    def is_set(self) -> bool:
+        """True if the counter is non-zero right now (a ``poll`` with no wait)."""
+        return self.wait(0)
+
+
+def fd_of(obj: Union[int, "FdObject", object], what: str = "fd") -> int:
+    """The fd number of *obj*: an int, or anything with ``fileno()``.
+
+    Raises ``TypeError`` for anything else, ``ValueError`` for a negative fd,
+    :class:`~pykvm.errors.KvmClosedError` for a closed pykvm object.
+    """
+    if isinstance(obj, bool):
+        raise TypeError(f"{what} must be an fd number or an object with fileno(), not bool")
+    if isinstance(obj, int):
+        fd = obj
+    elif hasattr(obj, "fileno"):
+        fd = obj.fileno()  # raises KvmClosedError for closed FdObjects
+    else:
+        raise TypeError(f"{what} must be an fd number or an object with fileno(), not {type(obj).__name__}")
+    if not 0 <= fd <= 0x7FFFFFFF:
+        raise ValueError(f"{what}={fd} is not a valid fd number")
+    return fd
+

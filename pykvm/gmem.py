@@ -1,0 +1,131 @@
+"""guest_memfd (``GuestMemfd``) and ``KVM_PRE_FAULT_MEMORY``.
+
+``Vm.create_guest_memfd(size, flags)`` (``KVM_CREATE_GUEST_MEMFD``) returns
+a file of guest memory that KVM allocates and that need not be mapped into
+user space.  A slot set with ``KVM_SET_USER_MEMORY_REGION2`` and
+``KVM_MEM_GUEST_MEMFD`` takes its *private* memory from ``guest_memfd`` at
+``guest_memfd_offset``, and its *shared* memory from ``userspace_addr``.
+
+On a VM without ``KVM_CAP_MEMORY_ATTRIBUTES`` every page is shared.  Since
+Linux 6.18 a guest_memfd created with ``GUEST_MEMFD_FLAG_MMAP |
+GUEST_MEMFD_FLAG_INIT_SHARED`` (see ``KVM_CAP_GUEST_MEMFD_FLAGS``) can be
+``mmap``-ed and then backs the slot's shared memory itself: host and guest
+see the same pages.  Without ``INIT_SHARED`` its pages start private and a
+host access through the mapping faults (SIGBUS).
+
+KVM does not create the guest_memfd with ``O_CLOEXEC``; pykvm sets
+``FD_CLOEXEC`` right after the ioctl returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+from ._ioctl import FdObject, _ioctl_ulong, raise_error
+from .errors import KvmError
+from .uapi import ioctls as I
+from .uapi import structs as S
+
+__all__ = ["GuestMemfd", "pre_fault_memory", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
+
+GUEST_MEMFD_FLAG_MMAP = S.GUEST_MEMFD_FLAG_MMAP
+GUEST_MEMFD_FLAG_INIT_SHARED = S.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def set_cloexec(fd: int) -> None:
+    """Set ``FD_CLOEXEC`` on *fd* (for fds the kernel hands out without it)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+
+
+class GuestMemfd(FdObject):
+    """A guest_memfd: ``size`` bytes of KVM-managed guest memory, ``flags`` ``GUEST_MEMFD_FLAG_*``.
+
+    Create with :meth:`Vm.create_guest_memfd <pykvm.vm.Vm.create_guest_memfd>`;
+    pass it as ``guest_memfd=`` to ``Vm.set_user_memory_region2``.  The file
+    keeps its memory while open, even after the VM closes.
+    """
+
+    _what = "guest_memfd"
+
+    def __init__(self, fd: int, size: int, flags: int, vm=None) -> None:
+        super().__init__(fd)
+        try:
+            set_cloexec(fd)
+        except OSError as e:  # pragma: no cover - fcntl on a valid fd does not fail
+            self.close()
+            raise KvmError(e.errno, "fcntl(F_SETFD)", "could not set FD_CLOEXEC on the guest_memfd") from None
+        self.size = size
+        self.flags = flags
+        self.vm = vm
+
+    def __repr__(self) -> str:
+        return f"<GuestMemfd {self._state()} size={self.size:#x} flags={self.flags:#x}>"
+
+    def mmap(self, length: int = 0, offset: int = 0) -> mmap.mmap:
+        """Map the file (needs ``GUEST_MEMFD_FLAG_MMAP``) shared, read/write.
+
+        *length* 0 maps from *offset* to the end.  Only pages that are shared
+        (``GUEST_MEMFD_FLAG_INIT_SHARED``, or no memory attributes) may be
+        touched; a private page raises SIGBUS in the process.
+        """
+        if not self.flags & GUEST_MEMFD_FLAG_MMAP:
+            raise ValueError("this guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+        if length == 0:
+            length = self.size - offset
+        try:
+            return mmap.mmap(self.fileno(), length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=offset)
+        except OSError as e:
+            raise KvmError(e.errno, "mmap(guest_memfd)") from None
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Free the memory of ``[offset, offset+length)`` (``fallocate(PUNCH_HOLE)``)."""
+        falloc = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        try:
+            _fallocate(self.fileno(), falloc, offset, length)
+        except OSError as e:
+            raise KvmError(e.errno, "fallocate(guest_memfd)") from None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def pre_fault_memory(vcpu, gpa: int, size: int, flags: int = 0) -> int:
+    """``KVM_PRE_FAULT_MEMORY`` on *vcpu*: map ``[gpa, gpa+size)`` in the stage-2/TDP tables now.
+
+    KVM may stop early (it updates ``gpa``/``size`` to the rest); this loops
+    until all is done and returns the bytes pre-faulted.  Needs
+    ``KVM_CAP_PRE_FAULT_MEMORY`` (TDP hosts); elsewhere KVM answers
+    EOPNOTSUPP.  Run it before the vCPU first runs to avoid faults later.
+    """
+    for name, v in (("gpa", gpa), ("size", size), ("flags", flags)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+            raise ValueError(f"{name}={v!r} is not an unsigned 64-bit int")
+    arg = S.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
+    fd = vcpu.fileno()
+    start = size
+    retries = 0
+    while arg.size:
+        before = arg.size
+        try:
+            # Pass the struct's address so the kernel updates it in place even
+            # when it fails with EINTR/EAGAIN after partial progress.
+            _ioctl_ulong(fd, I.KVM_PRE_FAULT_MEMORY, ctypes.addressof(arg))
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN) and retries < 1000:
+                retries += 1
+                continue
+            raise raise_error(e.errno, I.KVM_PRE_FAULT_MEMORY) from None
+        if arg.size >= before:  # pragma: no cover - the kernel always progresses on success
+            break
+    return start - arg.size

@@ -1,0 +1,79 @@
+"""CPUID set-up and VM-wide x86 preparation.
+
+A fresh vCPU has an empty CPUID table: the guest's ``cpuid`` returns zeros,
+and KVM itself consults that table (for instance, 1 GiB pages are reserved
+bits, and ``wrmsr EFER.LME`` faults, unless the table says the CPU has them).
+:func:`setup_cpuid` gives a vCPU what the host supports
+(``KVM_GET_SUPPORTED_CPUID``), with the per-vCPU APIC ids filled in and any
+features you remove or add.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+from ..errors import KvmError
+from ..uapi.structs import kvm_cpuid_entry2
+from .consts import find_leaf
+
+__all__ = ["setup_cpuid", "prepare_vm", "cpuid_has", "TSS_ADDRESS", "IDENTITY_MAP_ADDRESS"]
+
+#: Where :func:`prepare_vm` puts the three pages KVM needs for real mode on Intel without
+#: "unrestricted guest", and the EPT identity-map page just below them (both must not
+#: overlap guest RAM or MMIO).
+TSS_ADDRESS = 0xFFFBD000
+IDENTITY_MAP_ADDRESS = 0xFFFBC000
+
+
+def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable = (),
+                enable: Iterable = (), entries: Optional[List[kvm_cpuid_entry2]] = None
+                ) -> List[kvm_cpuid_entry2]:
+    """Give *vcpu* the CPUID the host supports and return the table set.
+
+    * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]`` and the
+      x2APIC id of leaves 0xB / 0x1F, so each vCPU reads its own;
+    * *disable* / *enable* are :class:`~pykvm.x86.consts.Feature` bits to
+      clear or set (setting one KVM cannot provide is the caller's risk);
+    * *entries* replaces ``kvm.supported_cpuid()`` as the starting table
+      (fetch it once when setting up many vCPUs).
+    """
+    table = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
+             (entries if entries is not None else kvm.supported_cpuid())]
+    aid = vcpu.id if apic_id is None else apic_id
+    for e in table:
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (aid & 0xFF) << 24
+        elif e.function in (0xB, 0x1F):
+            e.edx = aid
+    for feat, on in [(f, False) for f in disable] + [(f, True) for f in enable]:
+        e = find_leaf(table, feat.leaf, feat.subleaf)
+        if e is None:
+            if not on:
+                continue
+            raise ValueError(f"{feat!r}: leaf {feat.leaf:#x} is not in the CPUID table")
+        v = getattr(e, feat.reg)
+        setattr(e, feat.reg, (v | 1 << feat.bit) if on else (v & ~(1 << feat.bit)))
+    vcpu.set_cpuid2(table)
+    return table
+
+
+def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature) -> bool:
+    """True if *feature* is set in a CPUID entry list (e.g. ``kvm.supported_cpuid()``)."""
+    return feature.in_entries(entries)
+
+
+def prepare_vm(vm, *, tss_address: int = TSS_ADDRESS,
+               identity_map_address: Optional[int] = IDENTITY_MAP_ADDRESS) -> None:
+    """The VM-wide x86 set-up KVM expects before the first vCPU runs.
+
+    Sets the TSS address (``KVM_SET_TSS_ADDR``: three pages Intel hosts
+    without unrestricted guest use to run real mode) and the identity map
+    address; harmless where unused (AMD, PVM).  Call before creating vCPUs.
+    """
+    vm.set_tss_address(tss_address)
+    if identity_map_address is not None:
+        try:
+            vm.set_identity_map_address(identity_map_address)
+        except KvmError:
+            pass  # not supported by this host (older kernels, some vendors): not fatal
+

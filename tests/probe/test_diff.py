@@ -1,0 +1,155 @@
+"""Diff of two probe reports: CPUID compatibility and the other sections."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import pykvm.probe
+from pykvm.cli import main
+from pykvm.probe.diff import ReportError, cpuid_compat, diff, load, render_diff
+
+
+def _entry(fn, idx=0, eax=0, ebx=0, ecx=0, edx=0, flags=0):
+    return {"function": fn, "index": idx, "flags": flags, "eax": eax, "ebx": ebx, "ecx": ecx,
+            "edx": edx}
+
+
+def _doc(**cpuid_overrides):
+    """A minimal, valid report with a tiny CPUID (vendor AuthenticAMD)."""
+    leaves = {
+        0: _entry(0, eax=0xD, ebx=0x68747541, ecx=0x444D4163, edx=0x69746E65),
+        1: _entry(1, eax=0x00B00F21, ecx=1 << 0, edx=(1 << 0) | (1 << 26)),     # pni; fpu sse2
+        7: _entry(7, ebx=1 << 5, flags=1),                                        # avx2
+        0xD: _entry(0xD, eax=0x7, flags=1),                                       # x87 sse avx
+        0x80000008: _entry(0x80000008, eax=0x3030),
+    }
+    for k, v in cpuid_overrides.items():
+        leaves[int(k, 16)] = v
+    return {
+        "schema": "pykvm-probe", "schema_version": 1, "usable": True, "generated_at": "t",
+        "host": {"hostname": "h", "kernel_release": "6.1"}, "modules": [], "vendor_module": None,
+        "capabilities": [{"number": 9, "name": "KVM_CAP_NR_VCPUS", "system": 2, "vm": 2}],
+        "limits": {"nr_vcpus": 2}, "msrs": {"index_list": [], "feature_msrs": []},
+        "stats": {"vm": None, "vcpu": None},
+        "cpuid": {"supported": list(leaves.values()), "emulated": []},
+    }
+
+
+@pytest.mark.no_kvm_needed
+def test_identical_reports():
+    d = diff(_doc(), _doc())
+    assert d.identical and d.a_on_b.ok and d.b_on_a.ok
+    assert "result: no differences" in render_diff(d)
+
+
+@pytest.mark.no_kvm_needed
+def test_feature_missing_on_b():
+    a = _doc()
+    b = _doc(**{"7": _entry(7, flags=1)})                # B lacks avx2
+    d = diff(a, b)
+    assert not d.identical
+    assert d.a_on_b.ok is False and d.a_on_b.missing == ["avx2"]
+    assert d.b_on_a.ok is True
+    txt = render_diff(d)
+    assert "== CPUID: can a guest set up on A run on B? ==\n  NO: 1 feature(s) missing on B" in txt
+    assert "avx2" in txt
+
+
+@pytest.mark.no_kvm_needed
+def test_unnamed_bits_are_compared_too():
+    a = _doc(**{"7": _entry(7, ecx=1 << 26, flags=1)})   # 7.0 ECX bit 26: no name in pykvm
+    d = diff(a, _doc())
+    assert d.a_on_b.missing == ["7.0.ecx[26]"]
+    assert d.b_on_a.missing == ["avx2"]
+
+
+@pytest.mark.no_kvm_needed
+def test_emulated_on_b_is_a_warning_not_a_failure():
+    a = _doc(**{"1": _entry(1, eax=0x00B00F21, ecx=(1 << 0) | (1 << 22), edx=1 | 1 << 26)})
+    b = _doc()
+    b["cpuid"]["emulated"] = [_entry(1, ecx=1 << 22)]  # movbe emulated on B
+    c = cpuid_compat(a, b)
+    assert c.ok is True and c.missing == ["movbe"] and c.emulated_on_dst == ["movbe"]
+    assert any("emulated" in w for w in c.warnings)
+
+
+@pytest.mark.no_kvm_needed
+def test_dynamic_bits_do_not_count():
+    a = _doc(**{"1": _entry(1, eax=0x00B00F21, ecx=1 | 1 << 27, edx=1 | 1 << 26)})  # OSXSAVE
+    assert cpuid_compat(a, _doc()).ok is True
+
+
+@pytest.mark.no_kvm_needed
+def test_xsave_and_address_bits():
+    a = _doc(**{"d": _entry(0xD, eax=0xE7, flags=1), "80000008": _entry(0x80000008, eax=0x3034)})
+    c = cpuid_compat(a, _doc())
+    assert c.ok is False
+    assert c.missing_xsave == ["opmask", "zmm_hi256", "hi16_zmm"]
+    assert c.phys_addr_bits == (52, 48)
+    assert "physical address bits" in c.reason
+
+
+@pytest.mark.no_kvm_needed
+def test_other_sections():
+    a, b = _doc(), _doc()
+    b["capabilities"][0]["system"] = 4
+    b["capabilities"].append({"number": 300, "name": None, "system": 1, "vm": 1})
+    b["limits"]["nr_vcpus"] = 4
+    b["modules"] = [{"name": "kvm", "parameters": {"halt_poll_ns": "0"}}]
+    b["msrs"]["index_list"] = [{"index": 0x10, "name": "IA32_TSC"}]
+    b["stats"]["vm"] = {"id": "x", "descriptors": [{"name": "pages_4k"}]}
+    d = diff(a, b)
+    assert d.caps_only_b == ["KVM_CAP_300? (300)"]
+    assert d.caps_changed[0][0] == "KVM_CAP_NR_VCPUS (9)"
+    assert ("nr_vcpus", 2, 4) in d.limits
+    assert d.modules == [("kvm", None, "loaded")]
+    assert d.msrs_only_b == ["0x10 IA32_TSC"]
+    assert d.stats["vm"] == ([], ["pages_4k"])
+    j = d.to_dict()
+    assert j["identical"] is False and j["capabilities"]["only_b"] == ["KVM_CAP_300? (300)"]
+
+
+@pytest.mark.no_kvm_needed
+def test_unusable_side_gives_unknown():
+    b = _doc()
+    b["usable"], b["cpuid"] = False, None
+    d = diff(_doc(), b)
+    assert d.a_on_b.ok is None and "no CPUID in B" in d.a_on_b.reason
+    assert "unknown: no CPUID in B" in render_diff(d)
+
+
+@pytest.mark.no_kvm_needed
+def test_cli_diff_files_and_exit_status(tmp_path, capsys):
+    pa, pb, bad = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bad.json"
+    pa.write_text(json.dumps(_doc()))
+    pb.write_text(json.dumps(_doc(**{"7": _entry(7, flags=1)})))
+    bad.write_text("{\"schema\": \"other\"}")
+    assert main(["diff", str(pa), str(pa)]) == 0
+    assert main(["diff", str(pa), str(pb)]) == 1
+    assert "NO: 1 feature(s) missing on B" in capsys.readouterr().out
+    assert main(["probe", "--diff", str(pa), str(pb), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["cpuid_a_on_b"]["missing"] == ["avx2"]
+    assert main(["diff", str(bad), str(pa)]) == 2
+    assert "not a pykvm probe report" in capsys.readouterr().err
+    assert main(["diff", str(tmp_path / "none.json"), str(pa)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{not json")
+    assert main(["diff", str(tmp_path / "junk.json"), str(pa)]) == 2
+    with pytest.raises(ReportError):
+        load(str(bad))
+
+
+def test_live_report_against_itself_and_a_changed_copy():
+    a = pykvm.probe().to_dict()
+    b = json.loads(json.dumps(a))
+    assert diff(a, b).identical
+    c = copy.deepcopy(a)
+    for e in c["cpuid"]["supported"]:
+        if e["function"] == 1:
+            e["edx"] &= ~1  # B without fpu
+    d = pykvm.probe.compare(a, c)
+    assert d.a_on_b.ok is False and "fpu" in d.a_on_b.missing
+    assert d.b_on_a.ok is True

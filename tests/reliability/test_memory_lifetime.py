@@ -1,0 +1,168 @@
+"""Memory lifetime: guest RAM stays mapped while KVM can reach it, is unmapped once it
+cannot, the kvm_run area is unmapped exactly once, and a live memoryview pins a mapping.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import mmap
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import pykvm
+
+from . import _util as U
+from . import _x86 as X
+
+# mov rax, 0x1122334455667788; mov [DATA], rax; out 0x10, al; jmp back to start
+STORE = (bytes.fromhex("48b8") + struct.pack("<Q", 0x1122334455667788)
+         + bytes.fromhex("48890425") + struct.pack("<I", X.DATA) + bytes.fromhex("e610ebec"))
+
+
+def test_registered_memory_stays_mapped_without_a_python_reference(vm):
+    vcpu, = X.long_mode_vm(vm, STORE)
+    mem = vm.memory[0]
+    addr = mem.userspace_addr
+    del mem
+    gc.collect()
+    assert U.mapped(addr)
+    assert isinstance(vcpu.run(), pykvm.IoOut)
+    assert vm.read(X.DATA, 8) == struct.pack("<Q", 0x1122334455667788)
+
+
+def test_registered_memory_refuses_close_resize_and_with_unmaps_only_after_removal(vm):
+    vcpu, = X.long_mode_vm(vm, STORE)
+    mem = vm.memory[0]
+    with pytest.raises(ValueError, match="remove_memory"):
+        mem.close()
+    with pytest.raises(ValueError, match="resized"):
+        mem.resize(mmap.PAGESIZE)
+    assert not mem.closed and U.mapped(mem.userspace_addr + X.RAM - 1)
+    assert isinstance(vcpu.run(), pykvm.IoOut)
+    addr = mem.userspace_addr
+    with mem:                     # mmap's own __exit__ would unmap a live memslot
+        pass
+    assert mem.closed and not mem.registered and vm.memory == []
+    assert not U.mapped(addr)
+    # The guest's RAM is gone from the VM, not from under it: fetching code is now MMIO
+    # (or an emulation failure), never a read of whatever the host maps there next.
+    e = vcpu.run()
+    assert not isinstance(e, pykvm.IoOut), e
+
+
+def test_remove_memory_unmaps_and_the_guest_no_longer_sees_it(vm, watchdog):
+    vcpu, = X.long_mode_vm(vm, STORE)
+    extra = vm.add_memory(0x400000, 0x10000)
+    addr = extra.userspace_addr
+    vm.remove_memory(extra)
+    assert extra.closed and not extra.registered and not U.mapped(addr)
+    with pytest.raises(ValueError, match="not memory of this VM"):
+        vm.remove_memory(extra)
+    with watchdog(vcpu):
+        assert isinstance(vcpu.run(), pykvm.IoOut)
+
+
+def test_vm_close_unmaps_all_guest_memory(kvm):
+    vm = kvm.create_vm()
+    mems = [vm.add_memory(i * 0x100000, 0x10000) for i in range(4)]
+    addrs = [m.userspace_addr for m in mems]
+    vcpu = vm.create_vcpu()
+    vm.close()
+    assert all(m.closed for m in mems)
+    assert not any(U.mapped(a) for a in addrs)
+    assert vcpu.closed and not U.kvm_run_mappings()
+
+
+def test_memoryview_pins_the_mapping_past_remove_and_close(kvm):
+    vm = kvm.create_vm()
+    mem = vm.add_memory(0, 0x10000)
+    mem.write(0x10, b"pinned")
+    addr = mem.userspace_addr
+    view = memoryview(mem)
+    with pytest.raises(BufferError):
+        mmap.mmap.close(mem)      # even the unguarded base-class close refuses
+    vm.remove_memory(mem)         # the slot is gone, the mapping stays for the view
+    assert U.mapped(addr) and bytes(view[0x10:0x16]) == b"pinned"
+    mem2 = vm.add_memory(0x100000, 0x10000)
+    view2 = memoryview(mem2)[0x20:0x30]  # a slice pins it too
+    vm.close()
+    assert U.mapped(addr) and U.mapped(mem2.userspace_addr)
+    view2[:4] = b"safe"               # writing through the view is harmless: no VM uses it
+    assert bytes(view[0x10:0x16]) == b"pinned"
+    del view, view2
+    gc.collect()
+    del mem, mem2
+    gc.collect()
+    assert not U.mapped(addr)
+
+
+def test_run_page_views_outlive_the_vcpu_safely(kvm):
+    """A view into kvm_run keeps the mapping (and, through the fd CPython's mmap
+    holds, the kernel's vCPU) alive; it goes with the last Python reference."""
+    vm = kvm.create_vm()
+    vcpu, = X.long_mode_vm(vm, bytes.fromhex("e410"))   # in al, 0x10
+    e = vcpu.run()
+    assert isinstance(e, pykvm.IoIn)
+    run = vcpu.kvm_run
+    vcpu.close()
+    assert len(U.kvm_run_mappings()) == 1       # pinned by the views
+    e.data[:] = b"\x01"                          # inert page, but still mapped: no crash
+    assert run.exit_reason == pykvm.ExitReason.IO
+    with pytest.raises(pykvm.KvmClosedError):
+        vcpu.kvm_run
+    vm.close()
+    del e, run
+    gc.collect()
+    assert len(U.kvm_run_mappings()) == 1       # the closed Vcpu object still holds it
+    del vm, vcpu
+    gc.collect()
+    assert U.kvm_run_mappings() == []
+
+
+MUNMAP_CHILD = r'''
+import ctypes, gc, json, os
+import pykvm
+from tests.reliability import _x86 as X
+kvm = pykvm.Kvm()
+vm = kvm.create_vm()
+mem = vm.add_memory(0, X.RAM)
+extra = vm.add_memory(0x400000, 0x10000)
+vcpus = X.long_mode_vm(vm, X.HELLO_OUT, vcpus=2, mem=mem)
+vcpus[0].run()
+view = vcpus[1].kvm_run                     # pins vCPU 1's run page past close
+runs = [ctypes.addressof(ctypes.c_char.from_buffer(v.run_mmap)) for v in vcpus]
+addrs = {"mem": mem.userspace_addr, "extra": extra.userspace_addr, "run0": runs[0], "run1": runs[1]}
+print(json.dumps(addrs), flush=True)
+vm.remove_memory(extra)
+vcpus[0].close(); vcpus[0].close()
+vm.close(); vm.close()
+del view
+gc.collect()
+del vcpus, mem, extra
+gc.collect()
+print("done", flush=True)
+'''
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_every_mapping_is_unmapped_exactly_once(tmp_path):
+    log = tmp_path / "strace.log"
+    proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=munmap,mremap", "-o", str(log),
+                           sys.executable, "-c", MUNMAP_CHILD],
+                          capture_output=True, text=True, timeout=120, cwd=U.REPO,
+                          env={"PYTHONPATH": U.REPO, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    addrs = json.loads(proc.stdout.splitlines()[0])
+    assert proc.stdout.splitlines()[-1] == "done"
+    calls = re.findall(r"munmap\((0x[0-9a-f]+), (\d+)\)\s+= 0", log.read_text())
+    assert "mremap" not in log.read_text() or not any(
+        hex(a) in log.read_text() for a in addrs.values())
+    for name, addr in addrs.items():
+        hits = [c for c in calls if int(c[0], 16) == addr]
+        assert len(hits) == 1, f"{name} at {addr:#x} unmapped {len(hits)} times"
