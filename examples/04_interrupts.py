@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 import pykvm
-from pykvm import uapi, x86
-from pykvm._ioctl import ioctl
+from pykvm import x86
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 IRQ_LINE = 5             # GSI 5: IOAPIC pin 5 (and PIC IRQ 5, masked by the guest)
@@ -101,11 +100,6 @@ s_irq:   .asciz "guest: irqfd interrupt "
 """
 
 
-def register_irqfd(vm: pykvm.Vm, fd: int, gsi: int) -> None:
-    """``KVM_IRQFD``: raise interrupt line *gsi* each time *fd* (an eventfd) is written."""
-    ioctl(vm.fileno(), uapi.KVM_IRQFD, uapi.kvm_irqfd(fd=fd, gsi=gsi))
-
-
 def main() -> None:
     with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
         vm.create_irq_chip()                  # before any vCPU
@@ -123,7 +117,7 @@ def main() -> None:
                             stack=0x80000, idt=idt)
 
         efd = os.eventfd(0, os.EFD_CLOEXEC)
-        register_irqfd(vm, efd, IRQ_LINE)
+        vm.register_irqfd(efd, IRQ_LINE)      # KVM_IRQFD: writing efd raises GSI 5
 
         def device_thread() -> None:          # an "interrupting device" on the host side
             for _ in range(DEVICE_IRQS):

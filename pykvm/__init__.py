@@ -36,6 +36,17 @@ from .vm import Vm
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use so that ``import pykvm`` stays cheap.
+_LAZY = ("probe", "stats", "x86", "device", "dirty", "snapshot", "gdbstub")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
+
 __all__ = [
     "Kvm", "Vm", "Vcpu", "GuestMemory", "Cap", "ExitReason",
     "KvmError", "KvmUnavailable", "KvmClosedError",

@@ -113,6 +113,10 @@ def explain(path: str, err: int) -> str:
                 f"root with 'mknod {path} c {KVM_MAJOR} {KVM_MINOR}' or check the udev rules")
     if err in (errno.EACCES, errno.EPERM):
         return _explain_permission(path, err)
+    if err in (errno.ENODEV, errno.ENXIO) and not any(m != "kvm" for m in mods):
+        # The node is there but no driver answers it: the module is missing.
+        return explain(path, errno.ENOENT).replace(f"{path} does not exist", f"{path} exists but",
+                                                   1)
     if err in (errno.ENOTTY, errno.ENODEV, errno.ENXIO, errno.EINVAL):
         return f"{path} is not the KVM device (it does not answer KVM_GET_API_VERSION)"
     if err == errno.EISDIR:
@@ -126,9 +130,9 @@ def _explain_permission(path: str, err: int) -> str:
     who = _user()
     try:
         st = os.stat(path)
-    except OSError:
-        return (f"user {who} may not open {path} (and may not even stat it): "
-                "run as root or ask the administrator for access")
+    except OSError as e:
+        return (f"user {who} may not open {path}, nor look at it ({e.strerror}): a directory "
+                "on the way is closed to this user; ask the administrator for access")
     try:
         group = grp.getgrgid(st.st_gid).gr_name
     except KeyError:

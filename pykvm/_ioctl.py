@@ -101,17 +101,28 @@ class FdObject:
         pass
 
     def close(self) -> None:
-        """Close the fd (and what this object owns). Calling it again does nothing."""
+        """Close the fd (and what this object owns). Calling it again does nothing.
+
+        Order: ``_close_children()``, the fd, then ``_after_close()`` (which may
+        release what the children could still reach, e.g. guest memory).  If a
+        child fails to close, the fd is still closed but ``_after_close()`` is
+        skipped and the error raised: what it would release stays alive until
+        the garbage collector takes the objects, never while a child may use it.
+        The fd number is given up exactly once, even if ``close(2)`` fails.
+        """
         if self._fd < 0:
             return
         try:
             self._close_children()
-        finally:
+        except BaseException:
             fd, self._fd = self._fd, -1
-            try:
-                os.close(fd)
-            finally:
-                self._after_close()
+            os.close(fd)
+            raise
+        fd, self._fd = self._fd, -1
+        try:
+            os.close(fd)
+        finally:
+            self._after_close()
 
     def __enter__(self):
         if self._fd < 0:

@@ -135,19 +135,27 @@ def _dispatch_demo(args: List[str]) -> int:
     return int(mod.main(args) or 0)
 
 
+def _checkout() -> str:
+    """The directory holding the pykvm package (the source checkout in an editable install)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _find_benchmarks() -> bool:
-    if importlib.util.find_spec("benchmarks") is not None:
-        return True
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """Make ``benchmarks.__main__`` importable; the checkout's suite comes first."""
+    checkout = _checkout()
     if os.path.isfile(os.path.join(checkout, "benchmarks", "__main__.py")):
-        sys.path.insert(0, checkout)
-        importlib.invalidate_caches()
-        return importlib.util.find_spec("benchmarks") is not None
-    return False
+        if checkout not in sys.path:
+            sys.path.insert(0, checkout)
+            importlib.invalidate_caches()
+        return True
+    try:
+        return importlib.util.find_spec("benchmarks.__main__") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _dispatch_bench(args: List[str]) -> int:
-    if not _find_benchmarks() or importlib.util.find_spec("benchmarks.__main__") is None:
+    if not _find_benchmarks():
         _err("the benchmark suite lives in the source checkout (benchmarks/), which is not "
              "importable from here: run 'pykvm bench' from a checkout (pip install -e .), or "
              "'python -m benchmarks' in it; for a quick measurement use 'pykvm probe --bench'")

@@ -58,6 +58,11 @@ _HINTS = {
     (None, _errno.EFAULT): "the kernel could not read or write the argument buffer",
     (None, _errno.EPERM): "operation not permitted for this user",
     (None, _errno.EACCES): "permission denied",
+    (None, _errno.EMFILE): "this process has no free file descriptor (RLIMIT_NOFILE, 'ulimit -n'); "
+                           "close unused VMs (each vCPU holds two fds: its own and its kvm_run mapping's)",
+    (None, _errno.ENFILE): "the system-wide file table is full",
+    (None, _errno.ENOMEM): "the host is out of memory (or a limit such as RLIMIT_AS or the memory "
+                           "cgroup was reached)",
     ("KVM_CREATE_VM", _errno.EINVAL): "VM type not supported by this host (see KVM_CAP_VM_TYPES)",
     ("KVM_CREATE_VM", _errno.ENOMEM): "the host is out of memory",
     ("KVM_CREATE_VCPU", _errno.EEXIST): "a vCPU with this id already exists in the VM",
@@ -77,6 +82,10 @@ _HINTS = {
     ("KVM_CREATE_PIT2", _errno.ENOENT): "create the in-kernel irqchip before the PIT",
     ("KVM_GET_SUPPORTED_CPUID", _errno.E2BIG): "the buffer holds too few entries",
     ("KVM_GET_MSR_INDEX_LIST", _errno.E2BIG): "the buffer holds too few entries",
+    ("KVM_GET_MSRS", _errno.E2BIG): "too many MSRs in one call (KVM takes at most 255)",
+    ("KVM_SET_MSRS", _errno.E2BIG): "too many MSRs in one call (KVM takes at most 255)",
+    ("KVM_SET_CPUID2", _errno.E2BIG): "more CPUID entries than KVM accepts (KVM_MAX_CPUID_ENTRIES, 256)",
+    ("KVM_SET_CPUID", _errno.E2BIG): "more CPUID entries than KVM accepts (KVM_MAX_CPUID_ENTRIES, 256)",
     ("KVM_ENABLE_CAP", _errno.EINVAL): "capability not supported here, or bad arguments, or enabled too late",
     ("KVM_KVMCLOCK_CTRL", _errno.EINVAL): "the guest has not enabled kvmclock",
     ("KVM_IRQFD", _errno.EINVAL): "no in-kernel irqchip, or bad gsi/fd",

@@ -1,4 +1,4 @@
-"""guest_memfd (``GuestMemfd``) and ``KVM_PRE_FAULT_MEMORY``.
+"""guest_memfd: the fd from ``KVM_CREATE_GUEST_MEMFD`` (``GuestMemfd``).
 
 ``Vm.create_guest_memfd(size, flags)`` (``KVM_CREATE_GUEST_MEMFD``) returns
 a file of guest memory that KVM allocates and that need not be mapped into
@@ -20,17 +20,15 @@ KVM does not create the guest_memfd with ``O_CLOEXEC``; pykvm sets
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import mmap
 import os
 
-from ._ioctl import FdObject, _ioctl_ulong, raise_error
+from ._ioctl import FdObject
 from .errors import KvmError
-from .uapi import ioctls as I
 from .uapi import structs as S
 
-__all__ = ["GuestMemfd", "pre_fault_memory", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
+__all__ = ["GuestMemfd", "set_cloexec", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
 
 GUEST_MEMFD_FLAG_MMAP = S.GUEST_MEMFD_FLAG_MMAP
 GUEST_MEMFD_FLAG_INIT_SHARED = S.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -86,8 +84,12 @@ class GuestMemfd(FdObject):
     def punch_hole(self, offset: int, length: int) -> None:
         """Free the memory of ``[offset, offset+length)`` (``fallocate(PUNCH_HOLE)``)."""
         falloc = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        fd = self.fileno()  # raises KvmClosedError before any syscall
+        for name, v in (("offset", offset), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+                raise ValueError(f"{name}={v!r} is not a non-negative int")
         try:
-            _fallocate(self.fileno(), falloc, offset, length)
+            _fallocate(fd, falloc, offset, length)
         except OSError as e:
             raise KvmError(e.errno, "fallocate(guest_memfd)") from None
 
@@ -99,33 +101,3 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
-
-def pre_fault_memory(vcpu, gpa: int, size: int, flags: int = 0) -> int:
-    """``KVM_PRE_FAULT_MEMORY`` on *vcpu*: map ``[gpa, gpa+size)`` in the stage-2/TDP tables now.
-
-    KVM may stop early (it updates ``gpa``/``size`` to the rest); this loops
-    until all is done and returns the bytes pre-faulted.  Needs
-    ``KVM_CAP_PRE_FAULT_MEMORY`` (TDP hosts); elsewhere KVM answers
-    EOPNOTSUPP.  Run it before the vCPU first runs to avoid faults later.
-    """
-    for name, v in (("gpa", gpa), ("size", size), ("flags", flags)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
-            raise ValueError(f"{name}={v!r} is not an unsigned 64-bit int")
-    arg = S.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
-    fd = vcpu.fileno()
-    start = size
-    retries = 0
-    while arg.size:
-        before = arg.size
-        try:
-            # Pass the struct's address so the kernel updates it in place even
-            # when it fails with EINTR/EAGAIN after partial progress.
-            _ioctl_ulong(fd, I.KVM_PRE_FAULT_MEMORY, ctypes.addressof(arg))
-        except OSError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN) and retries < 1000:
-                retries += 1
-                continue
-            raise raise_error(e.errno, I.KVM_PRE_FAULT_MEMORY) from None
-        if arg.size >= before:  # pragma: no cover - the kernel always progresses on success
-            break
-    return start - arg.size

@@ -45,8 +45,11 @@ class GuestMemory(mmap.mmap):
 
     @classmethod
     def _anonymous(cls, size: int) -> "GuestMemory":
-        mem = cls(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mem = cls(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OverflowError:  # larger than the address space: not a host OOM
+            raise ValueError(f"guest memory size {size:#x} is too large to map") from None
         anchor = ctypes.c_char.from_buffer(mem)
         mem.userspace_addr = ctypes.addressof(anchor)
         del anchor  # release the export so the map can be closed later
@@ -63,6 +66,9 @@ class GuestMemory(mmap.mmap):
         return self._vm is not None
 
     def _check(self, offset: int, n: int) -> None:
+        for name, v in (("offset", offset), ("length", n)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
         if offset < 0 or n < 0 or offset + n > self.size:
             raise ValueError(
                 f"range [{offset:#x}, {offset + n:#x}) outside the region of size {self.size:#x}")
@@ -80,6 +86,11 @@ class GuestMemory(mmap.mmap):
 
     def contains(self, gpa: int, n: int = 1) -> bool:
         """True if guest range ``[gpa, gpa+n)`` lies inside this region."""
+        for name, v in (("gpa", gpa), ("n", n)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+            if v < 0:
+                raise ValueError(f"{name}={v} must not be negative")
         return self.guest_phys_addr <= gpa and gpa + n <= self.guest_phys_addr + self.size
 
     def __repr__(self) -> str:

@@ -24,6 +24,17 @@ __all__ = ["Kvm", "KVM_API_VERSION"]
 
 KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _uint(name: str, value: object, limit: int = _U64) -> int:
+    """*value* if it is an int (not a bool, float or numeric string) in [0, limit]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
+    return int(value)
 
 
 class Kvm(FdObject):
@@ -37,13 +48,30 @@ class Kvm(FdObject):
 
     def __init__(self, path: str = "/dev/kvm") -> None:
         self.path = path
+        # Look before opening: opening some other device has side effects (a
+        # watchdog arms, a tty may block for carrier), so only the KVM device
+        # node (misc char 10:232) is ever opened.
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise KvmUnavailable(e.errno, f"open({path})", _diagnose.explain(path, e.errno)) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise KvmUnavailable(errno.EISDIR, f"open({path})", _diagnose.explain(path, errno.EISDIR))
+        if not stat.S_ISCHR(st.st_mode):
+            raise KvmUnavailable(errno.ENODEV, f"open({path})",
+                                 f"{path} is not a character device, so not the KVM device")
+        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if rdev != (_diagnose.KVM_MAJOR, _diagnose.KVM_MINOR):
+            raise KvmUnavailable(errno.ENODEV, f"open({path})",
+                                 f"{path} is not the KVM device (it is character device "
+                                 f"{rdev[0]}:{rdev[1]}; KVM is {_diagnose.KVM_MAJOR}:{_diagnose.KVM_MINOR})")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmUnavailable(e.errno, f"open({path})", _diagnose.explain(path, e.errno)) from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISCHR(st.st_mode):
+            if not stat.S_ISCHR(st.st_mode):  # replaced between stat and open
                 raise KvmUnavailable(errno.ENODEV, f"open({path})",
                                      f"{path} is not a character device, so not the KVM device")
             try:
@@ -72,7 +100,7 @@ class Kvm(FdObject):
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 if *cap* is absent, else a cap-specific value."""
-        return self._ioctl(I.KVM_CHECK_EXTENSION, int(cap))
+        return self._ioctl(I.KVM_CHECK_EXTENSION, _uint("cap", cap, _U32))
 
     @property
     def vcpu_mmap_size(self) -> int:
@@ -101,7 +129,7 @@ class Kvm(FdObject):
         """``KVM_CREATE_VM``: a new VM of *vm_type* (0 = default x86 VM)."""
         from .vm import Vm
 
-        fd = self._ioctl(I.KVM_CREATE_VM, vm_type)
+        fd = self._ioctl(I.KVM_CREATE_VM, _uint("vm_type", vm_type))
         return Vm._from_fd(fd, self.vcpu_mmap_size, self)
 
     # -- CPUID -------------------------------------------------------------------
@@ -171,6 +199,7 @@ class Kvm(FdObject):
         """
         from .vcpu import _msrs_buffer
 
+        indices = [_uint("MSR index", i, _U32) for i in indices]
         buf = _msrs_buffer(indices)
         n = self._ioctl(I.KVM_GET_MSRS, buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
@@ -178,7 +207,7 @@ class Kvm(FdObject):
     # -- system-fd device attributes ---------------------------------------------
     def has_device_attr(self, group: int, attr: int) -> bool:
         """``KVM_HAS_DEVICE_ATTR`` on the system fd (``KVM_CAP_SYS_ATTRIBUTES``)."""
-        a = S.kvm_device_attr(group=group, attr=attr)
+        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr))
         try:
             self._ioctl(I.KVM_HAS_DEVICE_ATTR, a)
             return True
@@ -190,7 +219,8 @@ class Kvm(FdObject):
     def get_device_attr(self, group: int, attr: int) -> int:
         """``KVM_GET_DEVICE_ATTR`` on the system fd: a 64-bit attribute value."""
         val = ctypes.c_uint64()
-        a = S.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(val))
+        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr),
+                              addr=ctypes.addressof(val))
         self._ioctl(I.KVM_GET_DEVICE_ATTR, a)
         return val.value
 

@@ -1,10 +1,28 @@
-"""The vCPU fd (``Vcpu``): registers, run loop, kick.
+"""The vCPU fd (``Vcpu``): run loop, kick, and every x86 vCPU ioctl.
 
 Each vCPU maps its ``kvm_run`` area (run page, PIO data page, coalesced MMIO
 ring ...) with the size ``KVM_GET_VCPU_MMAP_SIZE`` reports.  :meth:`Vcpu.run`
 issues ``KVM_RUN`` and returns a typed exit from :mod:`pykvm.exits`;
 :meth:`Vcpu.run_raw` returns just the exit reason number for the tightest
 loops.
+
+The other methods wrap one ioctl each (named as in rust-vmm's kvm-ioctls
+where it has the ioctl, else the ioctl's name without ``KVM_``; each
+docstring starts with the ioctl):
+
+* state: regs, sregs, sregs2, fpu, xsave/xsave2, xcrs, debug regs, MSRs,
+  ONE_REG, CPUID (``set_cpuid``/``set_cpuid2``), LAPIC, MP state, vCPU
+  events, nested state, TSC rate;
+* events: ``interrupt``, ``nmi``, ``smi``, ``set_mce`` (after ``setup_mce``);
+* run control: ``set_guest_debug``, ``set_signal_mask``, sync regs in the
+  run page (``sync_regs`` and the ``set_sync_*_reg`` masks), the interrupt
+  window fields;
+* the rest: ``translate_gva``, ``kvmclock_ctrl``, ``tpr_access_reporting``,
+  ``set_vapic_addr``, ``pre_fault_memory``, ``enable_cap``, vCPU device
+  attributes, Xen vCPU attributes, Hyper-V CPUID, ``get_stats_fd``.
+
+Bad arguments raise ``ValueError``/``TypeError`` before any ioctl; a refusal
+by the kernel raises :class:`~pykvm.errors.KvmError` naming the ioctl.
 """
 
 from __future__ import annotations
@@ -32,6 +50,60 @@ _KVM_RUN = I.KVM_RUN
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 _get_ident = threading.get_ident
+_OFF_RIW = S.kvm_run.request_interrupt_window.offset       # 0
+_OFF_READY = S.kvm_run.ready_for_interrupt_injection.offset  # 12
+_OFF_IF = S.kvm_run.if_flag.offset                          # 13
+
+
+_NO_LAPIC = "this vCPU has no in-kernel LAPIC: call vm.create_irq_chip() before creating vCPUs"
+_E = errno
+# (request, errno) -> what the user can do about it; more specific than pykvm.errors' table.
+_VCPU_HINTS = {
+    (I.KVM_GET_LAPIC, _E.EINVAL): _NO_LAPIC,
+    (I.KVM_SET_LAPIC, _E.EINVAL): _NO_LAPIC,
+    (I.KVM_SET_VAPIC_ADDR, _E.EINVAL): _NO_LAPIC,
+    (I.KVM_SET_MP_STATE, _E.EINVAL):
+        "unknown state, or no in-kernel irqchip (then only KVM_MP_STATE_RUNNABLE is accepted)",
+    (I.KVM_INTERRUPT, _E.ENXIO):
+        "the VM has an in-kernel irqchip: raise interrupts through it (IRQ lines, MSIs), not KVM_INTERRUPT",
+    (I.KVM_PRE_FAULT_MEMORY, _E.EOPNOTSUPP):
+        "KVM uses shadow paging here (no EPT/NPT): nothing to pre-fault (KVM_CAP_PRE_FAULT_MEMORY is 0)",
+    (I.KVM_GET_NESTED_STATE, _E.EINVAL):
+        "no nested virtualization on this host (KVM_CAP_NESTED_STATE is 0), or the buffer is too small",
+    (I.KVM_SET_NESTED_STATE, _E.EINVAL):
+        "no nested virtualization on this host (KVM_CAP_NESTED_STATE is 0), or an inconsistent state",
+    (I.KVM_SMI, _E.ENOTTY): "this KVM has no SMM support (KVM_CAP_X86_SMM is 0)",
+    (I.KVM_SET_TSC_KHZ, _E.EINVAL):
+        "without TSC scaling (KVM_CAP_TSC_CONTROL) the guest rate cannot be below the host's",
+    (I.KVM_SET_XCRS, _E.EINVAL):
+        "XCR0 needs bit 0 (x87) and only components the guest's CPUID leaf 0xD allows (set_cpuid2 first)",
+    (I.KVM_SET_CPUID2, _E.EINVAL): "bad entries, or the vCPU has run already (its CPUID is then fixed)",
+    (I.KVM_SET_CPUID, _E.EINVAL): "bad entries, or the vCPU has run already (its CPUID is then fixed)",
+    (I.KVM_GET_ONE_REG, _E.EINVAL):
+        "unknown register id (x86: KVM_X86_REG_MSR(index) of an MSR KVM handles, 64-bit size)",
+    (I.KVM_SET_ONE_REG, _E.EINVAL):
+        "unknown register id or value refused (x86: KVM_X86_REG_MSR(index), 64-bit size)",
+    (I.KVM_X86_SETUP_MCE, _E.EINVAL):
+        "bank count must be 1..32 and the other bits within Kvm.mce_cap_supported()",
+    (I.KVM_X86_SET_MCE, _E.EINVAL):
+        "bank beyond setup_mce's count (or no setup_mce yet), or MCi_STATUS.VAL (bit 63) clear",
+    (I.KVM_SET_SREGS2, _E.EINVAL):
+        "PDPTRS_VALID outside PAE paging, unknown flags, or inconsistent control registers",
+    (I.KVM_SET_GUEST_DEBUG, _E.EBUSY): "an exception is already pending: run the vCPU first",
+    (I.KVM_GET_SUPPORTED_HV_CPUID, _E.EINVAL):
+        "KVM was built without Hyper-V emulation (KVM_CAP_HYPERV_CPUID is 0)",
+    (I.KVM_XEN_VCPU_GET_ATTR, _E.EINVAL):
+        "no Xen emulation (KVM_CAP_XEN_HVM is 0) or Xen not configured on the VM",
+    (I.KVM_XEN_VCPU_SET_ATTR, _E.EINVAL):
+        "no Xen emulation (KVM_CAP_XEN_HVM is 0) or Xen not configured on the VM",
+    (I.KVM_GET_DEVICE_ATTR, _E.ENXIO):
+        "unknown vCPU attribute (x86: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+    (I.KVM_SET_DEVICE_ATTR, _E.ENXIO):
+        "unknown vCPU attribute (x86: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+    (I.KVM_GET_XSAVE, _E.EINVAL): "the guest's XSAVE state is larger than 4 KiB: use get_xsave2()",
+    (I.KVM_SET_VCPU_EVENTS, _E.EINVAL):
+        "invalid event state (an exception vector above 31, SMM fields without SMM support ...)",
+}
 
 
 def _msrs_buffer(indices: Iterable[int]):
@@ -67,6 +139,16 @@ class Vcpu(FdObject):
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {self._state()}>"
+
+    def _ioctl(self, request: int, arg=0) -> int:
+        # FdObject._ioctl plus vCPU-specific hints (not used by run()/run_raw()).
+        try:
+            return FdObject._ioctl(self, request, arg)
+        except KvmError as e:
+            hint = _VCPU_HINTS.get((request, e.errno))
+            if hint is None or isinstance(e, KvmClosedError):
+                raise
+            raise KvmError(e.errno, e.ioctl, hint) from None
 
     # -- the run page -----------------------------------------------------------
     @property
@@ -438,7 +520,7 @@ class Vcpu(FdObject):
     # -- local APIC (in-kernel irqchip) ----------------------------------------------------
     def get_lapic(self) -> S.kvm_lapic_state:
         """``KVM_GET_LAPIC``: the 1 KiB register page of the in-kernel local APIC
-        (ENXIO without an in-kernel irqchip).  Read a register with
+        (EINVAL without an in-kernel irqchip).  Read a register with
         :func:`lapic_get_reg` or :meth:`get_lapic_reg`."""
         r = S.kvm_lapic_state()
         self._ioctl(I.KVM_GET_LAPIC, r)
@@ -525,21 +607,21 @@ class Vcpu(FdObject):
     def request_interrupt_window(self) -> bool:
         """``kvm_run.request_interrupt_window``: ask KVM to exit with
         ``IrqWindowOpen`` as soon as the guest can take an interrupt."""
-        return bool(self._mm[0])
+        return bool(self._mm[_OFF_RIW])
 
     @request_interrupt_window.setter
     def request_interrupt_window(self, value: bool) -> None:
-        self._mm[0] = 1 if value else 0
+        self._mm[_OFF_RIW] = 1 if value else 0
 
     @property
     def ready_for_interrupt_injection(self) -> bool:
         """``kvm_run.ready_for_interrupt_injection`` after the last exit."""
-        return bool(self._mm[16])
+        return bool(self._mm[_OFF_READY])
 
     @property
     def if_flag(self) -> bool:
         """``kvm_run.if_flag``: the guest's RFLAGS.IF at the last exit."""
-        return bool(self._mm[17])
+        return bool(self._mm[_OFF_IF])
 
     # -- debugging ----------------------------------------------------------------------------
     def set_guest_debug(self, debug: Optional[S.kvm_guest_debug] = None, *, enable: bool = True,
@@ -563,7 +645,8 @@ class Vcpu(FdObject):
         * ``block_irq``: no interrupts while debugging (``KVM_CAP_SET_GUEST_DEBUG2``).
 
         ``enable=False`` turns debugging off.  Returns the structure passed to
-        KVM.  Unknown control bits are refused by KVM (EINVAL).
+        KVM.  ``KVM_CAP_SET_GUEST_DEBUG2`` lists the control bits KVM supports
+        (x86 KVM does not refuse others, it ignores them).
         """
         if debug is not None:
             if (single_step or sw_breakpoints or hw_breakpoints or inject_db or inject_bp
@@ -670,7 +753,8 @@ class Vcpu(FdObject):
         """``KVM_SET_TSC_KHZ``: the guest's TSC frequency.  Without TSC scaling
         (``KVM_CAP_TSC_CONTROL`` = 0) KVM accepts the host rate or a higher one
         (it then keeps the guest TSC caught up on entries) and refuses a
-        lower one with EINVAL; 0 means the host rate."""
+        lower one with EINVAL — after recording it: ``get_tsc_khz`` then
+        reports the refused rate.  0 means the host rate."""
         self._ioctl(I.KVM_SET_TSC_KHZ, _uint("khz", khz, _U32))
 
     def kvmclock_ctrl(self) -> None:

@@ -18,7 +18,7 @@ from ._ioctl import FdObject
 from .coalesced import CoalescedRing
 from .device import Device
 from .dirty import DirtyRing, bitmap_to_pages, bitmap_words, pages_to_bitmap
-from .errors import KvmError
+from .errors import KvmClosedError, KvmError
 from .eventfd import fd_of
 from .gmem import GuestMemfd
 from .memory import PAGE_SIZE, GuestMemory
@@ -257,6 +257,8 @@ class Vm(FdObject):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a new vCPU with APIC id *vcpu_id*."""
         _uint("vcpu_id", vcpu_id, _U32)
+        if self._fd < 0:
+            raise KvmClosedError(self._what, "KVM_CREATE_VCPU")
         if vcpu_id in self._vcpus:
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vCPU {vcpu_id} already exists")
         fd = self._ioctl(I.KVM_CREATE_VCPU, vcpu_id)
@@ -758,8 +760,6 @@ class Vm(FdObject):
         from .stats import open_stats
 
         if self._fd < 0:
-            from .errors import KvmClosedError
-
             raise KvmClosedError(self._what, "KVM_GET_STATS_FD")
         st = open_stats(self.fileno())
         self._children.add(st)
@@ -881,13 +881,11 @@ class MsrFilterRange:
         if not idx:
             raise ValueError("no MSRs given")
         base, n = idx[0], idx[-1] - idx[0] + 1
-        bits = bytearray(b"\x00" if allowed else b"\xff") * ((n + 7) // 8)
-        for m in idx:
-            i = m - base
-            if allowed:
+        listed = {m - base for m in idx}
+        bits = bytearray((n + 7) // 8)
+        for i in range(n):
+            if (i in listed) == allowed:     # bit set = access allowed
                 bits[i // 8] |= 1 << (i % 8)
-            else:
-                bits[i // 8] &= ~(1 << (i % 8)) & 0xFF
         return cls(flags, base, bytes(bits), n)
 
     @classmethod

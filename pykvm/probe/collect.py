@@ -218,6 +218,8 @@ def capabilities(kvm: Kvm, vm_fd: Optional[int], limit: int = CAP_PROBE_LIMIT) -
     known = {int(c): "KVM_CAP_" + c.name for c in Cap}
     out = []
     sys_fd = kvm.fileno()
+    if vm_fd is not None and not _check(sys_fd, Cap.CHECK_EXTENSION_VM):
+        vm_fd = None  # kernels before KVM_CAP_CHECK_EXTENSION_VM do not answer on a VM fd
     for n in range(limit):
         sv = _check(sys_fd, n)
         vv = _check(vm_fd, n) if vm_fd is not None else None
@@ -350,6 +352,19 @@ def collect(path: str = "/dev/kvm", *, bench: bool = False, bench_seconds: float
     report.vendor_module = vendors[0] if vendors else None
     if kvm is None:
         return report
+    try:
+        _with_kvm(kvm, report, cap_limit)
+        if bench:
+            from .bench import run_benchmarks
+
+            report.bench = _section(report, "bench", lambda: run_benchmarks(kvm, bench_seconds))
+    finally:
+        kvm.close()
+    return report
+
+
+def _with_kvm(kvm: Kvm, report: ProbeReport, cap_limit: int) -> None:
+    """Fill the sections that need the open system fd (and a VM and a vCPU)."""
     vm = vcpu = None
     try:
         try:
@@ -378,10 +393,4 @@ def collect(path: str = "/dev/kvm", *, bench: bool = False, bench_seconds: float
             report.errors.append("stats: KVM_CAP_BINARY_STATS_FD is absent")
     finally:
         if vm is not None:
-            vm.close()
-    if bench:
-        from .bench import run_benchmarks
-
-        report.bench = _section(report, "bench", lambda: run_benchmarks(kvm, bench_seconds))
-    kvm.close()
-    return report
+            vm.close()  # closes the vCPU too

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import cpuid as C
-from .model import SCHEMA, SCHEMA_VERSION
+from .model import SCHEMA
 
 __all__ = ["load", "diff", "Diff", "CpuidCompat", "ReportError", "render_diff"]
 
@@ -176,6 +176,8 @@ class Diff:
     feature_msrs: List[Tuple[str, Any, Any]] = field(default_factory=list)
     stats: Dict[str, Tuple[List[str], List[str]]] = field(default_factory=dict)
     host: List[Tuple[str, Any, Any]] = field(default_factory=list)
+    #: why capabilities, limits, MSRs and stats were not compared ("" if they were)
+    not_compared: str = ""
 
     @property
     def identical(self) -> bool:
@@ -203,7 +205,7 @@ class Diff:
             "msrs": {"only_a": self.msrs_only_a, "only_b": self.msrs_only_b,
                      "feature_values": triples(self.feature_msrs)},
             "stats": {k: {"only_a": v[0], "only_b": v[1]} for k, v in self.stats.items()},
-            "host": triples(self.host),
+            "host": triples(self.host), "not_compared": self.not_compared or None,
         }
 
 
@@ -229,15 +231,6 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = 
     d = Diff(a_label=_label(a, a_name), b_label=_label(b, b_name),
              usable=(bool(a.get("usable")), bool(b.get("usable"))),
              a_on_b=cpuid_compat(a, b, "A", "B"), b_on_a=cpuid_compat(b, a, "B", "A"))
-    ca, cb = _present_caps(a), _present_caps(b)
-    d.caps_only_a = [_cap_label(ca[n]) for n in sorted(set(ca) - set(cb))]
-    d.caps_only_b = [_cap_label(cb[n]) for n in sorted(set(cb) - set(ca))]
-    for n in sorted(set(ca) & set(cb)):
-        va = {"system": ca[n].get("system"), "vm": ca[n].get("vm")}
-        vb = {"system": cb[n].get("system"), "vm": cb[n].get("vm")}
-        if va != vb:
-            d.caps_changed.append((_cap_label(ca[n]), va, vb))
-    d.limits = _dict_diff(a.get("limits"), b.get("limits"))
     ma = {m["name"]: m for m in a.get("modules") or []}
     mb = {m["name"]: m for m in b.get("modules") or []}
     for name in sorted(set(ma) | set(mb)):
@@ -248,6 +241,24 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = 
         else:
             for k, x, y in _dict_diff(ma[name].get("parameters"), mb[name].get("parameters")):
                 d.modules.append((f"{name}.{k}", x, y))
+    ha, hb = dict(a.get("host") or {}), dict(b.get("host") or {})
+    for k in ("hostname", "python", "kernel_version"):
+        ha.pop(k, None)
+        hb.pop(k, None)
+    d.host = _dict_diff(ha, hb)
+    if not (d.usable[0] and d.usable[1]):
+        side = " and ".join(n for n, u in zip(("A", "B"), d.usable) if not u)
+        d.not_compared = f"KVM was not usable on {side}"
+        return d
+    ca, cb = _present_caps(a), _present_caps(b)
+    d.caps_only_a = [_cap_label(ca[n]) for n in sorted(set(ca) - set(cb))]
+    d.caps_only_b = [_cap_label(cb[n]) for n in sorted(set(cb) - set(ca))]
+    for n in sorted(set(ca) & set(cb)):
+        va = {"system": ca[n].get("system"), "vm": ca[n].get("vm")}
+        vb = {"system": cb[n].get("system"), "vm": cb[n].get("vm")}
+        if va != vb:
+            d.caps_changed.append((_cap_label(ca[n]), va, vb))
+    d.limits = _dict_diff(a.get("limits"), b.get("limits"))
     ia, ib = _msr_names(a, "index_list"), _msr_names(b, "index_list")
     d.msrs_only_a = [_msr_label(ia[i]) for i in sorted(set(ia) - set(ib))]
     d.msrs_only_b = [_msr_label(ib[i]) for i in sorted(set(ib) - set(ia))]
@@ -262,11 +273,6 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = 
         sb = ((b.get("stats") or {}).get(kind) or {}).get("descriptors") or []
         na, nb = [x["name"] for x in sa], [x["name"] for x in sb]
         d.stats[kind] = ([n for n in na if n not in nb], [n for n in nb if n not in na])
-    ha, hb = dict(a.get("host") or {}), dict(b.get("host") or {})
-    for k in ("hostname", "python", "kernel_version"):
-        ha.pop(k, None)
-        hb.pop(k, None)
-    d.host = _dict_diff(ha, hb)
     return d
 
 
@@ -293,7 +299,8 @@ def _compat_lines(c: CpuidCompat) -> List[str]:
         return out + [f"  unknown: {c.reason}"]
     out.append(f"  {'YES' if c.ok else 'NO'}: {c.reason}")
     if c.missing:
-        out.append(f"  offered on {c.src}, missing on {c.dst} ({len(c.missing)}):")
+        emu = f", {len(c.emulated_on_dst)} of them emulated on {c.dst}" if c.emulated_on_dst else ""
+        out.append(f"  offered on {c.src}, missing on {c.dst} ({len(c.missing)}{emu}):")
         out += _wrapped(c.missing)
     if c.missing_xsave:
         out.append(f"  XSAVE components missing on {c.dst}: {' '.join(c.missing_xsave)}")
@@ -305,17 +312,25 @@ def _compat_lines(c: CpuidCompat) -> List[str]:
 
 def render_diff(d: Diff) -> str:
     """The diff as text for a person."""
-    out = [f"pykvm diff", f"  A = {d.a_label}", f"  B = {d.b_label}",
+    out = ["pykvm diff", f"  A = {d.a_label}", f"  B = {d.b_label}",
            f"  KVM usable: A {'yes' if d.usable[0] else 'NO'}, B {'yes' if d.usable[1] else 'NO'}",
            "  result: " + ("no differences" if d.identical else "the hosts differ")]
     out += _compat_lines(d.a_on_b)
     out += _compat_lines(d.b_on_a)
+    if d.not_compared:
+        for title, rows in (("Modules", d.modules), ("Host", d.host)):
+            out += ["", f"== {title} =="]
+            out += [f"  {k}: A {_fmt(x)}, B {_fmt(y)}" for k, x, y in rows] or ["  (same)"]
+        out += ["", f"(capabilities, limits, MSRs and statistics not compared: {d.not_compared})"]
+        return "\n".join(out) + "\n"
     out += ["", "== Capabilities =="]
     out.append(f"  present only on A ({len(d.caps_only_a)}):")
     out += _wrapped(d.caps_only_a)
     out.append(f"  present only on B ({len(d.caps_only_b)}):")
     out += _wrapped(d.caps_only_b)
     out.append(f"  different values ({len(d.caps_changed)}):")
+    if not d.caps_changed:
+        out.append("    (none)")
     for k, x, y in d.caps_changed:
         out.append(f"    {k}: A system {_fmt(x['system'])} vm {_fmt(x['vm'])}; "
                    f"B system {_fmt(y['system'])} vm {_fmt(y['vm'])}")

@@ -45,6 +45,7 @@ class Access:
     explanation: Optional[str] = None     #: why, and what to do
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return dict(self.__dict__)
 
 
@@ -58,6 +59,7 @@ class Module:
     unreadable: List[str] = field(default_factory=list)  #: parameters this user may not read
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return {"name": self.name, "role": self.role, "parameters": dict(self.parameters),
                 "unreadable": list(self.unreadable)}
 
@@ -81,6 +83,7 @@ class HostInfo:
     python: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return dict(self.__dict__)
 
 
@@ -110,6 +113,7 @@ class Capability:
         return self.name or f"KVM_CAP_{self.number}?"
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return {"number": self.number, "name": self.name, "known": self.known,
                 "system": self.system, "vm": self.vm, "meaning": list(self.meaning)}
 
@@ -134,6 +138,7 @@ class Limits:
     tsc_khz: Optional[int] = None          #: KVM_GET_TSC_KHZ of a fresh vCPU
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return dict(self.__dict__)
 
 
@@ -162,6 +167,7 @@ class CpuidReport:
     emulated: List[CpuidEntry] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         d = {k: v for k, v in self.__dict__.items() if k not in ("supported", "emulated")}
         d["supported"] = [e.as_dict() for e in self.supported]
         d["emulated"] = [e.as_dict() for e in self.emulated]
@@ -178,6 +184,7 @@ class Msr:
     decoded: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return {"index": self.index, "name": self.name, "value": self.value,
                 "decoded": list(self.decoded)}
 
@@ -190,6 +197,7 @@ class MsrReport:
     feature_msrs: List[Msr] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return {"index_list": [m.to_dict() for m in self.index_list],
                 "feature_msrs": [m.to_dict() for m in self.feature_msrs]}
 
@@ -206,6 +214,7 @@ class StatsReport:
         return [d["name"] for d in self.descriptors]
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return {"id": self.id, "descriptors": [dict(d) for d in self.descriptors]}
 
 
@@ -222,6 +231,7 @@ class BenchResult:
     note: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
+        """This object as JSON-ready data (keys documented in docs/probe.md)."""
         return dict(self.__dict__)
 
 

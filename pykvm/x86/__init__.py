@@ -52,11 +52,13 @@ from .descriptors import STAR64, Gdt, Idt, Segment, Tss32, Tss64, gate32, gate64
 from .devices import COM1, Uart16550
 from .loader import ElfImage, load_elf64, load_flat, parse_elf64
 from .modes import (
-    LongMode, ProtectedMode, setup_long_mode, setup_protected_mode, setup_real_mode,
+    LongMode, ProtectedMode, UnsupportedMode, setup_long_mode, setup_protected_mode,
+    setup_real_mode,
 )
 from .paging import Arena, PageTables, PageTables32, translate
 from .report import cpu_mode, describe_vcpu, disassemble
 from .runloop import Bus, GuestError, RunLoop, Stop
+from . import quirks
 
 __all__ = [
     "assemble", "assemble_file", "Program", "AssemblyError", "ToolMissing",
@@ -68,7 +70,8 @@ __all__ = [
     "Uart16550", "COM1",
     "load_flat", "load_elf64", "parse_elf64", "ElfImage",
     "setup_real_mode", "setup_protected_mode", "setup_long_mode", "ProtectedMode", "LongMode",
+    "UnsupportedMode",
     "Arena", "PageTables", "PageTables32", "translate",
     "describe_vcpu", "cpu_mode", "disassemble",
-    "RunLoop", "Bus", "Stop", "GuestError",
+    "RunLoop", "Bus", "Stop", "GuestError", "quirks",
 ]

@@ -28,10 +28,14 @@ from .consts import CR0, CR4, EFER, GiB, PAGE_2M, PAGE_4K, PAGE_4M, RFLAGS
 from .descriptors import Gdt, Idt, Segment, Tss32, Tss64, dtable
 from .paging import Arena, PageTables, PageTables32
 
-__all__ = ["setup_real_mode", "ProtectedMode", "LongMode", "setup_protected_mode",
+__all__ = ["UnsupportedMode", "setup_real_mode", "ProtectedMode", "LongMode", "setup_protected_mode",
            "setup_long_mode", "LONG_MODE_CR0", "LONG_MODE_CR4", "LONG_MODE_EFER"]
 
 _DATA_SEGS = ("ds", "es", "fs", "gs", "ss")
+
+
+class UnsupportedMode(RuntimeError):
+    """KVM accepted the state but did not keep it: this host cannot run that mode."""
 
 #: CR0 for long mode: paging, protection, write protect, native FPU errors.
 LONG_MODE_CR0 = CR0.PG | CR0.WP | CR0.NE | CR0.ET | CR0.MP | CR0.PE
@@ -87,6 +91,10 @@ def _set_common(vcpu, *, gdt: Gdt, gdt_base: int, idt_limit: int, idt_base: int,
     s.idt = dtable(idt_base, idt_limit)
     s.cr0, s.cr3, s.cr4, s.efer = int(cr0), cr3, int(cr4), int(efer)
     vcpu.set_sregs(s)
+    if cr0 & CR0.PG and not vcpu.get_sregs().cr0 & CR0.PG:
+        # Some hosts (PVM) accept KVM_SET_SREGS but silently drop CR0.PG outside long mode.
+        raise UnsupportedMode("this host's KVM dropped CR0.PG: it does not support this "
+                              f"paging mode (CR4={int(cr4):#x}, EFER={int(efer):#x})")
     r = vcpu.get_regs()
     r.rip, r.rsp, r.rflags = entry, stack, int(rflags) | RFLAGS.FIXED
     for k, v in regs.items():
@@ -238,7 +246,8 @@ class LongMode:
         """Set *vcpu* to 64-bit mode at *entry* with RSP *stack*.
 
         * *cpl* 0 (kernel) or 3 (user: CS 0x2b, SS 0x23);
-        * *iopl* 3 lets CPL3 code use ``in``/``out``;
+        * *iopl* 3 lets CPL3 code use ``in``/``out`` (PVM hosts force IOPL 0 in
+          user mode, so there CPL3 port I/O faults);
         * *interrupts* sets RFLAGS.IF;
         * *cpu* picks the TSS (default ``vcpu.id``).
         Extra keywords set general registers (``rdi=...``).

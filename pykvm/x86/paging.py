@@ -135,6 +135,8 @@ class PageTables:
         *virt*, *phys* and *size* must be multiples of *page_size*
         (4 KiB, 2 MiB or 1 GiB).  ``user=True`` sets the U/S bit (CPL3 may
         access), ``nx=True`` the no-execute bit (needs ``EFER.NXE``).
+        Mapping smaller pages inside an existing larger page splits that page,
+        keeping the rest of its mapping.
         """
         if page_size not in self._LEAF_LEVEL:
             raise ValueError("page_size must be 4 KiB, 2 MiB or 1 GiB")
@@ -161,11 +163,23 @@ class PageTables:
                         nxt = e & _ADDR_MASK
                     else:
                         nxt = self.arena.alloc(PAGE_4K)
-                        self._set(table, index, nxt | inter)
+                        if e & PTE.P and level > 0:  # a larger page: split it, keep its mapping
+                            self._split(nxt, e, level)
+                        self._set(table, index, nxt | int(inter))
                     cache[key] = nxt
                 table = nxt
             index = va >> self.LEVEL_SHIFTS[leaf_level] & 511
             self._set(table, index, (phys + off) | int(flags))
+
+    def _split(self, table: int, entry: int, level: int) -> None:
+        """Fill *table* with 512 entries that map what the large *entry* at *level* mapped."""
+        child = 1 << self.LEVEL_SHIFTS[level + 1]
+        base = entry & _ADDR_MASK
+        flags = entry & ~_ADDR_MASK
+        if level + 1 == 3:  # 4 KiB entries have no PS bit
+            flags &= ~int(PTE.PS)
+        raw = b"".join(_q.pack((base + k * child) | flags) for k in range(512))
+        self.phys.write(table, raw)
 
     def identity(self, start: int, end: int, **kw) -> "PageTables":
         """Map ``[start, end)`` onto itself (keywords as for :meth:`map`); returns self."""

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .._ioctl import ioctl
-from ..uapi import ioctls as I
-from ..uapi.structs import kvm_mp_state
 from .consts import CR0, CR4, EFER, RFLAGS
 from .paging import translate
 
@@ -91,9 +88,7 @@ def code_bits(sregs) -> int:
 def mp_state(vcpu) -> Optional[int]:
     """``KVM_GET_MP_STATE`` (None if unavailable)."""
     try:
-        st = kvm_mp_state()
-        ioctl(vcpu.fileno(), I.KVM_GET_MP_STATE, st)
-        return st.mp_state
+        return vcpu.get_mp_state()
     except Exception:
         return None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import textwrap
 
@@ -93,5 +92,11 @@ def test_bench_dispatch(monkeypatch, tmp_path, capsys):
     """))
     for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["bench", "--quick"]) == 7
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(cli, "_checkout", lambda: str(tmp_path))  # a checkout with a fake suite
+    try:
+        assert main(["bench", "--quick"]) == 7
+        assert main(["bench"]) == 0
+    finally:  # do not leave the fake suite where the real one would be imported
+        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+            del sys.modules[name]

@@ -7,6 +7,7 @@
 #   probe    poke PCI, CMOS, PIC, POST, an absent UART and unmapped MMIO
 #   echo     read one line from the serial port and print it back
 #   loopback run the 16550 loopback self-test first
+#   reset    ask the keyboard controller for a reset (0xfe to port 0x64)
 # Assemble with --defsym AOUT=1 for the a.out-kludge variant (flat binary).
 
         .include "lib.inc"
@@ -58,8 +59,10 @@ _start:
         mov $256, %ecx
         xor %eax, %eax
         repe scasl
+        setne %bl                       # (printing clobbers the flags)
         say "bss: "
-        jne 1f
+        test %bl, %bl
+        jnz 1f
         say "zero"
         jmp 2f
 1:      say "DIRTY"
@@ -169,6 +172,16 @@ _start:
         test %eax, %eax
         jz 1f
         call echo
+1:
+        mov cmdline, %esi
+        mov $s_reset, %edi
+        call find
+        test %eax, %eax
+        jz 1f
+        mov $0xfe, %al
+        outb %al, $0x64
+        say "reset: still running"
+        call newline
 1:
         mov cmdline, %esi
         jmp exit_from_cmdline
@@ -297,6 +310,7 @@ loopback_test:
 s_probe:    .asciz "probe"
 s_echo:     .asciz "echo"
 s_loopback: .asciz "loopback"
+s_reset:    .asciz "reset"
 
         .data
         .long 0x12345678                # .data is never empty (a.out kludge: load_end_addr)

@@ -1,0 +1,155 @@
+"""Call every public method and constructor of pykvm's object layer with made-up arguments.
+
+Used by the bad-input tests: a *world* holds one live object of each kind
+(a VM with irqchip, memory, a vCPU that never runs, a device, a guest_memfd,
+an eventfd, stats fds, a dirty ring ...).  :func:`targets` lists
+``(kind, name, bound_callable)`` for every public method pykvm defines on
+them, :func:`valid_args` makes keyword arguments a correct caller could pass,
+and :func:`call` runs one call and classifies the outcome.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+from typing import Callable, Dict, List, Tuple
+
+import pykvm
+from pykvm import uapi
+from pykvm.eventfd import EventFd
+
+from . import _x86 as X
+
+#: Never called by the sweep: they run the guest, block, or end the object.
+SKIP = {"run", "run_raw", "close", "wait", "kick", "fileno"}
+
+
+def make_world(kvm: pykvm.Kvm) -> Dict[str, object]:
+    w: Dict[str, object] = {"kvm": kvm}
+    vm = kvm.create_vm()
+    w["vm"] = vm
+    if kvm.check_extension(pykvm.Cap.DIRTY_LOG_RING):
+        vm.enable_dirty_ring(0x10000)
+    vm.create_irq_chip()
+    w["mem"] = vm.add_memory(0, X.RAM)
+    vcpu = vm.create_vcpu(0)
+    w["vcpu"] = vcpu
+    w["vm-stats"] = vm.get_stats_fd()
+    w["efd"] = EventFd()
+    if kvm.check_extension(pykvm.Cap.GUEST_MEMFD):
+        w["gmem"] = vm.create_guest_memfd(0x10000)
+    if vm.supports_device(uapi.KVM_DEV_TYPE_VFIO):
+        w["device"] = vm.create_device(uapi.KVM_DEV_TYPE_VFIO)
+    if kvm.check_extension(pykvm.Cap.DIRTY_LOG_RING):
+        w["dirty-ring"] = vm.dirty_ring(vcpu)
+    if kvm.check_extension(pykvm.Cap.COALESCED_MMIO):
+        w["coalesced"] = vm.coalesced_ring(vcpu)
+    return w
+
+
+def close_world(w: Dict[str, object]) -> None:
+    for k in ("efd", "vm-stats", "vm"):
+        w[k].close()
+
+
+def _own(obj, name: str) -> bool:
+    """True if *name* is defined by pykvm (not inherited from mmap or object)."""
+    for cls in type(obj).__mro__:
+        if name in cls.__dict__:
+            return cls.__module__.startswith("pykvm")
+    return False
+
+
+def targets(w: Dict[str, object]) -> List[Tuple[str, str, Callable]]:
+    out = []
+    for kind, obj in w.items():
+        for name in sorted(dir(type(obj))):
+            if name.startswith("_") or name in SKIP or not _own(obj, name):
+                continue
+            if isinstance(inspect.getattr_static(obj, name), property):
+                continue  # properties are covered by the setter tests
+            attr = getattr(obj, name)
+            if callable(attr):
+                out.append((kind, name, attr))
+    return out
+
+
+def parameters(fn) -> List[inspect.Parameter]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p for p in sig.parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _struct_for(ann: str):
+    for word in ann.replace("[", " ").replace("]", " ").replace(",", " ").replace(".", " ").split():
+        cls = getattr(uapi, word, None)
+        if isinstance(cls, type) and issubclass(cls, (ctypes.Structure, ctypes.Union)):
+            return cls
+    return None
+
+
+def valid_value(p: inspect.Parameter, w: Dict[str, object]):
+    """A value a type-correct caller could pass for parameter *p*."""
+    if p.default is not p.empty:
+        return p.default
+    ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+    name = p.name
+    if name in ("fd", "resamplefd"):
+        return w["efd"]
+    if name == "vcpu" or "Vcpu" in ann:
+        return w["vcpu"]
+    if name == "mem" or "GuestMemory" in ann:
+        return w["mem"]
+    if name in ("data", "value") and "bytes" in ann:
+        return b"\0"
+    if name == "ranges":
+        return []
+    cls = _struct_for(ann)
+    if cls is not None:
+        return cls()
+    low = ann.lower()
+    if "mapping" in low or "dict" in low:
+        return {}
+    if "iterable" in low or "list" in low or "sequence" in low:
+        return []
+    if low.startswith("str") or name in ("name", "path"):
+        return "x"
+    if low.startswith("bool"):
+        return False
+    if name in ("size", "length", "memory_size", "n", "num_pages"):
+        return 0x1000
+    if name == "gsi":
+        return 5
+    return 0
+
+
+def valid_args(fn, w) -> Dict[str, object]:
+    return {p.name: valid_value(p, w) for p in parameters(fn)}
+
+
+def call(fn, kwargs: Dict[str, object]) -> Tuple[str, BaseException]:
+    """Call ``fn(**kwargs)``; return (outcome, exception or None)."""
+    pos, kw = [], {}
+    for p in parameters(fn):
+        if p.name not in kwargs:
+            continue
+        if p.kind == p.POSITIONAL_ONLY:
+            pos.append(kwargs[p.name])
+        else:
+            kw[p.name] = kwargs[p.name]
+    try:
+        fn(*pos, **kw)
+        return "ok", None
+    except BaseException as e:  # noqa: BLE001 - classified by the caller
+        return type(e).__name__, e
+
+
+def int_like(p: inspect.Parameter, w) -> bool:
+    v = valid_value(p, w)
+    ann = p.annotation if isinstance(p.annotation, str) else ""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (ann.startswith("int") or ann.startswith("Optional[int"))

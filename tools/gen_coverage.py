@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Generate docs/api-coverage.md: every KVM ioctl pykvm knows, and the methods that wrap it.
+
+The table is derived from the code, so it cannot drift:
+
+* the ioctls are ``pykvm.uapi.ioctls.IOCTLS`` (in their source order, grouped
+  by the ``# --- ... ioctls`` section comments of ``pykvm/uapi/ioctls.py``);
+* a function or method *wraps* an ioctl when its body names the request
+  (``I.KVM_X``, ``uapi.KVM_X``, ``ioctls.KVM_X``, or a module-level alias
+  ``_KVM_X = I.KVM_X``).  A private helper (``_name``) is credited to the
+  public functions/methods of the same module that call it (``self._name(...)``
+  or ``_name(...)``), transitively.
+
+Scanned: the top-level modules of the ``pykvm`` package, except private
+modules (``_*.py``) and the consumers listed in ``SKIP_MODULES`` (they issue
+ioctls to *use* KVM, not to wrap it).
+
+Usage::
+
+    python tools/gen_coverage.py            # rewrite docs/api-coverage.md
+    python tools/gen_coverage.py --check    # exit 1 if the file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "pykvm"
+DOC = ROOT / "docs" / "api-coverage.md"
+
+#: Top-level modules that call ioctls as clients, not as the API's wrappers.
+SKIP_MODULES = {"demo", "cli", "snapshot", "__main__"}
+
+#: Why an ioctl has no wrapper (shown in the table when nothing wraps it).
+NOTES = {
+    "KVM_SET_MEMORY_REGION": "obsolete (no userspace_addr); use `set_user_memory_region`",
+    "KVM_GET_NR_MMU_PAGES": "removed from Linux 6.x x86 (ENOTTY there)",
+}
+
+_SECTION = re.compile(r"^# --- (.+?) -+$")
+_REQ = re.compile(r'^(KVM_\w+)\s*=\s*_req\("(KVM_\w+)"')
+
+
+def _sections() -> Dict[str, str]:
+    """ioctl name -> section title, from the comments of pykvm/uapi/ioctls.py."""
+    out: Dict[str, str] = {}
+    section = "other"
+    for line in (PACKAGE / "uapi" / "ioctls.py").read_text().splitlines():
+        m = _SECTION.match(line.strip())
+        if m:
+            section = m.group(1).strip()
+            continue
+        m = _REQ.match(line.strip())
+        if m:
+            out[m.group(2)] = section
+    return out
+
+
+def _is_public(name: str) -> bool:
+    return not name.startswith("_") or (name.startswith("__") and name.endswith("__"))
+
+
+class _Scanner(ast.NodeVisitor):
+    """Collect, per function, the ioctl names it references and the local helpers it calls."""
+
+    def __init__(self, module: str, ioctls: Set[str], aliases: Dict[str, str]) -> None:
+        self.module = module
+        self.ioctls = ioctls
+        self.aliases = aliases
+        self.stack: List[str] = []
+        self.uses: Dict[str, Set[str]] = {}
+        self.calls: Dict[str, Set[str]] = {}
+        self.owner: Dict[str, str] = {}  # qualname -> enclosing class ("" for functions)
+
+    def _qual(self, name: str) -> str:
+        return ".".join(self.stack + [name])
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.stack.append(node.name)
+        self.generic_visit(node)
+        self.stack.pop()
+
+    def _visit_func(self, node) -> None:
+        qual = self._qual(node.name)
+        self.owner[qual] = ".".join(self.stack)
+        uses = self.uses.setdefault(qual, set())
+        calls = self.calls.setdefault(qual, set())
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute):
+                if sub.attr in self.ioctls:
+                    uses.add(sub.attr)
+                elif isinstance(sub.value, ast.Name) and sub.value.id in ("self", "cls"):
+                    calls.add(sub.attr)
+            elif isinstance(sub, ast.Name):
+                if sub.id in self.aliases:
+                    uses.add(self.aliases[sub.id])
+                else:
+                    calls.add(sub.id)
+        # Nested functions are part of this one; do not descend separately.
+
+    visit_FunctionDef = _visit_func
+    visit_AsyncFunctionDef = _visit_func
+
+
+def _module_aliases(tree: ast.Module, ioctls: Set[str]) -> Dict[str, str]:
+    aliases = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Attribute) and node.value.attr in ioctls):
+            aliases[node.targets[0].id] = node.value.attr
+    return aliases
+
+
+def _imports(tree: ast.Module) -> Dict[str, Tuple[str, str]]:
+    """Local name -> (module, name) for every ``from .module import name`` in the file."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and "." not in node.module:
+            for a in node.names:
+                out[a.asname or a.name] = (node.module, a.name)
+    return out
+
+
+def scan() -> Dict[str, List[str]]:
+    """ioctl name -> sorted ``module.Class.method`` / ``module.function`` names that wrap it."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from pykvm.uapi.ioctls import IOCTLS
+    finally:
+        sys.path.pop(0)
+    ioctls = set(IOCTLS)
+    scanned = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        module = path.stem
+        if module.startswith("_") or module in SKIP_MODULES:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        sc = _Scanner(module, ioctls, _module_aliases(tree, ioctls))
+        sc.visit(tree)
+        scanned.append((module, sc, _imports(tree)))
+    effective: Dict[Tuple[str, str], Set[str]] = {}
+    for module, sc, _ in scanned:
+        for q, u in sc.uses.items():
+            effective[(module, q)] = set(u)
+    # Credit a callee's ioctls to its callers: private helpers of the same scope
+    # (``self._helper()``, ``_helper()``), and public functions imported from
+    # another scanned module (``from .stats import open_stats``), transitively.
+    changed = True
+    while changed:
+        changed = False
+        for module, sc, imports in scanned:
+            for q, calls in sc.calls.items():
+                scope = sc.owner[q]
+                mine = effective[(module, q)]
+                before = len(mine)
+                for name in calls:
+                    for cand in ((f"{scope}.{name}" if scope else name), name):
+                        if (module, cand) in effective and cand != q and not _is_public(name):
+                            mine |= effective[(module, cand)]
+                    if name in imports and _is_public(imports[name][1]):
+                        mine |= effective.get(imports[name], set())
+                changed |= len(mine) != before
+    wrappers: Dict[str, Set[str]] = {name: set() for name in IOCTLS}
+    for (module, q), used in effective.items():
+        if used and all(_is_public(part) for part in q.split(".")):
+            for name in used:
+                wrappers[name].add(f"{module}.{q}")
+    order = {"system": 0, "vm": 1, "vcpu": 2}
+    return {name: sorted(ws, key=lambda w: (order.get(w.split(".")[0], 9), w)) for name, ws in wrappers.items()}
+
+
+def generate() -> str:
+    """The Markdown text of docs/api-coverage.md."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from pykvm.uapi.ioctls import IOCTLS
+    finally:
+        sys.path.pop(0)
+    sections = _sections()
+    wrapped = scan()
+    n_wrapped = sum(1 for w in wrapped.values() if w)
+    lines = [
+        "# KVM ioctl coverage",
+        "",
+        "<!-- Generated by tools/gen_coverage.py from the code; do not edit by hand.",
+        "     Regenerate with: python tools/gen_coverage.py -->",
+        "",
+        f"pykvm knows **{len(IOCTLS)}** x86-64 KVM ioctls (`pykvm.uapi.IOCTLS`); "
+        f"**{n_wrapped}** have a wrapper.",
+        "A wrapper is a public function or method whose code issues the request",
+        "(directly or through a private helper of its module).",
+        "",
+    ]
+    current = None
+    for name, number in IOCTLS.items():
+        section = sections.get(name, "other")
+        if section != current:
+            current = section
+            title = section if section[1:2].isupper() else section[:1].upper() + section[1:]
+            lines += ["", f"## {title}", "",
+                      "| ioctl | request | wrapped by |", "| --- | --- | --- |"]
+        ws = wrapped[name]
+        cell = ", ".join(f"`{w}`" for w in ws) if ws else "—" + (f" ({NOTES[name]})" if name in NOTES else "")
+        lines.append(f"| `{name}` | `{number:#010x}` | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if docs/api-coverage.md is stale")
+    args = ap.parse_args(argv)
+    text = generate()
+    if args.check:
+        if not DOC.exists() or DOC.read_text() != text:
+            print(f"{DOC.relative_to(ROOT)} is stale: run python tools/gen_coverage.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__: Tuple[str, ...] = ("generate", "scan", "main")
