@@ -101,9 +101,11 @@ class DirtyRing:
         self.entries = size_bytes // _GFN_SIZE
         self._mask = self.entries - 1
         self._next = 0  # ring index (free-running) of the next entry to harvest
+        self._mm: Optional[mmap.mmap] = None
+        fd = vcpu.fileno()  # KvmClosedError when closed, before any syscall
         try:
-            self._mm: Optional[mmap.mmap] = mmap.mmap(
-                vcpu.fileno(), size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+            self._mm = mmap.mmap(
+                fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=S.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
         except OSError as e:
             raise KvmError(e.errno, "mmap(vcpu fd, KVM_DIRTY_LOG_PAGE_OFFSET)",

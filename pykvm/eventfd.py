@@ -62,8 +62,9 @@ class EventFd(FdObject):
             raise TypeError(f"value must be an int, not {type(value).__name__}")
         if not 0 < value < 2**64 - 1:
             raise ValueError(f"value={value} out of range [1, 2**64-2]")
+        fd = self.fileno()  # KvmClosedError when closed, before any syscall
         try:
-            os.eventfd_write(self.fileno(), value)
+            os.eventfd_write(fd, value)
         except OSError as e:
             raise KvmError(e.errno, "eventfd write") from None
 
@@ -73,8 +74,9 @@ class EventFd(FdObject):
         Returns 0 when the counter is 0 and the fd is non-blocking; a blocking
         fd waits for a write instead.
         """
+        fd = self.fileno()  # KvmClosedError when closed, before any syscall
         try:
-            return os.eventfd_read(self.fileno())
+            return os.eventfd_read(fd)
         except BlockingIOError:
             return 0
         except OSError as e:

@@ -75,8 +75,9 @@ class GuestMemfd(FdObject):
             raise ValueError("this guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
         if length == 0:
             length = self.size - offset
+        fd = self.fileno()  # KvmClosedError when closed, before any syscall
         try:
-            return mmap.mmap(self.fileno(), length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+            return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                              offset=offset)
         except OSError as e:
             raise KvmError(e.errno, "mmap(guest_memfd)") from None

@@ -47,6 +47,9 @@ class Kvm(FdObject):
     _what = "KVM system fd"
 
     def __init__(self, path: str = "/dev/kvm") -> None:
+        if isinstance(path, int):  # os.stat/os.open would take it as an fd number
+            raise TypeError(f"path must be a str, bytes or os.PathLike, not {type(path).__name__}")
+        path = os.fspath(path)
         self.path = path
         # Look before opening: opening some other device has side effects (a
         # watchdog arms, a tty may block for carrier), so only the KVM device

@@ -544,8 +544,12 @@ class Vcpu(FdObject):
 
     def tpr_access_reporting(self, enabled: bool = True) -> None:
         """``KVM_TPR_ACCESS_REPORTING``: when on, a guest access to the LAPIC TPR
-        through MMIO ends the next run with a ``TprAccess`` exit (``rip`` of the
-        accessing instruction, ``is_write``).  Needs the in-kernel LAPIC."""
+        through MMIO ends the run with a ``TprAccess`` exit (``rip`` of the
+        accessing instruction, ``is_write``) at KVM's next guest entry.  Needs
+        the in-kernel LAPIC.  KVM fills those fields at the access: if another
+        exit reaches user space first (seen here, where KVM's emulator runs
+        several CPL0 instructions in a row), the report comes one run later
+        with the fields overwritten by that exit."""
         self._ioctl(I.KVM_TPR_ACCESS_REPORTING, S.kvm_tpr_access_ctl(enabled=1 if enabled else 0))
 
     def set_vapic_addr(self, gpa: int) -> None:

@@ -39,7 +39,7 @@ def _uint(name: str, value: object, limit: int = _U64) -> int:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not 0 <= value <= limit:
         raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
-    return value
+    return int(value)  # a plain int, also for IntEnum members
 
 
 class Vm(FdObject):
@@ -70,13 +70,13 @@ class Vm(FdObject):
     # -- capabilities -------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd (may differ from the system fd's)."""
-        return self._ioctl(I.KVM_CHECK_EXTENSION, _uint("cap", int(cap), _U32))
+        return self._ioctl(I.KVM_CHECK_EXTENSION, _uint("cap", cap, _U32))
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM: turn on *cap* with up to four arguments."""
         if len(args) > 4:
             raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
-        ec = S.kvm_enable_cap(cap=_uint("cap", int(cap), _U32), flags=_uint("flags", flags, _U32))
+        ec = S.kvm_enable_cap(cap=_uint("cap", cap, _U32), flags=_uint("flags", flags, _U32))
         for i, a in enumerate(args):
             ec.args[i] = _uint(f"args[{i}]", a)
         self._ioctl(I.KVM_ENABLE_CAP, ec)
@@ -214,7 +214,7 @@ class Vm(FdObject):
 
     def remove_memory(self, mem: GuestMemory) -> None:
         """Delete *mem*'s slot from the VM, then unmap it."""
-        if self._memory.get(getattr(mem, "slot", None)) is not mem:
+        if not isinstance(mem, GuestMemory) or self._memory.get(mem.slot) is not mem:
             raise ValueError(f"{mem!r} is not memory of this VM")
         self.set_user_memory_region(mem.slot, mem.guest_phys_addr, 0, mem.userspace_addr, mem.flags)
         del self._memory[mem.slot]
@@ -632,7 +632,7 @@ class Vm(FdObject):
             if not self._vcpus:
                 raise ValueError("the coalesced ring is mapped through a vCPU: create one first")
             vcpu = self.vcpus[0]
-        elif self._vcpus.get(vcpu.id) is not vcpu:
+        elif not isinstance(vcpu, Vcpu) or self._vcpus.get(vcpu.id) is not vcpu:
             raise ValueError(f"{vcpu!r} is not a vCPU of this VM")
         return CoalescedRing(vcpu)
 
@@ -657,6 +657,8 @@ class Vm(FdObject):
         accepted).  A ``kvm_clock_data`` is passed as it is.
         """
         if isinstance(clock, S.kvm_clock_data):
+            if flags or realtime:
+                raise ValueError("pass flags/realtime inside the kvm_clock_data, not beside it")
             c = clock
         else:
             c = S.kvm_clock_data(clock=_uint("clock", clock), flags=_uint("flags", flags, _U32),
@@ -703,7 +705,7 @@ class Vm(FdObject):
         switches to masked-event entries.  Needs ``KVM_CAP_PMU_EVENT_FILTER``;
         it has a visible effect only when the host exposes a vPMU.
         """
-        evs = [int(e) for e in events]
+        evs = list(events)
         buf = S.flex(S.kvm_pmu_event_filter, len(evs))
         buf.action = _uint("action", action, _U32)
         buf.fixed_counter_bitmap = _uint("fixed_counter_bitmap", fixed_counter_bitmap, _U32)
@@ -735,13 +737,14 @@ class Vm(FdObject):
         *test* (``KVM_CREATE_DEVICE_TEST``) KVM creates nothing and this returns
         ``None`` if it could, or raises ENODEV if the type is unknown here.
         """
-        cd = S.kvm_create_device(type=_uint("dev_type", int(dev_type), _U32),
+        dev_type = _uint("dev_type", dev_type, _U32)
+        cd = S.kvm_create_device(type=dev_type,
                                  flags=S.KVM_CREATE_DEVICE_TEST if test else 0)
         self._ioctl(I.KVM_CREATE_DEVICE, cd)
         if test:
             return None
         # KVM hands out the device fd with O_CLOEXEC already.
-        dev = Device(cd.fd, int(dev_type), self)
+        dev = Device(cd.fd, dev_type, self)
         self._children.add(dev)
         return dev
 

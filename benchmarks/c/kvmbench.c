@@ -161,7 +161,7 @@ static int load(const char *path)
             goto out;
         }
         void *mem = mmap(NULL, s.size, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (mem == MAP_FAILED) {
             fail("mmap guest memory");
             goto out;
@@ -453,7 +453,7 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
             return fail("KVM_CREATE_VM");
         void *mem = NULL;
         if (mapped) {
-            mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (mem == MAP_FAILED)
                 return fail("mmap");
         }
@@ -461,7 +461,7 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
         for (long i = 0; i < n; i++) {
             t0 = now();
             if (!mapped) {
-                mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
                 if (mem == MAP_FAILED)
                     return fail("mmap");
             }
@@ -618,7 +618,7 @@ static int cold(const char *hex)
     if (vm < 0)
         return 3;
     size_t size = 0x200000;
-    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED)
         return 4;
     memcpy(mem + 0x1000, code, len);

@@ -22,7 +22,7 @@ a PDPTE as reserved and faults.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, List, Optional, Protocol, Tuple
+from typing import Iterator, Optional, Protocol, Tuple
 
 from .consts import CR0, CR4, EFER, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE
 

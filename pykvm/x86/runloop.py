@@ -215,7 +215,9 @@ class RunLoop:
         """End the current :meth:`run` (returns ``Stop("stopped", value=value)``).
 
         From a handler it takes effect when the handler returns; from another
-        thread it kicks the vCPU out of ``KVM_RUN``.
+        thread it kicks the vCPU out of ``KVM_RUN``.  A stop requested while no
+        ``run()`` is in progress is forgotten when the next ``run()`` starts
+        (use ``run(timeout=...)`` to bound a run from the start).
         """
         self._stop_value = value
         self._stopping = True

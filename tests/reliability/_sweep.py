@@ -153,3 +153,9 @@ def int_like(p: inspect.Parameter, w) -> bool:
     if isinstance(v, bool):
         return False
     return isinstance(v, int) or (ann.startswith("int") or ann.startswith("Optional[int"))
+
+
+def element_is_int(p: inspect.Parameter) -> bool:
+    """True if *p* is annotated as a collection of ints (``Iterable[int]`` ...)."""
+    ann = p.annotation if isinstance(p.annotation, str) else ""
+    return any(f"{c}[int]" in ann for c in ("Iterable", "List", "Sequence", "Optional[Iterable"))

@@ -90,6 +90,28 @@ class Sweep:
                     elif not _ok_exception(name, e):
                         self.bad(_key(kind, name, p.name), f"{v!r} -> {out}: {e}")
 
+    def elements(self, w) -> None:
+        """Lists and mappings of ints: a bad element must not be coerced either."""
+        for kind, name, fn in W.targets(w):
+            base = W.valid_args(fn, w)
+            for p in W.parameters(fn):
+                v0 = base[p.name]
+                if isinstance(v0, dict):
+                    bad_values = [{2**64 + 1: 0}, {-1: 0}, {1.5: 0}, {"1": 0}, {0x174: 2**64},
+                                  {0x174: -1}, {0x174: 1.5}, {0x174: "1"}]
+                elif isinstance(v0, (list, tuple)) and W.element_is_int(p):
+                    bad_values = [[2**64 + 1], [-1], [1.5], ["1"]]
+                else:
+                    continue
+                for v in bad_values:
+                    kw = dict(base)
+                    kw[p.name] = v
+                    out, e = self.run(fn, kw)
+                    if e is None:
+                        self.bad(_key(kind, name, p.name), f"accepted {v!r}: silently wrapped or coerced")
+                    elif not _ok_exception(name, e):
+                        self.bad(_key(kind, name, p.name), f"{v!r} -> {out}: {e}")
+
     # 2 -------------------------------------------------------------------------------
     def types(self, w) -> None:
         for kind, name, fn in W.targets(w):
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
     faulthandler.dump_traceback_later(600, exit=True)
     with pykvm.Kvm() as kvm:
         sweep = Sweep(kvm)
-        for phase in ("truncation", "types", "hypothesis"):
+        for phase in ("truncation", "elements", "types", "hypothesis"):
             w = W.make_world(kvm)
             try:
                 if phase == "hypothesis":

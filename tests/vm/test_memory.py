@@ -16,7 +16,7 @@ from pykvm.gmem import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Gues
 from pykvm.uapi import structs as S
 from tests.guests import real_mode
 
-from ._guests import HLT, OUT_E9, es_read_byte_out, es_segment, es_write_byte, run_to_exit
+from ._guests import HLT, es_read_byte_out, es_segment, es_write_byte, run_to_exit
 
 GPA, SIZE = 0x10000, 0x10000
 # read [0x10000] and report it, write [0x10010], read it back and report it
