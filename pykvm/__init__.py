@@ -25,7 +25,7 @@ from . import exits, uapi
 from .errors import KvmClosedError, KvmError, KvmUnavailable
 from .exits import (
     Debug, Exit, FailEntry, Hlt, Hypercall, InternalError, Interrupted, IoIn, IoOut,
-    IrqWindowOpen, MemoryFault, MmioRead, MmioWrite, Shutdown, SystemEvent, Unknown,
+    IrqWindowOpen, MemoryFault, MmioRead, MmioWrite, Shutdown, SystemEvent, TprAccess, Unknown,
     X86Rdmsr, X86Wrmsr,
 )
 from .memory import GuestMemory
@@ -52,5 +52,5 @@ __all__ = [
     "KvmError", "KvmUnavailable", "KvmClosedError",
     "Exit", "IoOut", "IoIn", "MmioWrite", "MmioRead", "Hlt", "Shutdown", "FailEntry",
     "InternalError", "SystemEvent", "Hypercall", "Debug", "Interrupted", "X86Rdmsr",
-    "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "Unknown", "exits", "uapi",
+    "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "TprAccess", "Unknown", "exits", "uapi",
 ]
