@@ -156,7 +156,7 @@ def code_in_guest(body: bytes, n: int) -> bytes:
 def code_dirty(count: int, stride: int) -> bytes:
     """Write one byte to *count* pages of the dirty region, *stride* bytes apart; out 0x11."""
     c = mov_rdi(DIRTY_GPA) + mov_rcx(count) + mov_rdx(stride)
-    c += b"\x48\x85\xC9" + b"\x74\x0D"                  # test rcx,rcx; jz done
+    c += b"\x48\x85\xC9" + b"\x74\x0A"                  # test rcx,rcx; jz done (+10: the loop)
     loop = len(c)
     c += b"\x88\x07"                                     # l: mov [rdi], al
     c += b"\x48\x01\xD7"                                 # add rdi, rdx

@@ -40,11 +40,20 @@ __version__ = "0.1.0"
 _LAZY = ("probe", "stats", "x86", "device", "dirty", "snapshot", "gdbstub")
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+_LAZY_NAMES = {
+    "EventFd": "eventfd", "Device": "device", "DeviceType": "device", "GuestMemfd": "gmem",
+    "DirtyRing": "dirty", "CoalescedRing": "coalesced", "MsrFilterRange": "vm",
+    "Stats": "stats",
+}
 
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
 
 __all__ = [
@@ -53,4 +62,5 @@ __all__ = [
     "Exit", "IoOut", "IoIn", "MmioWrite", "MmioRead", "Hlt", "Shutdown", "FailEntry",
     "InternalError", "SystemEvent", "Hypercall", "Debug", "Interrupted", "X86Rdmsr",
     "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "TprAccess", "Unknown", "exits", "uapi",
+    *_LAZY_NAMES,
 ]

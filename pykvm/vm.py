@@ -12,7 +12,7 @@ import ctypes
 import errno
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._ioctl import FdObject
 from .coalesced import CoalescedRing
@@ -26,6 +26,9 @@ from .uapi import ioctls as I
 from .uapi import structs as S
 from .uapi.enums import Cap
 from .vcpu import Vcpu
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stats import Stats
 
 __all__ = ["Vm", "MsrFilterRange"]
 
@@ -323,7 +326,9 @@ class Vm(FdObject):
                         pages: Optional[Iterable[int]] = None) -> None:
         """``KVM_CLEAR_DIRTY_LOG``: clear dirty bits and write-protect those pages again.
 
-        Only with ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` enabled.  Works on
+        Made for ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (where :meth:`get_dirty_log`
+        leaves the bits set and the pages writable); KVM accepts it without
+        that capability enabled too.  Works on
         ``[first_page, first_page + num_pages)`` of *slot* (default: to the end
         of the slot); clears the pages listed in *pages* (slot-relative page
         numbers inside that range), or all of them when *pages* is ``None``.
@@ -758,7 +763,7 @@ class Vm(FdObject):
                 return False
             raise
 
-    def get_stats_fd(self):
+    def get_stats_fd(self) -> "Stats":
         """``KVM_GET_STATS_FD``: the VM's binary statistics (:class:`pykvm.stats.Stats`), closed with the VM."""
         from .stats import open_stats
 

@@ -34,6 +34,8 @@ import time
 import pykvm
 from pykvm import KvmError
 
+from pykvm.x86.report import describe_vcpu
+
 from . import _x86 as X
 
 MODES = ("real", "long0", "long3", "long3-iopl3")
@@ -171,7 +173,10 @@ def run_case(kvm: pykvm.Kvm, dog: Watchdog, rng: random.Random, args, msr_list=(
                 if isinstance(e, pykvm.Interrupted):
                     return mode, "timeout"
                 if isinstance(e, (pykvm.Shutdown, pykvm.InternalError, pykvm.FailEntry)):
-                    vcpu.get_regs(), vcpu.get_sregs()  # the state stays readable after a fault
+                    # the state stays readable after a fault, and the report of it
+                    # (what RunLoop raises as GuestError) copes with any garbage state
+                    report = describe_vcpu(vcpu, e)
+                    assert "rip=" in report and type(e).__name__ in report, report
                 return mode, type(e).__name__
             return mode, "exit-budget"
         finally:

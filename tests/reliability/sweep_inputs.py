@@ -27,7 +27,7 @@ import faulthandler
 import json
 import sys
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import pykvm
@@ -125,7 +125,7 @@ class Sweep:
                         self.bad(_key(kind, name, p.name), f"{v!r} -> {out}: {e}")
 
     # 3 -------------------------------------------------------------------------------
-    def hypothesis(self, w, examples: int) -> None:
+    def hypothesis(self, w, examples: int, rng_seed: int = 0) -> None:
         hostile = st.one_of(
             st.integers(), st.sampled_from(BOUNDARIES), st.none(), st.booleans(),
             st.floats(), st.text(max_size=4), st.binary(max_size=16),
@@ -141,6 +141,7 @@ class Sweep:
                 p.name: st.one_of(st.just(base[p.name]), sized if p.name in SIZE_NAMES else hostile)
                 for p in params}
 
+            @seed(rng_seed)
             @settings(max_examples=examples, deadline=None, database=None,
                       phases=[Phase.explicit, Phase.generate],
                       suppress_health_check=list(HealthCheck))
@@ -162,7 +163,12 @@ class Sweep:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=25)
+    p.add_argument("--seed", type=int, default=None)
     args = p.parse_args(argv)
+    if args.seed is None:
+        import random
+
+        args.seed = random.randrange(2**32)
     faulthandler.dump_traceback_later(600, exit=True)
     with pykvm.Kvm() as kvm:
         sweep = Sweep(kvm)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
             w = W.make_world(kvm)
             try:
                 if phase == "hypothesis":
-                    sweep.hypothesis(w, args.examples)
+                    sweep.hypothesis(w, args.examples, args.seed)
                 else:
                     getattr(sweep, phase)(w)
                 ntargets = len(W.targets(w))
@@ -180,7 +186,7 @@ def main(argv=None) -> int:
         from . import fuzz_guests
 
         fuzz_guests.sanity(kvm)
-    print(json.dumps({"calls": sweep.calls, "targets": ntargets, "violations": sweep.violations}))
+    print(json.dumps({"seed": args.seed, "calls": sweep.calls, "targets": ntargets, "violations": sweep.violations}))
     return 0
 
 

@@ -47,9 +47,10 @@ PENDING = {
 def test_every_public_method_rejects_bad_input_clearly():
     examples = int(os.environ.get("PYKVM_SWEEP_EXAMPLES", "100"))
     env = dict(os.environ, PYTHONPATH=U.REPO)
+    extra = ["--seed", os.environ["PYKVM_SWEEP_SEED"]] if os.environ.get("PYKVM_SWEEP_SEED") else []
     proc = subprocess.run([sys.executable, "-m", "tests.reliability.sweep_inputs", "--examples",
-                           str(examples)], capture_output=True, text=True, env=env, cwd=U.REPO,
-                          timeout=900)
+                           str(examples), *extra], capture_output=True, text=True, env=env,
+                          cwd=U.REPO, timeout=900)
     assert proc.returncode == 0, f"sweep child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
     res = json.loads(proc.stdout.splitlines()[-1])
     print(f"\nbad-input sweep: {res['calls']} calls over {res['targets']} methods, "
@@ -59,7 +60,7 @@ def test_every_public_method_rejects_bad_input_clearly():
     for key, detail in res["violations"]:
         by_method.setdefault(key.split("(")[0], []).append(f"{key}: {detail}")
     new = {k: v for k, v in by_method.items() if k not in PENDING}
-    assert not new, json.dumps(new, indent=1)
+    assert not new, f"seed {res['seed']} (PYKVM_SWEEP_SEED): " + json.dumps(new, indent=1)
 
 
 # ---- pending fixes in files owned elsewhere (strict xfail) ---------------------------

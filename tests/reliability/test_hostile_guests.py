@@ -119,13 +119,28 @@ def test_failed_entry_from_bad_state_is_an_error_not_a_crash(vm):
         assert isinstance(e, (pykvm.FailEntry, pykvm.InternalError, pykvm.Shutdown)), e
 
 
-@pytest.mark.xfail(strict=True, reason="exits.py/vcpu.py: Shutdown/InternalError/FailEntry do "
-                   "not carry the vCPU state (pending: snapshot regs+sregs into the exit)")
-def test_fatal_exits_carry_the_vcpu_state(vm):
-    vcpu, e = _fault(vm, "31c9f7f1", 0)            # xor ecx,ecx; div ecx -> #DE, no IDT
-    assert e.regs.rip == X.CODE + 2                 # a snapshot taken at the exit
-    assert e.sregs.cr0 == vcpu.get_sregs().cr0
-    assert "rip=0x10002" in repr(e)
+@pytest.mark.parametrize("code,cpl,reason,words", [
+    ("0f0b", 0, ("shutdown", "internal-error"), ["CPL 0", "0f 0b"]),      # ud2, no IDT
+    ("31c9f7f1", 3, ("shutdown",), ["CPL 3", "f7 f1"]),                  # div by zero at CPL3
+    ("0f38f0c0", 0, ("internal-error", "shutdown"), ["0f 38 f0 c0"]),    # movbe: emulation failure here
+])
+def test_fatal_stops_are_reported_with_the_vcpu_state(vm, code, cpl, reason, words):
+    """The run loop turns triple faults, emulation failures and internal errors into a
+    GuestError whose text is the vCPU state: mode, CPL, registers, the bytes at RIP."""
+    from pykvm.x86.runloop import GuestError, RunLoop
+
+    vcpu, = X.long_mode_vm(vm, bytes.fromhex(code), cpl=cpl)
+    with pytest.raises(GuestError) as ei:
+        RunLoop(vcpu).run(timeout=10)
+    stop = ei.value.stop
+    assert stop.reason in reason, stop
+    text = str(ei.value)
+    assert "long 64-bit" in text and "rip=0x1000" in text and "cr0=0x80000011" in text, text
+    for w in words:
+        assert w in text, text
+    assert "rax=" in text and "rsp=" in text
+    if stop.reason == "internal-error":
+        assert "emulation failure" in text
 
 
 def test_next_vm_works_after_thousands_of_dead_guests_in_this_process(kvm):
