@@ -41,6 +41,19 @@ _fault = struct.Struct("<QQQ")
 _tpr = struct.Struct("<QI")
 
 
+def _fit(value: object, nbytes: int, what: str) -> int:
+    """*value* as an unsigned *nbytes*-byte int; negative values as two's complement.
+
+    Raises instead of silently truncating a value that does not fit.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    bits = 8 * nbytes
+    if not -(1 << (bits - 1)) <= value < (1 << bits):
+        raise ValueError(f"{what} {value:#x} does not fit in {nbytes} byte(s)")
+    return value & ((1 << bits) - 1)
+
+
 class Exit:
     """Base class of all exits."""
 
@@ -104,7 +117,7 @@ class IoIn(Exit):
         """Answer the read: bytes of length size*count, or an int (little endian)."""
         n = len(self.data)
         if isinstance(value, int):
-            self.data[:] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+            self.data[:] = _fit(value, n, f"IoIn value for port {self.port:#x}").to_bytes(n, "little")
         else:
             b = bytes(value)
             if len(b) != n:
@@ -139,7 +152,7 @@ class MmioRead(Exit):
         """Answer the read: bytes of *length*, or an int (little endian)."""
         n = self.length
         if isinstance(value, int):
-            self.data[:] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+            self.data[:] = _fit(value, n, f"MmioRead value at {self.address:#x}").to_bytes(n, "little")
         else:
             b = bytes(value)
             if len(b) != n:
@@ -248,7 +261,7 @@ class Hypercall(Exit):
 
     def set_ret(self, value: int) -> None:
         """Write ``hypercall.ret`` (the guest's RAX after the call)."""
-        _q.pack_into(self._mm, _U + 56, value & 0xFFFFFFFFFFFFFFFF)
+        _q.pack_into(self._mm, _U + 56, _fit(value, 8, "hypercall result"))
 
 
 class Debug(Exit):
@@ -281,7 +294,7 @@ class X86Rdmsr(_MsrExit):
     def set_data(self, value: int) -> None:
         """The value the guest's ``rdmsr`` returns."""
         self._mm[_U] = 0
-        _q.pack_into(self._mm, _U + 16, value & 0xFFFFFFFFFFFFFFFF)
+        _q.pack_into(self._mm, _U + 16, _fit(value, 8, f"value of MSR {self.index:#x}"))
 
 
 class X86Wrmsr(_MsrExit):

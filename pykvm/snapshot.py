@@ -1134,19 +1134,29 @@ def _restore_vcpu(vm: Vm, vcpu: Vcpu, items: Dict[str, bytes], tag: str) -> None
 
 
 def _write_msrs(vcpu: Vcpu, values: List[Tuple[int, int]], tag: str) -> None:
-    if not values:
-        return
-    buf = S.flex(S.kvm_msrs, len(values))
-    for k, (i, v) in enumerate(values):
-        buf.entries[k].index, buf.entries[k].data = i, v
-    try:
-        n = _raw(vcpu, I.KVM_SET_MSRS, buf)
-    except KvmError as e:
-        raise SnapshotRestoreError(f"restoring {tag} MSRs: {e}") from None
-    if n != len(values):
-        i, v = values[n]
-        raise SnapshotRestoreError(f"restoring {tag} MSRs: KVM refused MSR {i:#x} = {v:#x} "
-                                   f"(wrote {n} of {len(values)})")
+    """KVM_SET_MSRS; an MSR KVM refuses is fine only if the new vCPU already holds the value.
+
+    (Example: ``MSR_KVM_ASYNC_PF_INT`` reads 0 without an in-kernel LAPIC but
+    cannot be written then, not even with 0.)
+    """
+    todo = list(values)
+    while todo:
+        buf = S.flex(S.kvm_msrs, len(todo))
+        for k, (i, v) in enumerate(todo):
+            buf.entries[k].index, buf.entries[k].data = i, v
+        try:
+            n = _raw(vcpu, I.KVM_SET_MSRS, buf)
+        except KvmError as e:
+            raise SnapshotRestoreError(f"restoring {tag} MSRs: {e}") from None
+        if n >= len(todo):
+            return
+        i, v = todo[n]
+        cur, _ = _read_msrs(vcpu, [i])
+        if cur != [(i, v)]:
+            now = f"{cur[0][1]:#x}" if cur else "unreadable"
+            raise SnapshotRestoreError(f"restoring {tag} MSRs: KVM refused MSR {i:#x} = {v:#x} "
+                                       f"(the new vCPU holds {now})")
+        todo = todo[n + 1:]
 
 
 def _restore_devices(vm: Vm, items: Dict[str, bytes]) -> None:

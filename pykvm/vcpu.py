@@ -106,8 +106,15 @@ _VCPU_HINTS = {
 }
 
 
+def _int_arg(what: str, value: object) -> int:
+    """*value* as an int; refuse floats, strings and bools instead of coercing them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    return int(value)
+
+
 def _msrs_buffer(indices: Iterable[int]):
-    idx = [int(i) for i in indices]
+    idx = [_int_arg("MSR index", i) for i in indices]
     for i in idx:
         if not 0 <= i <= 0xFFFFFFFF:
             raise ValueError(f"MSR index {i:#x} is not a 32-bit value")
@@ -302,10 +309,12 @@ class Vcpu(FdObject):
 
         Returns the number written (all of them).
         """
+        if not isinstance(values, Mapping):
+            raise TypeError(f"set_msrs wants a mapping {{index: value}}, not {type(values).__name__}")
         items = list(values.items())
         buf = _msrs_buffer(k for k, _ in items)
         for k, (_, v) in enumerate(items):
-            if not 0 <= v < 2**64:
+            if not 0 <= _int_arg("MSR value", v) < 2**64:
                 raise ValueError(f"MSR value {v:#x} is not a 64-bit unsigned value")
             buf.entries[k].data = v
         n = self._ioctl(I.KVM_SET_MSRS, buf)
@@ -701,7 +710,7 @@ class Vcpu(FdObject):
             return
         bits = 0
         for sig in signals:
-            n = int(sig)
+            n = _int_arg("signal number", sig)
             if not 1 <= n <= 64:
                 raise ValueError(f"signal number {n} out of range 1..64")
             bits |= 1 << (n - 1)
@@ -882,6 +891,16 @@ class Vcpu(FdObject):
         return open_stats(self.fileno())
 
     # -- closing --------------------------------------------------------------------------
+    def _close_children(self) -> None:
+        # close() from another thread while run() is inside KVM_RUN: stop the
+        # guest first, so that nothing (Vm.close unmapping guest RAM, the fd
+        # number being reused) happens under a running vCPU.
+        tid = self._thread
+        if tid is not None and tid != _get_ident():
+            self.kick()
+            if self._lock.acquire(timeout=10):
+                self._lock.release()
+
     def _after_close(self) -> None:
         # The mapping keeps the kernel's vCPU alive, not our fd number, so
         # unmapping late is safe; unmap now unless someone holds a view.

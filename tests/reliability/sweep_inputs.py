@@ -42,6 +42,8 @@ LOOKUPS = {"desc"}
 #: predicates that answer False for values outside the range.
 EXEMPT = {("set_irq_line", "active"), ("irq_line_status", "active"), ("contains", "gpa"),
           ("contains", "n")}
+#: (method, param) where None is accepted as "not given" (set_clock with a struct).
+NONE_MEANS_UNSET = {("set_clock", "flags"), ("set_clock", "realtime")}
 #: Parameters that size an allocation: hostile values skip the band between
 #: 1 MiB and 2**47 so that the sweep does not allocate gigabytes for real.
 SIZE_NAMES = {"size", "memory_size", "length", "num_pages", "n", "max_entries", "size_bytes",
@@ -80,7 +82,9 @@ class Sweep:
             for p in W.parameters(fn):
                 if not W.int_like(p, w) or (name, p.name) in EXEMPT:
                     continue
-                values = [2**64 + 1, -1, 1.5, "1"] + ([] if p.default is None else [None])
+                values = [2**64 + 1, -1, 1.5, "1"]
+                if p.default is not None and (name, p.name) not in NONE_MEANS_UNSET:
+                    values.append(None)
                 for v in values:
                     kw = dict(base)
                     kw[p.name] = v

@@ -36,9 +36,6 @@ NOT_INT = st.one_of(st.none(), st.floats(), st.text(max_size=3), st.binary(max_s
 # Methods with a violation whose fix is pending in a file this suite does not own.
 # Each has a strict-xfail test below; when it passes, drop it from here too.
 PENDING = {
-    "vm.check_extension", "vm.supports_device", "vm.set_pmu_event_filter",   # int() coercion
-    "vm.set_clock",                                                          # ignored args
-    "vm.remove_memory", "vm.coalesced_ring",                                 # AttributeError
     "vcpu.get_msrs", "vcpu.set_signal_mask",                                 # int() coercion
     "vcpu.set_msrs",                                                         # AttributeError
 }
@@ -63,12 +60,8 @@ def test_every_public_method_rejects_bad_input_clearly():
     assert not new, f"seed {res['seed']} (PYKVM_SWEEP_SEED): " + json.dumps(new, indent=1)
 
 
-# ---- pending fixes in files owned elsewhere (strict xfail) ---------------------------
+# ---- fixed in vm.py after this suite found them (kept as regression tests) -------------
 
-@pytest.mark.xfail(strict=True, reason="vm.py: check_extension/enable_cap/create_device/"
-                   "supports_device call int() on the argument and set_pmu_event_filter int() on "
-                   "each event, so 1.5 becomes 1 and '7' becomes 7 (fix: drop int(); _uint "
-                   "accepts IntEnum)")
 def test_vm_int_parameters_are_not_coerced(vm):
     for call in (lambda: vm.check_extension(1.5), lambda: vm.check_extension("1"),
                  lambda: vm.enable_cap(1.5), lambda: vm.supports_device("4"),
@@ -87,16 +80,11 @@ def test_vcpu_int_lists_are_not_coerced(vm):
             call()
 
 
-@pytest.mark.xfail(strict=True, reason="vm.py: set_clock(kvm_clock_data, flags=.., realtime=..) "
-                   "silently ignores flags/realtime (fix: refuse them with a struct)")
 def test_set_clock_does_not_ignore_arguments(vm):
     with pytest.raises((TypeError, ValueError)):
         vm.set_clock(uapi.kvm_clock_data(), flags=uapi.KVM_CLOCK_REALTIME, realtime=1)
 
 
-@pytest.mark.xfail(strict=True, reason="vm.py: remove_memory(None) passes the identity check "
-                   "(None is None) and dies on None.slot; coalesced_ring(non-vCPU) reads .id "
-                   "(fix: isinstance checks first)")
 def test_vm_object_parameters_are_type_checked(vm):
     vm.create_vcpu()
     with pytest.raises((TypeError, ValueError)):

@@ -126,24 +126,29 @@ def test_restore_in_new_process_at_io_exit(midrun, reference) -> None:
     assert before + after == reference
 
 
-def test_restore_in_new_process_after_async_kick(tmp_path, reference) -> None:
-    """Kicked at an arbitrary instruction (mostly the CPL3 hash loop), then restored elsewhere."""
+def test_restore_in_new_process_after_async_kick(tmp_path) -> None:
+    """Kicked at an arbitrary instruction (mostly inside the CPL3 hash loop), restored elsewhere."""
+    lines, iters = 12, 2_000_000               # ~5 ms of native work per line
     path = tmp_path / "kick.snap"
-    with pykvm.Kvm() as kvm, build_counter(kvm, lines=LINES, iters=ITERS) as vm:
-        vcpu = vm.vcpus[0]
-        out = bytearray()
-        timers: List[threading.Timer] = []
+    with pykvm.Kvm() as kvm:
+        with build_counter(kvm, lines=lines, iters=iters) as vm:
+            reference = bytearray()
+            assert run_guest(vm.vcpus[0], reference) == 0
+        with build_counter(kvm, lines=lines, iters=iters) as vm:
+            vcpu = vm.vcpus[0]
+            out = bytearray()
+            timers: List[threading.Timer] = []
 
-        def arm(o: bytearray) -> bool:
-            if o.count(b"\n") == 5 and not timers:   # kick ~3 ms after line 5
-                timers.append(threading.Timer(0.003, vcpu.kick))
-                timers[0].start()
-            return False
+            def arm(o: bytearray) -> bool:
+                if o.endswith(b"\n") and o.count(b"\n") == 4:   # kick 2 ms into line 5's work
+                    timers.append(threading.Timer(0.002, vcpu.kick))
+                    timers[0].start()
+                return False
 
-        code = run_guest(vcpu, out, stop=arm, stop_on_interrupt=True)
-        assert code is None, "the guest finished before the kick: make it run longer"
-        rip = vcpu.get_regs().rip
-        snapshot.save(vm, path, fsync=False)
+            code = run_guest(vcpu, out, stop=arm, stop_on_interrupt=True)
+            assert code is None, "the guest finished before the kick: make it run longer"
+            rip = vcpu.get_regs().rip
+            snapshot.save(vm, path, fsync=False, kvm=kvm)
     code, after, err = _restore_in_new_process(path)
     assert code == 0, err
     assert bytes(out) + after == reference, f"kicked at rip {rip:#x}"
