@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                       "dirty fractions up to 100%% (a few minutes)")
     p.add_argument("--only", metavar="GROUPS", help=f"comma-separated groups to run: {','.join(GROUPS)}")
     p.add_argument("--rounds", type=int, help="interleaved rounds per measurement (default 7 quick, 15 full)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time batches of ioctls/exits/compute by wall time (default) or by the thread's CPU "
+                        "time, which leaves out preemption on a busy host (life cycle and dirty tracking "
+                        "always use wall time)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply batch sizes by this (e.g. 0.05 for a smoke run)")
     p.add_argument("--dirty-fractions", metavar="F,F..", help="dirty-log fractions, e.g. 0,0.01,0.1,1")
     p.add_argument("--ring-fractions", metavar="F,F..", help="dirty-ring fractions, e.g. 0.01,0.1")
@@ -84,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
-        suite = Suite(cfg, log=log, use_c=not args.no_c, use_unicorn=not args.no_unicorn)
+        suite = Suite(cfg, log=log, use_c=not args.no_c, use_unicorn=not args.no_unicorn, clock=args.clock)
     except pykvm.KvmUnavailable as e:
         print(f"KVM is not usable here: {e}", file=sys.stderr)
         return 1
@@ -96,8 +101,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         suite.close()
     duration = time.monotonic() - t0
+    try:
+        host["loadavg_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     host.update({k: v for k, v in suite.info.items()})
-    mode = cfg.mode + ("" if args.scale == 1.0 else f", scale {args.scale:g}")
+    mode = cfg.mode + ("" if args.scale == 1.0 else f", scale {args.scale:g}") + \
+        ("" if args.clock == "wall" else ", CPU-time clock")
+    host["clock"] = args.clock
     targets = report.evaluate_targets(suite.rows)
     notes = list(suite.notes)
     if args.chart:

@@ -121,20 +121,25 @@ Result = Union[float, Dict[str, float]]
 
 
 def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
-               rows: Union[Row, Dict[str, Row]], warmup: int = 1) -> None:
+               rows: Union[Row, Dict[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
     """Run every variant once per round (order rotated each round) and record the samples.
 
     A variant returns ns/op, or a dict ``{metric: ns/op}`` that goes to
     ``rows[metric]``.  A variant that raises is dropped from later rounds and
-    its error noted in the row(s).
+    its error noted in the row(s).  With *budget_s*, a variant whose calls
+    have taken that long in total stops after at least one recorded sample
+    (noted in the rows): some pure-Python paths are orders of magnitude
+    slower than C and would otherwise dominate the run time.
     """
     names = list(variants)
     alive = dict.fromkeys(names, True)
+    spent = dict.fromkeys(names, 0.0)
 
     def targets() -> List[Row]:
         return [rows] if isinstance(rows, Row) else list(rows.values())
 
     def call(name: str, record: bool) -> None:
+        t0 = time.monotonic()
         try:
             res = variants[name]()
         except Exception as e:  # noqa: BLE001 - recorded, reported, not fatal
@@ -144,6 +149,7 @@ def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
                 r.errors[name] = msg
                 r.samples.pop(name, None)
             return
+        spent[name] += time.monotonic() - t0
         if not record:
             return
         if isinstance(res, dict):
@@ -154,6 +160,12 @@ def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
         else:
             assert isinstance(rows, Row)
             rows.add(name, res)
+        if budget_s and spent[name] > budget_s and alive[name]:
+            alive[name] = False
+            for r in targets():
+                if name in r.samples:
+                    r.info.setdefault("stopped_early", {})[name] = (
+                        f"stopped after {len(r.samples[name])} samples ({spent[name]:.1f} s > {budget_s:g} s budget)")
 
     for _ in range(warmup):
         for name in names:

@@ -80,11 +80,11 @@ def compile_reference() -> Path:
 class CRef:
     """One ``kvmbench serve`` child; ``bench()`` returns the numbers it answers."""
 
-    def __init__(self, exe: Path, workdir: Path) -> None:
+    def __init__(self, exe: Path, workdir: Path, cpu_clock: bool = False) -> None:
         self.exe = exe
         self.workdir = workdir
         self._spec_n = 0
-        self.proc = subprocess.Popen([str(exe), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(exe), "serve"] + (["cpu"] if cpu_clock else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def _ask(self, line: str, timeout: float = 120.0) -> List[str]:

@@ -59,10 +59,12 @@ def evaluate_targets(rows: Sequence[Row]) -> List[Dict[str, Any]]:
                         "detail": "not measured in this run"})
             return
         m = rr["median"]
+        floor = r.ratio("fcntl")
+        floor_txt = f"; plain `fcntl.ioctl(fd, KVM_RUN)` floor: {floor['median']:.3f}x" if floor else ""
         out.append({"name": name, "target": desc, "measured": round(m, 3), "limit": limit,
                     "met": m <= limit,
                     "detail": f"{m:.3f}x (paired-round quartiles {rr['p25']:.3f}–{rr['p75']:.3f}); "
-                              f"{fmt_ns(r.median(variant))} vs C {fmt_ns(r.median('c'))}"
+                              f"{fmt_ns(r.median(variant))} vs C {fmt_ns(r.median('c'))}{floor_txt}"
                               + ("" if m <= limit else f"; over by {(m - limit) * 100:.1f} points "
                                  f"= {fmt_ns(r.median(variant) - limit * r.median('c'))}")})
 
@@ -153,7 +155,9 @@ def text_report(rows: Sequence[Row], titles: Dict[str, str], targets: List[Dict[
                 notes: Sequence[str], host: Dict[str, Any], mode: str) -> str:
     out = [f"pykvm benchmarks ({mode}) — {host.get('cpu', '?')}, kernel {host.get('kernel', '?')}, "
            f"KVM module {host.get('kvm_module', '?')}, Python {host.get('python', '?')}",
-           "medians over interleaved rounds; ±: half the interquartile range; X/C: median of per-round ratios", ""]
+           f"load average {host.get('loadavg_start', '?')} -> {host.get('loadavg_end', '?')} on "
+           f"{host.get('cpus', '?')} CPUs; medians over interleaved rounds; ±: half the interquartile range; "
+           "X/C: median of per-round ratios", ""]
     for t in group_tables(rows, titles):
         out.append(t["title"])
         table = [t["header"]] + t["lines"]
@@ -186,7 +190,9 @@ def markdown_section(rows: Sequence[Row], titles: Dict[str, str], targets: List[
            f"Host: {host.get('cpu', '?')} ({host.get('cpus', '?')} CPUs, virtualization flag: "
            f"{host.get('cpu_virt_flag', '?')}), kernel {host.get('kernel', '?')}, KVM module "
            f"`{host.get('kvm_module', '?')}`, Python {host.get('python', '?')}, {host.get('cc', 'no C compiler')}"
-           + (f", Unicorn {host['unicorn']}" if host.get("unicorn") else ", Unicorn not installed") + ".", "",
+           + (f", Unicorn {host['unicorn']}" if host.get("unicorn") else ", Unicorn not installed") + ". "
+           f"Load average {host.get('loadavg_start', '?')} at the start, {host.get('loadavg_end', '?')} at the end "
+           "(other work on the same host inflates the user-space side of every figure).", "",
            "Medians over interleaved rounds; ± is half the interquartile range; *X/C* is the median of the "
            "per-round ratios.", "", "### Targets", "", "| target | verdict | measured |", "|---|---|---|"]
     for t in targets:

@@ -42,8 +42,15 @@ _U32 = struct.Struct("<I")
 assert _GFN.size == _GFN_SIZE == 16
 
 
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # the kernel's limit on pages per memslot
+
+
 def bitmap_words(npages: int) -> int:
     """Number of 64-bit words KVM reads/writes for a slot of *npages* pages."""
+    if isinstance(npages, bool) or not isinstance(npages, int):
+        raise TypeError(f"npages must be an int, not {type(npages).__name__}")
+    if not 0 <= npages <= KVM_MEM_MAX_NR_PAGES:
+        raise ValueError(f"npages={npages} out of range [0, {KVM_MEM_MAX_NR_PAGES}]")
     return (npages + 63) // 64
 
 

@@ -61,6 +61,8 @@ _HINTS = {
     (None, _errno.EMFILE): "this process has no free file descriptor (RLIMIT_NOFILE, 'ulimit -n'); "
                            "close unused VMs (each vCPU holds two fds: its own and its kvm_run mapping's)",
     (None, _errno.ENFILE): "the system-wide file table is full",
+    (None, _errno.EIO): "a VM can only be used by the process that created it (after fork(), "
+                        "create a new VM in the child)",
     (None, _errno.ENOMEM): "the host is out of memory (or a limit such as RLIMIT_AS or the memory "
                            "cgroup was reached)",
     ("KVM_CREATE_VM", _errno.EINVAL): "VM type not supported by this host (see KVM_CAP_VM_TYPES)",

@@ -381,18 +381,39 @@ _BUSLOCK = X86BusLock()
 INTERRUPTED = Interrupted()
 
 
+# The hottest decoders build their objects without a Python-level __init__
+# call (object.__new__ + slot stores): about 40 ns less per exit than calling
+# the class (measured with benchmarks/, Python 3.11).
+_new = object.__new__
+_io_unpack = _io.unpack_from
+_mmio_unpack = struct.Struct("<Q8xIB").unpack_from   # phys_addr, (data), len, is_write
+
+
 def _d_io(mm, mv):
-    direction, size, port, count, off = _io.unpack_from(mm, _U)
+    direction, size, port, count, off = _io_unpack(mm, _U)
     if direction:
-        return IoOut(port, size, count, mm[off:off + size * count])
-    return IoIn(port, size, count, mv[off:off + size * count])
+        e = _new(IoOut)
+        e.data = mm[off:off + size * count]
+    else:
+        e = _new(IoIn)
+        e.data = mv[off:off + size * count]
+    e.port = port
+    e.size = size
+    e.count = count
+    return e
 
 
 def _d_mmio(mm, mv):
-    addr, data, length, is_write = _mmio.unpack_from(mm, _U)
+    addr, length, is_write = _mmio_unpack(mm, _U)
     if is_write:
-        return MmioWrite(addr, data[:length])
-    return MmioRead(addr, length, mv[_U + 8:_U + 8 + length])
+        e = _new(MmioWrite)
+        e.data = mm[_U + 8:_U + 8 + (length if length <= 8 else 8)]
+    else:
+        e = _new(MmioRead)
+        e.length = length
+        e.data = mv[_U + 8:_U + 8 + length]
+    e.address = addr
+    return e
 
 
 def _d_internal(mm, mv):

@@ -129,20 +129,30 @@ class Vcpu(FdObject):
 
     _what = "vCPU"
 
+    # Defaults so that a half-built object closes cleanly.
+    _thread: Optional[int] = None
+    _closing = False
+    _holding_run_lock = False
+    _lock = None
+
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int, vm) -> None:
-        super().__init__(fd)
-        self.id = vcpu_id
-        self.vm = vm  # keeps the VM (and its guest memory) alive
+        # Everything that can fail happens before this object owns *fd*: on
+        # failure the caller still owns it and closes it exactly once.
+        _kick.ensure_kick_handler()
         try:
-            self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             raise KvmError(e.errno, "mmap(vcpu fd)", f"could not map {mmap_size} bytes of kvm_run") from None
+        super().__init__(fd)
+        self._mm = mm
+        self.id = vcpu_id
+        self.vm = vm  # keeps the VM (and its guest memory) alive
         self._mv = memoryview(self._mm)
         self._u32 = self._mv.cast("I")  # exit_reason is self._u32[2]
         self._run_struct: Optional[S.kvm_run] = None
-        self._lock = threading.Lock()
-        self._thread: Optional[int] = None
-        _kick.ensure_kick_handler()
+        self._lock = threading.Lock()       # held by run(); refuses a second runner
+        self._tid_lock = threading.Lock()   # guards _thread between run() and kick()
+        self._thread = None
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {self._state()}>"
@@ -199,21 +209,23 @@ class Vcpu(FdObject):
         """
         lock = self._lock
         if not lock.acquire(False):
-            raise KvmError(errno.EBUSY, "KVM_RUN", "another thread is running this vCPU")
+            raise self._busy()
         try:
             self._thread = _get_ident()
             _fcntl_ioctl(self._fd, _KVM_RUN, 0)
+            # Decode while still holding the run lock: close() waits for it.
+            reason = self._u32[2]
+            if reason < 64:
+                return DECODE_TABLE[reason](self._mm, self._mv)
+            return _unknown(self._mm, self._mv)
         except OSError as e:
             return self._run_failed(e)
-        except ValueError:  # fd is -1: closed
+        except ValueError:  # fd is -1 or the run page is unmapped: closed
             raise KvmClosedError(self._what, "KVM_RUN") from None
         finally:
-            self._thread = None
+            with self._tid_lock:
+                self._thread = None
             lock.release()
-        reason = self._u32[2]
-        if reason < 64:
-            return DECODE_TABLE[reason](self._mm, self._mv)
-        return _unknown(self._mm, self._mv)
 
     def run_raw(self) -> int:
         """``KVM_RUN`` without decoding: return ``exit_reason`` as an int.
@@ -223,19 +235,25 @@ class Vcpu(FdObject):
         """
         lock = self._lock
         if not lock.acquire(False):
-            raise KvmError(errno.EBUSY, "KVM_RUN", "another thread is running this vCPU")
+            raise self._busy()
         try:
             self._thread = _get_ident()
             _fcntl_ioctl(self._fd, _KVM_RUN, 0)
+            return self._u32[2]
         except OSError as e:
             self._run_failed(e)
             return 10
         except ValueError:
             raise KvmClosedError(self._what, "KVM_RUN") from None
         finally:
-            self._thread = None
+            with self._tid_lock:
+                self._thread = None
             lock.release()
-        return self._u32[2]
+
+    def _busy(self) -> KvmError:
+        if self._closing or self._fd < 0:
+            return KvmClosedError(self._what, "KVM_RUN")
+        return KvmError(errno.EBUSY, "KVM_RUN", "another thread is running this vCPU")
 
     def _run_failed(self, e: OSError) -> Exit:
         if e.errno in (_EINTR, _EAGAIN):
@@ -254,12 +272,15 @@ class Vcpu(FdObject):
         if self._fd < 0:
             raise KvmClosedError(self._what, "kick")
         self._mm[1] = 1
-        tid = self._thread
-        if tid is not None:
-            try:
-                signal.pthread_kill(tid, _kick.KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass  # the thread left KVM_RUN meanwhile; immediate_exit covers it
+        # Under _tid_lock the running thread cannot clear _thread, leave run()
+        # and exit between our read and the signal (pthread_kill on a dead thread).
+        with self._tid_lock:
+            tid = self._thread
+            if tid is not None:
+                try:
+                    signal.pthread_kill(tid, _kick.KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
 
     # -- registers ---------------------------------------------------------------------
     def get_regs(self) -> S.kvm_regs:
@@ -895,11 +916,12 @@ class Vcpu(FdObject):
         # close() from another thread while run() is inside KVM_RUN: stop the
         # guest first, so that nothing (Vm.close unmapping guest RAM, the fd
         # number being reused) happens under a running vCPU.
-        tid = self._thread
-        if tid is not None and tid != _get_ident():
+        if self._lock is None or self._thread == _get_ident():
+            return  # closed from inside our own run() (a signal handler): nothing to wait for
+        self._closing = True
+        while not self._lock.acquire(timeout=0.05):
             self.kick()
-            if self._lock.acquire(timeout=10):
-                self._lock.release()
+        self._holding_run_lock = True  # released in _after_close, once unmapped
 
     def _after_close(self) -> None:
         # The mapping keeps the kernel's vCPU alive, not our fd number, so
@@ -911,6 +933,10 @@ class Vcpu(FdObject):
             self._mm.close()
         except BufferError:
             pass  # a ctypes view of kvm_run is still referenced; GC unmaps it
+        finally:
+            if self._holding_run_lock:
+                self._holding_run_lock = False
+                self._lock.release()
 
 
 def _expect(obj: object, cls: type) -> None:

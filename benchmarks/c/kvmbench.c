@@ -8,7 +8,8 @@
  * slots with their bytes, kvm_sregs, kvm_regs, options) in a spec file and
  * this program builds it with plain ioctls and runs the same guest code.
  *
- *   kvmbench serve        read commands on stdin, answer one line each:
+ *   kvmbench serve [cpu]  read commands on stdin, answer one line each
+ *                          (cpu: time batches by thread CPU time):
  *       load PATH          build the machine described by the spec file
  *       bench NAME N [ARG] run N operations NAME, answer "ok NS [more...]"
  *       quit
@@ -70,11 +71,27 @@ static struct machine M = {.vm = -1, .vcpu = -1, .efd = -1};
 static volatile sig_atomic_t timed_out;
 static char errbuf[256];
 
-static uint64_t now(void)
+/* Batch clock of the ioctl, exit and compute benches: CLOCK_MONOTONIC, or with
+ * "serve cpu" the thread's CPU time (guest time included), which leaves out
+ * the time this thread spent preempted on a busy host. */
+static clockid_t batch_clock = CLOCK_MONOTONIC;
+
+static uint64_t now_on(clockid_t c)
 {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(c, &t);
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static uint64_t now(void)
+{
+    return now_on(batch_clock);
+}
+
+/* Wall clock: life cycle and dirty tracking (they sleep in the kernel). */
+static uint64_t wall(void)
+{
+    return now_on(CLOCK_MONOTONIC);
 }
 
 static int fail(const char *what)
@@ -410,21 +427,21 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
                 return -1;
         ns = (double)(now() - t0);
     } else if (!strcmp(name, "vm_create")) {
-        t0 = now();
+        t0 = wall();
         for (long i = 0; i < n; i++) {
             int fd = ioctl(kvm, KVM_CREATE_VM, 0);
             if (fd < 0)
                 return fail("KVM_CREATE_VM");
             close(fd);
         }
-        ns = (double)(now() - t0);
+        ns = (double)(wall() - t0);
     } else if (!strcmp(name, "vcpu_create")) {
         int vm = ioctl(kvm, KVM_CREATE_VM, 0), fds[256];
         void *runs[256];
         if (vm < 0 || n > 256)
             return fail("KVM_CREATE_VM");
         long made = 0;
-        t0 = now();
+        t0 = wall();
         for (; made < n; made++) {
             fds[made] = ioctl(vm, KVM_CREATE_VCPU, made);
             if (fds[made] < 0)
@@ -435,7 +452,7 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
                 break;
             }
         }
-        ns = (double)(now() - t0);
+        ns = (double)(wall() - t0);
         for (long i = 0; i < made; i++) {
             munmap(runs[i], (size_t)mmap_size);
             close(fds[i]);
@@ -495,7 +512,7 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
         }
         double add = 0, del = 0;
         for (long i = 0; i < n; i++) {
-            t0 = now();
+            t0 = wall();
             if (!mapped) {
                 mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
                 if (mem == MAP_FAILED)
@@ -506,14 +523,14 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
                 .userspace_addr = (uint64_t)(uintptr_t)mem};
             if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r) < 0)
                 return fail("KVM_SET_USER_MEMORY_REGION");
-            t1 = now();
+            t1 = wall();
             add += (double)(t1 - t0);
             r.memory_size = 0;
             if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r) < 0)
                 return fail("KVM_SET_USER_MEMORY_REGION (delete)");
             if (!mapped)
                 munmap(mem, size);
-            del += (double)(now() - t1);
+            del += (double)(wall() - t1);
         }
         snprintf(out, outlen, "ok %.0f %.0f", add, del);
         return 0;
@@ -530,14 +547,14 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
         double ioc = 0, walk = 0, guest = 0;
         uint64_t count = 0;
         for (long i = 0; i < n; i++) {
-            t0 = now();
+            t0 = wall();
             if (run_until(PORT_DONE))
                 return -1;
-            t1 = now();
+            t1 = wall();
             guest += (double)(t1 - t0);
             if (ioctl(M.vm, KVM_GET_DIRTY_LOG, &dl) < 0)
                 return fail("KVM_GET_DIRTY_LOG");
-            uint64_t t2 = now();
+            uint64_t t2 = wall();
             count = 0;
             const uint64_t *w = (const uint64_t *)M.bitmap;
             for (uint64_t j = 0; j < npages / 64; j++) {
@@ -547,7 +564,7 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
                     x &= x - 1;
                 }
             }
-            uint64_t t3 = now();
+            uint64_t t3 = wall();
             ioc += (double)(t2 - t1);
             walk += (double)(t3 - t2);
         }
@@ -561,10 +578,10 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
         double collect = 0, reset = 0, guest = 0;
         uint64_t count = 0;
         for (long i = 0; i < n; i++) {
-            t0 = now();
+            t0 = wall();
             if (run_until(PORT_DONE))
                 return -1;
-            t1 = now();
+            t1 = wall();
             guest += (double)(t1 - t0);
             count = 0;
             for (;;) {
@@ -575,10 +592,10 @@ static int bench(const char *name, long n, long arg, char *out, size_t outlen)
                 __atomic_store_n(&g->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
                 M.ring_fetch++;
             }
-            uint64_t t2 = now();
+            uint64_t t2 = wall();
             if (ioctl(M.vm, KVM_RESET_DIRTY_RINGS, 0) < 0)
                 return fail("KVM_RESET_DIRTY_RINGS");
-            uint64_t t3 = now();
+            uint64_t t3 = wall();
             collect += (double)(t2 - t1);
             reset += (double)(t3 - t2);
         }
@@ -700,8 +717,11 @@ int main(int argc, char **argv)
     mmap_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (mmap_size <= 0)
         return 1;
-    if (!strcmp(argv[1], "serve"))
+    if (!strcmp(argv[1], "serve")) {
+        if (argc > 2 && !strcmp(argv[2], "cpu"))
+            batch_clock = CLOCK_THREAD_CPUTIME_ID;
         return serve();
+    }
     if (!strcmp(argv[1], "cold") && argc > 2)
         return cold(argv[2]);
     fprintf(stderr, "usage: %s serve | cold HEX\n", argv[0]);

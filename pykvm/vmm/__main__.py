@@ -3,7 +3,8 @@
 The command line is parsed by hand: argparse alone costs ~6 ms of the
 start-up budget.  The process exits with the run's status (see
 :mod:`pykvm.vmm.status`) through ``os._exit``, skipping interpreter
-teardown; the kernel closes the VM fds.
+teardown, and leaves the slow destruction of the VM to a forked child (see
+:func:`_teardown_elsewhere`; ``PYKVM_VMM_SYNC_TEARDOWN=1`` turns that off).
 """
 
 from __future__ import annotations
@@ -143,7 +144,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MachineError as e:
         sys.stderr.write(f"pykvm.vmm: {e}\n")
         return e.status
+    global _machine
+    _machine = m
     return m.run()
+
+
+_machine = None
+
+
+def _teardown_elsewhere() -> None:
+    """Let a child process drop the last references to the VM after we exit.
+
+    Destroying a VM with an in-kernel irqchip takes 3-25 ms here (KVM waits
+    for RCU/SRCU grace periods), and it happens in whichever process closes
+    the last fd, before that process's exit status is delivered.  A forked
+    child inherits the fds, closes stdio at once (so pipes see EOF when we
+    exit), waits until we are gone, and pays for the teardown itself.
+    """
+    vm = getattr(_machine, "vm", None)
+    if vm is None or vm.closed or os.environ.get("PYKVM_VMM_SYNC_TEARDOWN"):
+        return
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:
+        try:
+            os.closerange(0, 3)
+            os.close(w)
+            os.read(r, 1)               # EOF: the parent has exited
+        finally:
+            os._exit(0)
+    os.close(r)                         # the parent keeps w open until it exits
 
 
 if __name__ == "__main__":
@@ -151,5 +184,6 @@ if __name__ == "__main__":
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        _teardown_elsewhere()
     finally:
         os._exit(status)

@@ -11,6 +11,7 @@ Guest physical layout::
 
     0x0000_0000  RAM (low)   0x9000 memory map, 0x9400 GDT, 0x9500 multiboot info
     0x0009_fc00  reserved    (EBDA; 0xa0000-0xfffff is RAM too, so VGA text writes land)
+    0x000f_0000  reserved    MP table (0xf0000), ACPI RSDP/RSDT/MADT (0xf8000)
     0x0010_0000  RAM         kernel, then modules, page aligned
     low_end      PCI hole    low_end = memory, or 3 GiB when memory > 3.5 GiB
     0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in KVM)
@@ -32,6 +33,7 @@ from ..uapi import structs as S
 from ..vcpu import lapic_set_reg
 from . import devices as D
 from . import multiboot as MB
+from . import tables
 from .status import (EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, LOAD_ERROR, RESET,
                      TIMEOUT, TRIPLE_FAULT, VMM_ERROR)
 
@@ -50,6 +52,9 @@ _MMIO = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, i
 _EXIT_IO, _EXIT_MMIO, _EXIT_INTR = 2, 6, 10
 _MP_STATE_UNINITIALIZED = 1
 _MAX_LOG_LINES = 64
+# Low memory the VMM writes itself: a kernel image must not overlap it.
+_VMM_AREAS = [(MB.MMAP_ADDR, 0xA000, "the boot information and GDT"),
+              (tables.MP_ADDR, 0x100000, "the MP and ACPI tables")]
 
 
 class MachineError(Exception):
@@ -182,6 +187,12 @@ class Machine:
         regions = self.ram_regions()
         try:
             self.header, self.image = MB.load_kernel(vm, kernel, regions)
+            for start, end, what in _VMM_AREAS:
+                for paddr, _, memsz in self.image.segments:
+                    if paddr < end and start < paddr + memsz:
+                        raise MB.MultibootError(
+                            f"the image [{paddr:#x}, {paddr + memsz:#x}) overlaps {what} "
+                            f"[{start:#x}, {end:#x})")
             cmdline = f"{self.kernel} {self.append}" if self.append else self.kernel
             self.info_addr, self.placed_modules = MB.build_info(
                 vm, image_end=self.image.high, cmdline=cmdline, modules=mods,
@@ -191,6 +202,8 @@ class Machine:
         if self.header.flags & MB.F_VIDEO_MODE:
             self.log("the kernel asks for a video mode: there is none (serial console only)")
         vm.write(GDT_ADDR, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
+        vm.write(tables.MP_ADDR, tables.mp_table(self.smp))
+        vm.write(tables.RSDP_ADDR, tables.acpi_tables(self.smp))
 
         self.ports = self._make_devices(cmdline)
         cpuid = self.kvm.supported_cpuid()
@@ -408,6 +421,10 @@ class Machine:
             self.log(str(e))
             self.close()
             return e.status
+        except (KvmError, OSError) as e:                # e.g. more vCPUs or RAM than KVM allows
+            self.log(f"setting up the VM failed: {e}")
+            self.close()
+            return VMM_ERROR
         timer = None
         if self.timeout:
             timer = threading.Timer(self.timeout, self._on_timeout)

@@ -230,9 +230,9 @@ def build_info(ram, *, image_end: int, cmdline: str, modules: Sequence[Tuple[byt
     strings and the module list follow them below 0xA000 when they fit,
     else after the last module.
     """
-    # Modules
+    # Modules (above 1 MiB even when the kernel lives below it)
     placed = []
-    addr = _align(image_end)
+    addr = max(_align(image_end), 0x100000)
     for content, string in modules:
         _check_ram(ram_regions, addr, addr + max(len(content), 1), f"module {string!r}")
         ram.write(addr, content)

@@ -47,6 +47,26 @@ def make_world(kvm: pykvm.Kvm) -> Dict[str, object]:
     return w
 
 
+class Constructors:
+    """The public constructors that take no fd ownership, as methods of one object."""
+
+    def __init__(self) -> None:
+        from pykvm.vm import MsrFilterRange
+
+        self.EventFd = EventFd
+        self.MsrFilterRange = MsrFilterRange
+        self.Kvm = pykvm.Kvm            # paths are stat()ed, only 10:232 is ever opened
+
+
+def _module_targets(kind: str, mod) -> List[Tuple[str, str, Callable]]:
+    out = []
+    for name in getattr(mod, "__all__", ()):
+        obj = getattr(mod, name)
+        if inspect.isfunction(obj):
+            out.append((kind, name, obj))
+    return out
+
+
 def close_world(w: Dict[str, object]) -> None:
     for k in ("efd", "vm-stats", "vm"):
         w[k].close()
@@ -61,7 +81,17 @@ def _own(obj, name: str) -> bool:
 
 
 def targets(w: Dict[str, object]) -> List[Tuple[str, str, Callable]]:
+    """Every public method of the world's objects, the module-level helpers of
+    pykvm.irq / pykvm.dirty / pykvm.eventfd, and the fd-less constructors."""
+    import pykvm.dirty
+    import pykvm.eventfd
+    import pykvm.irq
+
     out = []
+    for kind, mod in (("irq", pykvm.irq), ("dirty", pykvm.dirty), ("eventfd", pykvm.eventfd)):
+        out.extend(_module_targets(kind, mod))
+    ctors = Constructors()
+    out.extend(("ctor", name, getattr(ctors, name)) for name in ("EventFd", "MsrFilterRange", "Kvm"))
     for kind, obj in w.items():
         for name in sorted(dir(type(obj))):
             if name.startswith("_") or name in SKIP or not _own(obj, name):

@@ -209,3 +209,28 @@ def test_too_many_msrs_or_cpuid_entries_in_one_call(vm):
     assert ei.value.errno == errno.E2BIG and "KVM_MAX_CPUID_ENTRIES" in str(ei.value)
     vcpu.set_msrs({0x174: 8})
     assert vcpu.get_msrs([0x174]) == {0x174: 8}        # the vCPU is fine afterwards
+
+
+def test_a_forked_child_cannot_use_the_parents_vm_and_is_told_why(vm):
+    """KVM ties a VM to the creating process's address space: EIO after fork()."""
+    import os
+
+    vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave without running any Python teardown
+        try:
+            vcpu.get_regs()
+            msg = "no error"
+        except pykvm.KvmError as e:
+            msg = f"{e.errno} {e}"
+        except BaseException as e:  # noqa: BLE001
+            msg = repr(e)
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert msg.startswith(f"{errno.EIO} ") and "fork" in msg, msg
+    assert vcpu.run() == pykvm.IoOut(0x10, 1, 1, b"A")     # the parent is unaffected

@@ -131,6 +131,9 @@ import pykvm
 from tests.reliability import _x86 as X
 kvm = pykvm.Kvm()
 vm = kvm.create_vm()
+ring = kvm.check_extension(pykvm.Cap.DIRTY_LOG_RING)
+if ring:
+    vm.enable_dirty_ring(0x10000)
 mem = vm.add_memory(0, X.RAM)
 extra = vm.add_memory(0x400000, 0x10000)
 vcpus = X.long_mode_vm(vm, X.HELLO_OUT, vcpus=2, mem=mem)
@@ -138,6 +141,13 @@ vcpus[0].run()
 view = vcpus[1].kvm_run                     # pins vCPU 1's run page past close
 runs = [ctypes.addressof(ctypes.c_char.from_buffer(v.run_mmap)) for v in vcpus]
 addrs = {"mem": mem.userspace_addr, "extra": extra.userspace_addr, "run0": runs[0], "run1": runs[1]}
+if ring:
+    rings = [vm.dirty_ring(v) for v in vcpus]
+    for i, r in enumerate(rings):
+        a = ctypes.c_char.from_buffer(r._mm)
+        addrs[f"ring{i}"] = ctypes.addressof(a)
+        del a
+    rings[0].close(); rings[0].close()      # closed early (idempotent), ring 1 by vm.close()
 print(json.dumps(addrs), flush=True)
 vm.remove_memory(extra)
 vcpus[0].close(); vcpus[0].close()
@@ -145,6 +155,8 @@ vm.close(); vm.close()
 del view
 gc.collect()
 del vcpus, mem, extra
+if ring:
+    del rings
 gc.collect()
 print("done", flush=True)
 '''

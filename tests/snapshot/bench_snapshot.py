@@ -13,9 +13,12 @@ and without ``fsync``), and also saves a mostly empty VM.  MB = 10**6 bytes.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
+import statistics
 import time
 import zlib
+from typing import Dict, List
 
 import pykvm
 from pykvm import snapshot
@@ -40,63 +43,79 @@ def _raw_write(path: str, mv: memoryview, fsync: bool) -> float:
     return time.perf_counter() - t
 
 
-def _raw_read(path: str, mv: memoryview) -> float:
+def _raw_read_fresh(path: str, size: int) -> float:
+    """Read the file into freshly mapped anonymous memory (what restore does)."""
     t = time.perf_counter()
+    m = mmap.mmap(-1, size)
+    mv = memoryview(m)
     fd = os.open(path, os.O_RDONLY)
     try:
-        for off in range(0, len(mv), 8 << 20):
+        for off in range(0, size, 8 << 20):
             os.readv(fd, [mv[off:off + (8 << 20)]])
     finally:
         os.close(fd)
+        mv.release()
+        m.close()
     return time.perf_counter() - t
+
+
+def _stats(label: str, mb: float, times: List[float]) -> None:
+    rates = sorted(mb / t for t in times)
+    print(f"{label:34s} median {statistics.median(rates):6.0f} MB/s  "
+          f"(min {rates[0]:.0f}, max {rates[-1]:.0f}; {len(times)} runs)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0, help="guest RAM in GiB (default 1)")
     ap.add_argument("--dir", default="/tmp", help="where to write the files (default /tmp)")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
     a = ap.parse_args()
     size = int(a.gib * (1 << 30)) & ~0xFFFFF
     mb = size / 1e6
     path = os.path.join(a.dir, "pykvm-bench.snap")
     raw = os.path.join(a.dir, "pykvm-bench.raw")
-    print(f"guest RAM {size / 2**30:.2f} GiB, files in {a.dir}")
+    print(f"guest RAM {size / 2**30:.2f} GiB of non-zero data, files in {a.dir}, MB = 10**6 bytes")
+    t: Dict[str, List[float]] = {k: [] for k in (
+        "plain write", "snapshot.save", "plain write + fsync", "snapshot.save(fsync=True)",
+        "plain read into fresh memory", "snapshot.restore")}
+    file_bytes = 0
     with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
         mem = vm.add_memory(0, size)
         vm.create_vcpu()
         _fill(mem, size)
         mv = memoryview(mem)
         try:
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             zlib.crc32(mv)
-            print(f"crc32 of guest RAM          {mb / (time.perf_counter() - t):8.0f} MB/s")
-            for fsync in (False, True):
-                tw = _raw_write(raw, mv, fsync)
-                st = snapshot.save(vm, path, fsync=fsync, kvm=kvm)
-                label = "fsync" if fsync else "page cache"
-                print(f"plain write ({label:10s})    {mb / tw:8.0f} MB/s   {tw:6.2f} s")
-                print(f"snapshot.save ({label:10s})  {mb / st.seconds:8.0f} MB/s   {st.seconds:6.2f} s"
-                      f"   (file {st.file_bytes / 2**20:.0f} MiB)")
-            tr = _raw_read(raw, mv)
-            print(f"plain read (page cache)     {mb / tr:8.0f} MB/s   {tr:6.2f} s")
+            print(f"(crc32 of guest RAM: {mb / (time.perf_counter() - t0):.0f} MB/s)")
+            for _ in range(a.runs):     # interleaved, so both see the same disk weather
+                t["plain write"].append(_raw_write(raw, mv, False))
+                t["snapshot.save"].append(snapshot.save(vm, path, fsync=False, kvm=kvm).seconds)
+                t["plain write + fsync"].append(_raw_write(raw, mv, True))
+                st = snapshot.save(vm, path, fsync=True, kvm=kvm)
+                t["snapshot.save(fsync=True)"].append(st.seconds)
+                file_bytes = st.file_bytes
+                t["plain read into fresh memory"].append(_raw_read_fresh(raw, size))
+                t0 = time.perf_counter()
+                with snapshot.restore(path, kvm):
+                    t["snapshot.restore"].append(time.perf_counter() - t0)
         finally:
             mv.release()
-    for label in ("restore (page cache)", "restore (page cache) again"):
-        t = time.perf_counter()
-        with snapshot.restore(path) as vm2:
-            dt = time.perf_counter() - t
-        print(f"snapshot.{label:27s} {mb / dt:8.0f} MB/s   {dt:6.2f} s")
+    print(f"snapshot file: {file_bytes / 2**20:.1f} MiB")
+    for k, v in t.items():
+        _stats(k, mb, v)
     # A mostly empty VM: only 16 MiB touched.
     with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
         mem = vm.add_memory(0, size)
         vm.create_vcpu()
         mem[0:16 << 20] = os.urandom(16 << 20)
         st = snapshot.save(vm, path, fsync=False, kvm=kvm)
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         with snapshot.restore(path, kvm):
-            dt = time.perf_counter() - t
-        print(f"mostly-zero VM: save {st.seconds:.3f} s ({mb / st.seconds:.0f} MB/s of RAM), "
-              f"file {st.file_bytes / 2**20:.1f} MiB, restore {dt:.3f} s")
+            dt = time.perf_counter() - t0
+        print(f"mostly-zero VM (16 MiB touched): save {st.seconds:.3f} s, file "
+              f"{st.file_bytes / 2**20:.1f} MiB, restore {dt:.3f} s")
     for p in (path, raw):
         os.unlink(p)
 

@@ -114,8 +114,9 @@ def test_keyboard_controller_reset_ends_the_run(kernels, vmm):
 def test_smp_fw_cfg_and_init_sipi(kernels, vmm, cpus):
     r = vmm(kernels["smp"], "--smp", str(cpus))
     assert r.status == 1, r
-    assert r.lines[:4] == ["fw_cfg: signature QEMU", f"fw_cfg: cpus {cpus}",
-                           "fw_cfg: ram 128 MiB", "fw_cfg: file etc/e820"], r
+    assert r.lines[:6] == ["fw_cfg: signature QEMU", f"fw_cfg: cpus {cpus}",
+                           "fw_cfg: ram 128 MiB", "fw_cfg: file etc/e820",
+                           f"mptable: cpus {cpus} ioapics 1", f"acpi: madt cpus {cpus}"], r
     assert "bsp: apic id 0" in r.lines, r
     online = sorted(int(m.group(1)) for m in map(re.compile(r"ap: cpu (\d+) online").match, r.lines) if m)
     assert online == list(range(1, cpus)), r
@@ -173,6 +174,32 @@ def test_timeout_kicks_a_spinning_cpu(kernels, vmm):
     assert r.lines == ["timer: spinning"], r
 
 
+def test_timeout_ends_a_vmcall(kernels, vmm):
+    """vmcall at CPL0 never comes back on PVM hosts; elsewhere the kernel spins after it."""
+    r = vmm(kernels["timer"], "--append", "vmcall", timeout=1)
+    assert r.status == S.TIMEOUT, r
+    assert r.lines[0] == "timer: vmcall", r
+
+
+def test_sigint_ends_the_run(kernels):
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "pykvm.vmm", kernels["timer"], "--append", "spin",
+                          "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"timer: spinning\n"       # the guest runs
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == S.INTERRUPTED
+
+
 def test_tiny_kernel_one_line(kernels, vmm):
     r = vmm(kernels["tiny"])
     assert (r.status, r.out, r.err) == (1, "hello from a multiboot kernel\n", ""), r
@@ -180,10 +207,36 @@ def test_tiny_kernel_one_line(kernels, vmm):
 
 def test_high_memory_above_4g(kernels, vmm):
     """More than 3.5 GiB: RAM is split at 3 GiB and continues at 4 GiB."""
-    r = vmm(kernels["hello"], "--memory", "4G")
+    r = vmm(kernels["hello"], "--memory", "3600")
     assert r.status == 1, r
-    assert "mmap: base=0x0000000100000000 length=0x0000000040000000 type=1" in r.lines, r
+    assert "mmap: base=0x0000000100000000 length=0x0000000021000000 type=1" in r.lines, r
     assert "mem_lower=639 KiB mem_upper=3144704 KiB" in r.lines, r
+
+
+def flat_kernel(load_addr: int, code: bytes) -> bytes:
+    """A flat a.out-kludge kernel: the 32-byte header, then *code* (the entry)."""
+    flags = 1 << 16
+    return struct.pack("<8I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF,
+                       load_addr, load_addr, 0, 0, load_addr + 32) + code
+
+
+EXIT_42 = bytes([0xB8, 42, 0, 0, 0, 0xE7, 0xF4, 0xF4])     # mov eax, 42; out 0xf4, eax; hlt
+
+
+def test_kernel_below_1mib(vmm, tmp_path):
+    k = tmp_path / "low.bin"
+    k.write_bytes(flat_kernel(0x20000, EXIT_42))
+    m = tmp_path / "mod"
+    m.write_bytes(b"module")
+    r = vmm(str(k), "--module", str(m))
+    assert r.status == 85, r
+
+
+def test_kernel_over_the_boot_information_is_refused(vmm, tmp_path):
+    k = tmp_path / "clash.bin"
+    k.write_bytes(flat_kernel(0x9000, EXIT_42))
+    r = vmm(str(k))
+    assert r.status == S.LOAD_ERROR and "overlaps the boot information" in r.err, r
 
 
 # -- errors before the guest runs ------------------------------------------------------------

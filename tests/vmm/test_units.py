@@ -8,6 +8,7 @@ import pytest
 
 from pykvm.vmm import devices as D
 from pykvm.vmm import multiboot as MB
+from pykvm.vmm import tables as T
 from pykvm.vmm.__main__ import UsageError, parse_args
 
 pytestmark = pytest.mark.no_kvm_needed
@@ -187,6 +188,13 @@ def test_build_info_layout():
     assert max(ram.u32(addr + 16), ram.u32(mods + 8)) < 0xA000      # strings stay low
 
 
+def test_modules_stay_above_1mib_for_a_low_kernel():
+    ram = FakeRam()
+    _, placed = MB.build_info(ram, image_end=0x21000, cmdline="k", modules=[(b"M", "m")],
+                              memory_map=[MB.Region(0, 0x9FC00)], ram_regions=RAM)
+    assert placed == [(0x100000, 0x100001, "m")]
+
+
 def test_long_cmdline_spills_above_modules():
     ram = FakeRam()
     cmd = "x" * 10000
@@ -319,6 +327,56 @@ def test_debug_exit_status():
     for v in (0, 1, 0x10, 0x7F, 0x80, 0xFFFFFFFF):
         d.write(0xF4, 4, v)
     assert got == [1, 3, 0x21, 0xFF, 1, 0xFF]
+
+
+# -- firmware tables --------------------------------------------------------------------------------
+
+def test_mp_table():
+    blob = T.mp_table(3, addr=0xF0000)
+    fp, cfg = blob[:16], blob[16:]
+    assert fp[:4] == b"_MP_" and sum(fp) % 256 == 0
+    assert struct.unpack_from("<IBB", fp, 4) == (0xF0010, 1, 4)
+    assert cfg[:4] == b"PCMP" and sum(cfg) % 256 == 0
+    length, count, lapic = struct.unpack_from("<H", cfg, 4)[0], *struct.unpack_from("<HI", cfg, 34)
+    assert length == len(cfg) and lapic == 0xFEE00000
+    p, cpus, assigns = 44, [], {}
+    for _ in range(count):
+        kind = cfg[p]
+        if kind == 0:
+            cpus.append((cfg[p + 1], cfg[p + 3]))
+            p += 20
+            continue
+        if kind == 3 and cfg[p + 1] == 0:
+            assigns[cfg[p + 5]] = cfg[p + 7]            # ISA IRQ -> IOAPIC pin
+        p += 8
+    assert p == length
+    assert cpus == [(0, 3), (1, 1), (2, 1)]              # (APIC id, flags): BSP first
+    assert assigns[0] == 2 and assigns[4] == 4 and 2 not in assigns
+
+
+def test_acpi_madt():
+    blob = T.acpi_tables(2, addr=0xF8000)
+    rsdp = blob[:20]
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp) % 256 == 0
+    rsdt_addr = struct.unpack_from("<I", rsdp, 16)[0]
+    rsdt = blob[rsdt_addr - 0xF8000:][:40]
+    assert rsdt[:4] == b"RSDT" and sum(rsdt) % 256 == 0
+    madt_off = struct.unpack_from("<I", rsdt, 36)[0] - 0xF8000
+    length = struct.unpack_from("<I", blob, madt_off + 4)[0]
+    madt = blob[madt_off:madt_off + length]
+    assert madt[:4] == b"APIC" and sum(madt) % 256 == 0 and len(madt) == length
+    p, kinds = 44, []
+    while p < length:
+        kinds.append(madt[p])
+        if madt[p] == 2:
+            assert struct.unpack_from("<BBI", madt, p + 2) == (0, 0, 2)   # IRQ 0 -> GSI 2
+        p += madt[p + 1]
+    assert kinds == [0, 0, 1, 2, 4]
+
+
+def test_tables_fit_for_255_cpus():
+    assert T.MP_ADDR + len(T.mp_table(255)) <= T.RSDP_ADDR
+    assert T.RSDP_ADDR + len(T.acpi_tables(255)) <= 0x100000
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 # has each AP report in on the serial port.
 #
 # The boot CPU reads fw_cfg (signature, CPU count, RAM size, file names),
-# copies a real-mode trampoline to 0x8000, enables its local APIC and, for
+# counts the CPUs in the MP table and in the ACPI MADT, copies a real-mode trampoline to 0x8000, enables its local APIC and, for
 # each APIC id 1..N-1, sends INIT (assert, de-assert) and two STARTUP IPIs
 # with vector 0x08, then waits for that AP to check in.  An AP switches to
 # protected mode, loads a GDT, takes its own stack (by APIC id), prints
@@ -84,6 +84,9 @@ _start:
         call newline
         loop 1b
 3:
+        call count_mp_cpus
+        call count_acpi_cpus
+
         # trampoline to 0x8000
         mov $trampoline, %esi
         mov $TRAMPOLINE, %edi
@@ -146,6 +149,144 @@ all_up:
         call newline
         xor %eax, %eax
         jmp exit
+
+# scan16: find the 32-bit signature %eax on a 16-byte boundary in [%esi, %edi);
+# returns %esi = address or 0.
+scan16:
+1:      cmp %edi, %esi
+        jae 2f
+        cmp (%esi), %eax
+        je 3f
+        add $16, %esi
+        jmp 1b
+2:      xor %esi, %esi
+3:      ret
+
+# sum8: %eax = byte sum (mod 256) of %ecx bytes at %esi.
+sum8:
+        push %esi
+        push %ecx
+        push %edx
+        xor %eax, %eax
+1:      movzbl (%esi), %edx
+        add %edx, %eax
+        inc %esi
+        loop 1b
+        movzbl %al, %eax
+        pop %edx
+        pop %ecx
+        pop %esi
+        ret
+
+# The MP table: floating pointer "_MP_" in the BIOS area, then "PCMP"; print
+# the processor entries (type 0, 20 bytes; others 8) and the IOAPIC.
+count_mp_cpus:
+        mov $0xf0000, %esi
+        mov $0x100000, %edi
+        mov $0x5f504d5f, %eax           # "_MP_"
+        call scan16
+        test %esi, %esi
+        jz 9f
+        mov $16, %ecx
+        call sum8
+        test %eax, %eax
+        jnz 9f
+        mov 4(%esi), %esi               # configuration table
+        cmpl $0x504d4350, (%esi)        # "PCMP"
+        jne 9f
+        movzwl 4(%esi), %ecx
+        call sum8
+        test %eax, %eax
+        jnz 9f
+        movzwl 34(%esi), %ecx           # entry count
+        lea 44(%esi), %esi
+        xor %ebx, %ebx                  # processors
+        xor %edx, %edx                  # IOAPIC entries
+1:      test %ecx, %ecx
+        jz 4f
+        cmpb $0, (%esi)
+        jne 2f
+        inc %ebx
+        add $20, %esi
+        jmp 3f
+2:      cmpb $2, (%esi)
+        jne 5f
+        inc %edx
+5:      add $8, %esi
+3:      dec %ecx
+        jmp 1b
+4:      say "mptable: cpus "
+        mov %ebx, %eax
+        call putdec
+        say " ioapics "
+        mov %edx, %eax
+        call putdec
+        call newline
+        ret
+9:      say "mptable: missing or bad checksum"
+        call newline
+        ret
+
+# ACPI: "RSD PTR " -> RSDT -> the "APIC" table (MADT); count processor entries.
+count_acpi_cpus:
+        mov $0xe0000, %esi
+        mov $0x100000, %edi
+1:      mov $0x20445352, %eax           # "RSD "
+        call scan16
+        test %esi, %esi
+        jz 9f
+        cmpl $0x20525450, 4(%esi)       # "PTR "
+        je 2f
+        add $16, %esi
+        jmp 1b
+2:      mov $20, %ecx
+        call sum8
+        test %eax, %eax
+        jnz 9f
+        mov 16(%esi), %esi              # RSDT
+        cmpl $0x54445352, (%esi)        # "RSDT"
+        jne 9f
+        mov 4(%esi), %ecx
+        call sum8
+        test %eax, %eax
+        jnz 9f
+        mov 4(%esi), %ecx
+        sub $36, %ecx
+        shr $2, %ecx                    # table pointers
+        lea 36(%esi), %edi
+3:      jecxz 9f
+        mov (%edi), %esi
+        cmpl $0x43495041, (%esi)        # "APIC"
+        je 4f
+        add $4, %edi
+        dec %ecx
+        jmp 3b
+4:      mov 4(%esi), %ecx
+        call sum8
+        test %eax, %eax
+        jnz 9f
+        mov %esi, %edi
+        add 4(%esi), %edi               # end of the MADT
+        add $44, %esi                   # first entry
+        xor %ebx, %ebx
+5:      cmp %edi, %esi
+        jae 6f
+        cmpb $0, (%esi)
+        jne 7f
+        testl $1, 4(%esi)               # enabled
+        jz 7f
+        inc %ebx
+7:      movzbl 1(%esi), %eax
+        add %eax, %esi
+        jmp 5b
+6:      say "acpi: madt cpus "
+        mov %ebx, %eax
+        call putdec
+        call newline
+        ret
+9:      say "acpi: missing or bad checksum"
+        call newline
+        ret
 
 icr_wait:
 1:      testl $0x1000, LAPIC+LAPIC_ICR_LO       # delivery status

@@ -9,6 +9,7 @@
 #             override of IRQ 0) -> vector 0x30 on APIC id 0
 #   hang      skip the timer: cli; hlt forever (for the watchdog test)
 #   spin      skip the timer: spin forever with interrupts off
+#   vmcall    a vmcall (spins inside KVM on PVM hosts), then spin
 #   iret      return from interrupts with IRET (the default is popf; ret,
 #             because KVM's emulator, which runs CPL0 code on PVM hosts,
 #             has no protected-mode IRET: there this ends in an emulation failure)
@@ -46,11 +47,20 @@ _start:
 2:      cli
         hlt
         jmp 2b
+1:      mov $s_vmcall, %edi
+        call find
+        test %eax, %eax
+        jz 1f
+        say "timer: vmcall"
+        call newline
+        xor %eax, %eax
+        vmcall                                  # on PVM hosts this never completes
+        jmp 3f
 1:      mov $s_spin, %edi
         call find
         test %eax, %eax
         jz 1f
-        say "timer: spinning"
+3:      say "timer: spinning"
         call newline
         cli
 2:      jmp 2b
@@ -197,6 +207,7 @@ unexpected:
         .section .rodata
 s_hang:        .asciz "hang"
 s_spin:        .asciz "spin"
+s_vmcall:      .asciz "vmcall"
 s_ioapic:      .asciz "ioapic"
 s_iret:        .asciz "iret"
 s_pic:         .asciz "8259 PIC"

@@ -1,0 +1,151 @@
+"""The guest the gdb tests debug, and a helper that serves it from a thread.
+
+The guest runs in 64-bit mode at CPL0 (the test debugs code that KVM's
+instruction emulator runs on PVM hosts, where CPL3 code cannot be stepped).
+It prints ``"hello gdb: "`` (a string at guest *virtual* 0x400000, which the
+page tables map to guest physical 0x100000; virtual 0x401000 maps to
+physical 0x180000), then the digit ``'0' + rbx``
+(rbx = 5), then ``" and bye\\n"`` (virtual 0x400010), and writes 0 to port
+0xf4.  A debugger that sets ``rbx`` at ``BP_HERE`` changes the digit; one that
+writes guest memory at 0x400011 changes the second string.  ``SPIN`` is an
+endless ``inc rcx; jmp`` loop for Ctrl-C tests.
+
+Machine code assembled with GNU as (Intel syntax), listed instruction by
+instruction.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import List, Optional
+
+import pykvm
+from pykvm.gdbstub import Exited, GdbStub, SessionEnd
+
+CODE = 0x10000
+PML4, PDPT, PD, PT = 0x1000, 0x2000, 0x3000, 0x4000
+DATA_VA, DATA_PA = 0x400000, 0x100000
+DATA_PA2 = 0x180000           # physical page behind virtual 0x401000
+STACK_TOP = 0x8000
+PORT_OUT, PORT_EXIT = 0x3F8, 0xF4
+
+_LISTING = [
+    ("bb05000000", "0x10000: mov ebx,0x5"),
+    ("48c7c600004000", "0x10005: mov rsi,0x400000"),
+    ("e81c000000", "0x1000c: call 0x1002d <puts>"),
+    ("8d4330", "0x10011: lea eax,[rbx+0x30]          <- BP_HERE"),
+    ("66baf803", "0x10014: mov dx,0x3f8"),
+    ("ee", "0x10018: out dx,al"),
+    ("48c7c610004000", "0x10019: mov rsi,0x400010"),
+    ("e808000000", "0x10020: call 0x1002d <puts>"),
+    ("66baf400", "0x10025: mov dx,0xf4"),
+    ("31c0", "0x10029: xor eax,eax"),
+    ("ee", "0x1002b: out dx,al"),
+    ("f4", "0x1002c: hlt"),
+    ("66baf803", "0x1002d: puts: mov dx,0x3f8"),
+    ("8a06", "0x10031: mov al,BYTE PTR [rsi]"),
+    ("84c0", "0x10033: test al,al"),
+    ("7406", "0x10035: je 0x1003d"),
+    ("ee", "0x10037: out dx,al"),
+    ("48ffc6", "0x10038: inc rsi"),
+    ("ebf4", "0x1003b: jmp 0x10031"),
+    ("c3", "0x1003d: ret"),
+    ("48ffc1", "0x1003e: SPIN: inc rcx"),
+    ("ebfb", "0x10041: jmp 0x1003e"),
+]
+GUEST_CODE = bytes.fromhex("".join(h for h, _ in _LISTING))
+BP_HERE = 0x10011          # lea eax,[rbx+0x30]
+AFTER_BP = 0x10014         # the next instruction
+OUT_DIGIT = 0x10018        # out dx,al (prints the digit)
+PUTS = 0x1002D
+SPIN = 0x1003E
+EXPECTED = b"hello gdb: 5 and bye\n"
+
+
+def build_guest(kvm: pykvm.Kvm, *, entry: int = CODE, cpl: int = 0) -> pykvm.Vm:
+    """A VM (2 MiB RAM, no irqchip) whose vCPU 0 starts at *entry* at privilege level *cpl*."""
+    vm = kvm.create_vm()
+    try:
+        mem = vm.add_memory(0, 0x200000)
+        u = 4 if cpl == 3 else 0
+        mem.write(PML4, struct.pack("<Q", PDPT | 3 | u))
+        mem.write(PDPT, struct.pack("<Q", PD | 3 | u))
+        mem.write(PD, struct.pack("<QQQ", 0x83 | u, 0, PT | 3 | u))   # 0-2M: 2 MiB page; 4M-6M: PT
+        mem.write(PT, struct.pack("<QQ", DATA_PA | 3 | u, DATA_PA2 | 3 | u))
+        mem.write(CODE, GUEST_CODE)
+        mem.write(DATA_PA, b"hello gdb: \0")
+        mem.write(DATA_PA + 0x10, b" and bye\n\0")
+        vcpu = vm.create_vcpu()
+        vcpu.set_cpuid2(kvm.supported_cpuid())
+        s = vcpu.get_sregs()
+        s.cr3, s.cr4, s.cr0, s.efer = PML4, 0x620, 0x80000033, 0x500
+        for name, idx, typ in (("cs", 1, 11), ("ds", 2, 3), ("es", 2, 3), ("fs", 2, 3),
+                               ("gs", 2, 3), ("ss", 2, 3)):
+            sg = getattr(s, name)
+            sg.base, sg.limit, sg.type = 0, 0xFFFFFFFF, typ
+            sg.selector = (idx + (2 if cpl else 0)) << 3 | cpl
+            sg.present, sg.dpl, sg.s, sg.g = 1, cpl, 1, 1
+            sg.l, sg.db = (1, 0) if name == "cs" else (0, 1)
+        vcpu.set_sregs(s)
+        r = vcpu.get_regs()
+        r.rip, r.rsp, r.rflags = entry, STACK_TOP, 0x3002 if cpl == 3 else 0x2
+        vcpu.set_regs(r)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+class ServedGuest:
+    """Serve *vm*'s vCPU 0 with a :class:`GdbStub` from a background thread.
+
+    ``output`` collects what the guest prints; ``result`` is the
+    :class:`SessionEnd` once ``serve()`` returned (``join()`` waits for it).
+    A watchdog closes the stub (and so kicks the vCPU) after *timeout* seconds.
+    """
+
+    def __init__(self, vm: pykvm.Vm, timeout: float = 30.0, log: Optional[List[str]] = None) -> None:
+        self.vm = vm
+        self.output = bytearray()
+        self.result: Optional[SessionEnd] = None
+        self.error: Optional[BaseException] = None
+        self.stub = GdbStub(vm.vcpus[0], on_exit=self._on_exit,
+                            log=(log.append if log is not None else None))
+        self.port = self.stub.port
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._watchdog = threading.Timer(timeout, self.stub.close)
+        self._watchdog.daemon = True
+
+    def _on_exit(self, ex):
+        if isinstance(ex, pykvm.IoOut) and ex.port == PORT_OUT:
+            self.output += ex.data
+            return None
+        if isinstance(ex, pykvm.IoOut) and ex.port == PORT_EXIT:
+            return Exited(ex.data[0])
+        raise AssertionError(f"unexpected exit {ex!r}")
+
+    def _serve(self) -> None:
+        try:
+            self.result = self.stub.serve(accept_timeout=30)
+        except BaseException as e:  # reported by join()
+            self.error = e
+
+    def __enter__(self) -> "ServedGuest":
+        self._thread.start()
+        self._watchdog.start()
+        return self
+
+    def join(self, timeout: float = 30.0) -> SessionEnd:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError("the stub did not finish")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        self._watchdog.cancel()
+        self.stub.close()
+        self._thread.join(10)
