@@ -710,7 +710,12 @@ class GdbStub:
                 f.xmm[i][:] = list(fx[160 + 16 * i:176 + 16 * i])
             v.set_fpu(f)
             return
-        memoryview(ctx).cast("B")[:512] = fx
+        raw = memoryview(ctx).cast("B")
+        raw[:512] = fx
+        # XSTATE_BV: mark x87 and SSE as in use, else XRSTOR would load their init state.
+        (bv,) = struct.unpack_from("<Q", raw, 512)
+        struct.pack_into("<Q", raw, 512, bv | 3)
+        raw.release()
         ioctl(v.fileno(), I.KVM_SET_XSAVE, ctx)
 
     def _read_regs(self) -> List[bytes]:
