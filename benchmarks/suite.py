@@ -16,7 +16,8 @@ Groups (``--only`` takes these names):
   and the dirty ring.
 * ``compute`` the same guest loop under pykvm, C and Unicorn.
 
-Every pykvm loop calls the API directly inside ``perf_counter_ns()`` brackets;
+Every pykvm loop calls the API directly between two clock reads
+(``perf_counter_ns``, or ``thread_time_ns`` with ``--clock cpu``);
 the C twin (``c/kvmbench.c``) runs the same ioctls on the same guest bytes and
 times itself.  Rounds are interleaved (see :func:`benchmarks.core.interleave`).
 """

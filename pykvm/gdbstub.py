@@ -55,9 +55,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import exits as X
-from ._ioctl import ioctl
 from .errors import KvmError
-from .uapi import ioctls as I
 from .uapi import structs as S
 from .uapi.enums import Cap
 from .vcpu import Vcpu
@@ -246,8 +244,7 @@ def translate(vcpu: Vcpu, vaddr: int, sregs: Optional[S.kvm_sregs] = None) -> Op
 
 def kvm_translate(vcpu: Vcpu, vaddr: int) -> Optional[int]:
     """The same question asked of KVM (``KVM_TRANSLATE``); None if not mapped."""
-    t = S.kvm_translation(linear_address=vaddr)
-    ioctl(vcpu.fileno(), I.KVM_TRANSLATE, t)
+    t = vcpu.translate_gva(vaddr)
     return t.physical_address if t.valid else None
 
 
@@ -318,7 +315,7 @@ def _probe_cpl3(kvm, control: int, rip_offset: int) -> bool:
         r = vcpu.get_regs()
         r.rip, r.rsp, r.rflags = 0x10000 + rip_offset, 0x8000, 0x2
         vcpu.set_regs(r)
-        ioctl(vcpu.fileno(), I.KVM_SET_GUEST_DEBUG, S.kvm_guest_debug(control=control))
+        vcpu.set_guest_debug(S.kvm_guest_debug(control=control))
         timer = threading.Timer(2.0, vcpu.kick)
         timer.daemon = True
         timer.start()
@@ -357,8 +354,9 @@ class _Conn:
     """One gdb connection: a reader thread turns the byte stream into packets."""
 
     def __init__(self, sock: socket.socket, on_interrupt: Callable[[], None],
-                 log: Optional[Callable[[str], None]]) -> None:
+                 on_eof: Callable[[], None], log: Optional[Callable[[str], None]]) -> None:
         self.sock = sock
+        self._on_eof = on_eof
         self.packets: "queue.Queue[Optional[bytes]]" = queue.Queue()
         self.ack = True
         self.last: bytes = b""
@@ -408,6 +406,7 @@ class _Conn:
             pass
         finally:
             self.packets.put(None)
+            self._on_eof()
 
     def _raw_send(self, data: bytes) -> None:
         with self._send_lock:
@@ -443,6 +442,7 @@ class _Error(Exception):
         self.code = code
 
 
+_REINJECT = "reinject"                        # _classify: give the #BP back to the guest
 _DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 _DR7_RW = {1: 0b00, 2: 0b01, 4: 0b11}         # Z type -> R/W bits: exec, write, read/write
 
@@ -481,10 +481,11 @@ class GdbStub:
         self._hw: List[Optional[Tuple[int, int, int]]] = [None] * 4   # slot -> (addr, type, len)
         self._gdb_features: set = set()
         self._last_stop = "S05"
-        self._dbg_control = -1
         self._warned_cpl3 = False
-        self._xsave_size: Optional[int] = None
+        self._xsave: Optional[bool] = None
+        self._debug_flags: Optional[int] = None
         self._running = False
+        self._disconnected = False
 
     # -- public --------------------------------------------------------------------------
     @property
@@ -535,7 +536,8 @@ class GdbStub:
                 return SessionEnd("closed")
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = _Conn(sock, self._on_ctrl_c, self.log)
+        self._disconnected = False
+        self._conn = _Conn(sock, self._on_ctrl_c, self._on_disconnect, self.log)
         try:
             return self._session()
         finally:
@@ -551,6 +553,12 @@ class GdbStub:
         if not self.vcpu.closed:
             self.vcpu.kick()
 
+    def _on_disconnect(self) -> None:
+        """gdb went away: stop a running guest so serve() can clean up and return."""
+        self._disconnected = True
+        if self._running and not self.vcpu.closed:
+            self.vcpu.kick()
+
     def _session(self) -> SessionEnd:
         conn = self._conn
         while True:
@@ -560,11 +568,16 @@ class GdbStub:
             try:
                 end = self._handle(pkt)
             except _Error as e:
+                self._note(f"{pkt[:40]!r}: {e}")
                 conn.send(f"E{e.code & 0xFF:02x}")
                 continue
-            except KvmError as e:
-                self._console(f"pykvm: {e}\n")
+            except KvmError as e:                          # KVM refused (e.g. a bad CR value)
+                self._note(f"{pkt[:40]!r}: {e}")
                 conn.send(f"E{(e.errno or errno.EIO) & 0xFF:02x}")
+                continue
+            except (ValueError, IndexError) as e:          # a malformed packet
+                self._note(f"{pkt[:40]!r}: malformed ({e})")
+                conn.send(f"E{errno.EINVAL:02x}")
                 continue
             if end is not None:
                 return end
@@ -578,8 +591,8 @@ class GdbStub:
             self._gdb_features = {f[:-1] for f in feats if f.endswith("+")}
             send("PacketSize=4000;qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+")
         elif pkt == b"QStartNoAckMode":
+            conn.ack = False                               # before the OK: gdb may answer at once
             send("OK")
-            conn.ack = False
         elif pkt.startswith(b"qXfer:features:read:"):
             annex, _, rng = pkt[len(b"qXfer:features:read:"):].partition(b":")
             if annex != b"target.xml":
@@ -663,6 +676,10 @@ class GdbStub:
             send("")                                       # unsupported: gdb falls back
         return None
 
+    def _note(self, text: str) -> None:
+        if self.log:
+            self.log(f"!! {text}")
+
     def _console(self, text: str) -> None:
         """Print *text* in gdb's console (an ``O`` packet; only valid while running)."""
         if self._conn is not None:
@@ -674,27 +691,17 @@ class GdbStub:
     # copies it), so they serve only hosts without KVM_CAP_XSAVE.
     def _get_fx(self) -> Tuple[bytearray, object]:
         v = self.vcpu
-        if self._xsave_size is None:
-            vm = v.vm
-            size = 0
-            if vm.check_extension(Cap.XSAVE2):
-                size = max(vm.check_extension(Cap.XSAVE2), 4096)
-            elif vm.check_extension(Cap.XSAVE):
-                size = 4096
-            self._xsave_size = size
-        if self._xsave_size:
-            extra = (self._xsave_size - 4096 + 3) // 4
-            xs = S.flex(S.kvm_xsave, extra) if extra > 0 else S.kvm_xsave()
-            req = I.KVM_GET_XSAVE2 if extra > 0 else I.KVM_GET_XSAVE
-            ioctl(v.fileno(), req, xs)
+        if self._xsave is None:
+            self._xsave = bool(v.vm.check_extension(Cap.XSAVE))
+        if self._xsave:
+            xs = v.get_xsave2() if v.vm.check_extension(Cap.XSAVE2) else v.get_xsave()
             return bytearray(memoryview(xs).cast("B")[:512]), xs
         f = v.get_fpu()
         fx = bytearray(512)
         struct.pack_into("<HHBxHQQ", fx, 0, f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip, f.last_dp)
         for i in range(8):
             fx[32 + 16 * i:48 + 16 * i] = bytes(f.fpr[i])
-            fx[160 + 16 * i:176 + 16 * i] = bytes(f.xmm[i])
-        for i in range(8, 16):
+        for i in range(16):
             fx[160 + 16 * i:176 + 16 * i] = bytes(f.xmm[i])
         return fx, f
 
@@ -716,7 +723,7 @@ class GdbStub:
         (bv,) = struct.unpack_from("<Q", raw, 512)
         struct.pack_into("<Q", raw, 512, bv | 3)
         raw.release()
-        ioctl(v.fileno(), I.KVM_SET_XSAVE, ctx)
+        v.set_xsave(ctx)
 
     def _read_regs(self) -> List[bytes]:
         v = self.vcpu
@@ -890,9 +897,11 @@ class GdbStub:
         self._sw_bps.clear()
         self._hw = [None] * 4
 
-    def _set_guest_debug(self, step: bool) -> None:
+    def _set_guest_debug(self, step: bool, inject_bp: bool = False) -> None:
         dbg = S.kvm_guest_debug()
-        control = S.KVM_GUESTDBG_ENABLE | S.KVM_GUESTDBG_USE_SW_BP
+        control = S.KVM_GUESTDBG_ENABLE
+        if self._sw_bps:                                   # else a guest int3 stays the guest's
+            control |= S.KVM_GUESTDBG_USE_SW_BP
         dr7 = 0x400
         for slot, hw in enumerate(self._hw):
             if hw is not None:
@@ -905,17 +914,24 @@ class GdbStub:
             dbg.arch.debugreg[7] = dr7
         if step:
             control |= S.KVM_GUESTDBG_SINGLESTEP
-            if debug_support().guest_debug_flags & S.KVM_GUESTDBG_BLOCKIRQ:
-                control |= S.KVM_GUESTDBG_BLOCKIRQ
+            if self._debug_flags is None:
+                try:
+                    self._debug_flags = self.vcpu.vm.check_extension(Cap.SET_GUEST_DEBUG2)
+                except KvmError:
+                    self._debug_flags = 0
+            if self._debug_flags & S.KVM_GUESTDBG_BLOCKIRQ:
+                control |= S.KVM_GUESTDBG_BLOCKIRQ         # no stepping into IRQ handlers
+        if inject_bp:
+            control |= S.KVM_GUESTDBG_INJECT_BP
         dbg.control = control
-        ioctl(self.vcpu.fileno(), I.KVM_SET_GUEST_DEBUG, dbg)
+        self.vcpu.set_guest_debug(dbg)
 
     def _cleanup(self) -> None:
         if self.vcpu.closed:
             return
         self._remove_all()
         try:
-            ioctl(self.vcpu.fileno(), I.KVM_SET_GUEST_DEBUG, S.kvm_guest_debug())
+            self.vcpu.set_guest_debug(enable=False)
         except KvmError:
             pass
         self.vcpu.immediate_exit = False
@@ -948,6 +964,11 @@ class GdbStub:
                     return SessionEnd("closed")
                 ex = self.vcpu.run()
                 stop = self._classify(ex, step, start_rip)
+                if stop is _REINJECT:
+                    # The guest's own int3, not ours: hand the #BP back to the guest
+                    # (KVM kept the instruction length from the exit for the injection).
+                    self._set_guest_debug(step, inject_bp=True)
+                    continue
                 if isinstance(stop, SessionEnd):
                     return stop
                 if stop is not None:
@@ -958,13 +979,13 @@ class GdbStub:
             self._running = False
 
     def _classify(self, ex: X.Exit, step: bool, start_rip: int) -> Union[None, str, SessionEnd]:
-        """The stop reply for exit *ex*, None to keep running, or the end of the session."""
+        """The stop reply for exit *ex*, None to keep running, :data:`_REINJECT`, or the end."""
         t = "thread:1;"
         swbreak = "swbreak:;" if "swbreak" in self._gdb_features else ""
         hwbreak = "hwbreak:;" if "hwbreak" in self._gdb_features else ""
         if isinstance(ex, X.Debug):
             if ex.exception == 3:
-                return f"T05{t}{swbreak if self._at_sw_bp(ex.pc) else ''}"
+                return f"T05{t}{swbreak}" if self._at_sw_bp(ex.pc) else _REINJECT
             for slot in range(4):
                 if ex.dr6 & (1 << slot) and self._hw[slot] is not None:
                     addr, typ, _ = self._hw[slot]
@@ -975,6 +996,8 @@ class GdbStub:
         if isinstance(ex, X.Interrupted):
             if self._closed:
                 return SessionEnd("closed")
+            if self._disconnected:
+                return SessionEnd("disconnected")
             self._interrupt.clear()
             return f"T{SIGINT:02x}{t}"
         if isinstance(ex, X.InternalError) and ex.suberror == S.KVM_INTERNAL_ERROR_EMULATION:

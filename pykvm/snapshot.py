@@ -54,6 +54,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -124,21 +125,10 @@ class SnapshotRestoreError(SnapshotError):
 
 
 # ---------------------------------------------------------------------------
-# state access: wrappers where ``Vcpu``/``Vm`` have them, raw ioctls otherwise
+# state access (the ``Vcpu``/``Vm`` wrappers; one raw ioctl for partial MSR writes)
 
 def _raw(obj, request: int, buf) -> int:
     return ioctl(obj.fileno(), request, buf)
-
-
-def _try(obj, request: int, buf, absent: Tuple[int, ...]) -> bool:
-    """Issue the ioctl; False if it failed with an errno meaning "not present"."""
-    try:
-        _raw(obj, request, buf)
-        return True
-    except KvmError as e:
-        if e.errno in absent:
-            return False
-        raise
 
 
 def _struct_bytes(obj: ctypes.Structure) -> bytes:
@@ -241,7 +231,7 @@ def _probe_host(kvm: Kvm) -> Tuple[Dict[str, int], int]:
                 for k, val in _feature_words(v.get_cpuid2()).items():
                     words[k] |= val
                 try:
-                    khz = max(0, ioctl(v.fileno(), I.KVM_GET_TSC_KHZ, 0))
+                    khz = max(0, v.get_tsc_khz())
                 except KvmError:
                     pass
         except KvmError:
@@ -317,14 +307,12 @@ def _read_msrs(vcpu: Vcpu, indices: Sequence[int]) -> Tuple[List[Tuple[int, int]
     skipped: List[int] = []
     todo = list(indices)
     while todo:
-        buf = S.flex(S.kvm_msrs, len(todo))
-        for k, i in enumerate(todo):
-            buf.entries[k].index = i
-        n = _raw(vcpu, I.KVM_GET_MSRS, buf)
-        values += [(buf.entries[k].index, buf.entries[k].data) for k in range(n)]
+        got = vcpu.get_msrs(todo)        # KVM stops at the first MSR it cannot read
+        n = len(got)
+        values += [(i, got[i]) for i in todo[:n]]
         if n >= len(todo):
             break
-        skipped.append(todo[n])          # KVM stops at the first MSR it cannot read
+        skipped.append(todo[n])
         todo = todo[n + 1:]
     return values, skipped
 
@@ -334,102 +322,88 @@ def _complete_pending_io(vcpu: Vcpu) -> None:
 
     After ``KVM_EXIT_IO``/``MMIO``/``RDMSR``... the guest state is consistent only
     once KVM_RUN was entered again (api.rst, "kvm_run"); with ``immediate_exit``
-    set KVM completes the operation and returns EINTR without running guest code.
+    set KVM completes the operation and returns EINTR without running guest code
+    (the KVM selftests' ``vcpu_run_complete_io`` before ``vcpu_save_state``).
     """
-    if vcpu.exit_reason == 0:          # never ran (or nothing pending): leave it alone
-        return
-    mm = vcpu.run_mmap
-    mm[1] = 1
+    if vcpu.exit_reason == 0:          # never ran: nothing pending, and the first
+        return                         # KVM_RUN would freeze its CPUID
+    vcpu.immediate_exit = True
     try:
-        ioctl(vcpu.fileno(), I.KVM_RUN, 0)
-    except KvmError as e:
-        if e.errno not in (errno.EINTR, errno.EAGAIN):
-            raise
+        vcpu.run()
     finally:
-        mm[1] = 0
+        vcpu.immediate_exit = False
+
+
+def _absent(e: KvmError) -> bool:
+    return e.errno in (errno.EINVAL, errno.ENXIO, errno.ENOTTY)
 
 
 def _vcpu_state(vm: Vm, vcpu: Vcpu, caps: Dict[str, int], msr_list: Sequence[int],
                 skipped_msrs: Dict[str, List[str]]) -> List[Tuple[str, bytes]]:
-    items: List[Tuple[str, bytes]] = []
-    regs = S.kvm_regs()
-    _raw(vcpu, I.KVM_GET_REGS, regs)
-    items.append(("regs", _struct_bytes(regs)))
+    items: List[Tuple[str, bytes]] = [("regs", _struct_bytes(vcpu.get_regs()))]
     if caps.get("SREGS2"):
-        sregs2 = S.kvm_sregs2()
-        _raw(vcpu, I.KVM_GET_SREGS2, sregs2)
-        items.append(("sregs2", _struct_bytes(sregs2)))
+        items.append(("sregs2", _struct_bytes(vcpu.get_sregs2())))
     else:
-        sregs = S.kvm_sregs()
-        _raw(vcpu, I.KVM_GET_SREGS, sregs)
-        items.append(("sregs", _struct_bytes(sregs)))
-    xsave_size = vm.check_extension(Cap.XSAVE2) if caps.get("XSAVE2") else 0
-    if xsave_size:
-        extra = max(0, (xsave_size - ctypes.sizeof(S.kvm_xsave) + 3) // 4)
-        xs = S.flex(S.kvm_xsave, extra) if extra else S.kvm_xsave()
-        _raw(vcpu, I.KVM_GET_XSAVE2, xs)
-        items.append(("xsave", _struct_bytes(xs)))
+        items.append(("sregs", _struct_bytes(vcpu.get_sregs())))
+    if caps.get("XSAVE2"):
+        items.append(("xsave", _struct_bytes(vcpu.get_xsave2())))
     elif caps.get("XSAVE"):
-        xs = S.kvm_xsave()
-        _raw(vcpu, I.KVM_GET_XSAVE, xs)
-        items.append(("xsave", _struct_bytes(xs)))
+        items.append(("xsave", _struct_bytes(vcpu.get_xsave())))
     else:
-        fpu = S.kvm_fpu()
-        _raw(vcpu, I.KVM_GET_FPU, fpu)
-        items.append(("fpu", _struct_bytes(fpu)))
+        items.append(("fpu", _struct_bytes(vcpu.get_fpu())))
     if caps.get("XCRS"):
-        xcrs = S.kvm_xcrs()
-        _raw(vcpu, I.KVM_GET_XCRS, xcrs)
-        items.append(("xcrs", _struct_bytes(xcrs)))
-    lapic = S.kvm_lapic_state()
-    if _try(vcpu, I.KVM_GET_LAPIC, lapic, (errno.EINVAL, errno.ENXIO)):
-        items.append(("lapic", _struct_bytes(lapic)))
+        items.append(("xcrs", _struct_bytes(vcpu.get_xcrs())))
+    try:
+        items.append(("lapic", _struct_bytes(vcpu.get_lapic())))
+    except KvmError as e:
+        if not _absent(e):             # no in-kernel LAPIC: nothing to save
+            raise
     values, skipped = _read_msrs(vcpu, msr_list)
     if skipped:
         skipped_msrs[str(vcpu.id)] = [f"{i:#x}" for i in skipped]
     items.append(("msrs", b"".join(struct.pack("<IIQ", i, 0, v) for i, v in values)))
     items.append(("cpuid", b"".join(_struct_bytes(e) for e in vcpu.get_cpuid2())))
-    mp = S.kvm_mp_state()
-    _raw(vcpu, I.KVM_GET_MP_STATE, mp)
-    items.append(("mp_state", _struct_bytes(mp)))
+    items.append(("mp_state", _U32.pack(vcpu.get_mp_state())))
     if caps.get("DEBUGREGS"):
-        dr = S.kvm_debugregs()
-        _raw(vcpu, I.KVM_GET_DEBUGREGS, dr)
-        items.append(("debugregs", _struct_bytes(dr)))
-    nested_max = caps.get("NESTED_STATE", 0)
-    if nested_max:
-        ns = S.flex(S.kvm_nested_state, max(0, nested_max - ctypes.sizeof(S.kvm_nested_state)))
-        ns.size = ctypes.sizeof(ns)
-        if _try(vcpu, I.KVM_GET_NESTED_STATE, ns, (errno.EINVAL, errno.ENOTTY)):
+        items.append(("debugregs", _struct_bytes(vcpu.get_debug_regs())))
+    if caps.get("NESTED_STATE"):
+        try:
+            ns = vcpu.get_nested_state()
             items.append(("nested", _struct_bytes(ns)[:max(ns.size, ctypes.sizeof(S.kvm_nested_state))]))
+        except KvmError as e:
+            if not _absent(e):
+                raise
     if caps.get("GET_TSC_KHZ"):
         try:
-            items.append(("tsc_khz", _U32.pack(ioctl(vcpu.fileno(), I.KVM_GET_TSC_KHZ, 0))))
+            items.append(("tsc_khz", _U32.pack(vcpu.get_tsc_khz())))
         except KvmError:
             pass
     if caps.get("VCPU_EVENTS"):
-        ev = S.kvm_vcpu_events()
-        _raw(vcpu, I.KVM_GET_VCPU_EVENTS, ev)
-        items.append(("events", _struct_bytes(ev)))
+        items.append(("events", _struct_bytes(vcpu.get_vcpu_events())))
     return items
 
 
 def _vm_state(vm: Vm) -> Tuple[List[Tuple[str, bytes]], Dict[str, Any]]:
     items: List[Tuple[str, bytes]] = []
     desc: Dict[str, Any] = {"irqchip": False, "pit": False}
-    for chip in (S.KVM_IRQCHIP_PIC_MASTER, S.KVM_IRQCHIP_PIC_SLAVE, S.KVM_IRQCHIP_IOAPIC):
-        ic = S.kvm_irqchip(chip_id=chip)
-        if not _try(vm, I.KVM_GET_IRQCHIP, ic, (errno.ENXIO, errno.EINVAL)):
-            break
-        items.append((f"irqchip.{chip}", _struct_bytes(ic)))
+    try:
+        for chip in (S.KVM_IRQCHIP_PIC_MASTER, S.KVM_IRQCHIP_PIC_SLAVE, S.KVM_IRQCHIP_IOAPIC):
+            items.append((f"irqchip.{chip}", _struct_bytes(vm.get_irqchip(chip))))
         desc["irqchip"] = True
-    pit = S.kvm_pit_state2()
-    if _try(vm, I.KVM_GET_PIT2, pit, (errno.ENXIO, errno.EINVAL)):
-        items.append(("pit2", _struct_bytes(pit)))
+    except KvmError as e:              # ENXIO: no (full) in-kernel irqchip
+        if not _absent(e):
+            raise
+    try:
+        items.append(("pit2", _struct_bytes(vm.get_pit2())))
         desc["pit"] = True
-    clock = S.kvm_clock_data()
-    if _try(vm, I.KVM_GET_CLOCK, clock, (errno.EINVAL, errno.ENOTTY)):
-        items.append(("clock", _struct_bytes(clock)))
+    except KvmError as e:
+        if not _absent(e):
+            raise
+    try:
+        items.append(("clock", _struct_bytes(vm.get_clock())))
+    except KvmError as e:
+        if not _absent(e):
+            raise
     return items, desc
 
 
@@ -508,7 +482,17 @@ class _Writer:
                 os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
+            # Replacing an earlier snapshot frees its blocks, which waits for its pages
+            # still under writeback (0.1-0.5 s per GiB measured here).  Holding it open
+            # across the rename moves that work to a background close.
+            try:
+                old: Optional[int] = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                old = None
             os.replace(self.tmp, self.path)
+            if old is not None:
+                threading.Thread(target=os.close, args=(old,), name="pykvm-snapshot-unlink",
+                                 daemon=True).start()
             if fsync:
                 dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -895,7 +879,9 @@ def _read_state(r: _Reader) -> _Parsed:
     if vm_items is None:
         raise SnapshotCorrupt(f"{r.name}: no VM state record")
     desc = info.header.get("vm", {})
-    if [v for v, _ in vcpus] != list(desc.get("vcpus", [])) or len(regions) != len(desc.get("memory", [])):
+    listed = [(m.get("slot"), m.get("flags"), m.get("guest_phys_addr"), m.get("size"))
+              for m in desc.get("memory", [])]
+    if [v for v, _ in vcpus] != list(desc.get("vcpus", [])) or listed != [tuple(x) for x in regions]:
         raise SnapshotCorrupt(f"{r.name}: records do not match the header's vCPU/memory list")
     return _Parsed(info, vm_items, vcpus, regions, first, records)
 
@@ -1135,87 +1121,79 @@ def check_compatible(src: Union[str, "os.PathLike[str]", BinaryIO], kvm: Optiona
 # ---------------------------------------------------------------------------
 # restoring
 
-def _set(obj, request: int, buf, what: str) -> None:
+def _set(what: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Call a ``Vcpu``/``Vm`` setter; a KVM refusal becomes a :class:`SnapshotRestoreError`."""
     try:
-        _raw(obj, request, buf)
+        fn(*args)
     except KvmError as e:
         raise SnapshotRestoreError(f"restoring {what}: {e}") from None
 
 
 def _restore_vcpu(vm: Vm, vcpu: Vcpu, items: Dict[str, bytes], tag: str) -> None:
+    """Load one vCPU's state in the order KVM needs (see docs/snapshot.md, "Restore order")."""
     # 1. CPUID first: KVM derives valid MSRs, CR4 bits and XSAVE features from it.
     entries = _cpuid_entries(items.get("cpuid", b""))
     if entries:
-        try:
-            vcpu.set_cpuid2(entries)
-        except KvmError as e:
-            raise SnapshotRestoreError(f"restoring {tag} CPUID: {e}") from None
-    # 2. TSC frequency (only if this host differs and can scale).
+        _set(f"{tag} CPUID", vcpu.set_cpuid2, entries)
+    # 2. TSC frequency (only if this host differs; refusal was checked or allowed before).
     if "tsc_khz" in items:
         (khz,) = _U32.unpack(items["tsc_khz"])
         try:
-            cur = ioctl(vcpu.fileno(), I.KVM_GET_TSC_KHZ, 0)
+            if khz and vcpu.get_tsc_khz() != khz:
+                vcpu.set_tsc_khz(khz)
         except KvmError:
-            cur = khz
-        if khz and cur != khz:
-            try:
-                ioctl(vcpu.fileno(), I.KVM_SET_TSC_KHZ, khz)
-            except KvmError:
-                pass  # checked (or explicitly allowed) in _compat_problems
+            pass
     # 3. Segments, control registers, EFER, APIC base.
     if "sregs2" in items:
-        _set(vcpu, I.KVM_SET_SREGS2, _from_bytes(S.kvm_sregs2, items["sregs2"], f"{tag} sregs2"),
-             f"{tag} sregs2")
+        _set(f"{tag} sregs2", vcpu.set_sregs2, _from_bytes(S.kvm_sregs2, items["sregs2"], f"{tag} sregs2"))
     elif "sregs" in items:
-        _set(vcpu, I.KVM_SET_SREGS, _from_bytes(S.kvm_sregs, items["sregs"], f"{tag} sregs"),
-             f"{tag} sregs")
+        _set(f"{tag} sregs", vcpu.set_sregs, _from_bytes(S.kvm_sregs, items["sregs"], f"{tag} sregs"))
     # 4. MSRs (after CPUID and EFER; the TSC deadline waits for the LAPIC).
     msrs: List[Tuple[int, int]] = []
     blob = items.get("msrs", b"")
     for o in range(0, len(blob), 16):
         i, _, v = struct.unpack_from("<IIQ", blob, o)
         msrs.append((i, v))
-    late = [(i, v) for i, v in msrs if i == _MSR_TSC_DEADLINE]
-    early = [(i, v) for i, v in msrs if i != _MSR_TSC_DEADLINE]
-    _write_msrs(vcpu, early, tag)
+    _write_msrs(vcpu, [(i, v) for i, v in msrs if i != _MSR_TSC_DEADLINE], tag)
     # 5. XCRs before the XSAVE area whose components XCR0 enables.
     if "xcrs" in items:
-        _set(vcpu, I.KVM_SET_XCRS, _from_bytes(S.kvm_xcrs, items["xcrs"], f"{tag} xcrs"), f"{tag} XCRs")
+        _set(f"{tag} XCRs", vcpu.set_xcrs, _from_bytes(S.kvm_xcrs, items["xcrs"], f"{tag} xcrs"))
     if "xsave" in items:
         data = items["xsave"]
         extra = max(0, (len(data) - ctypes.sizeof(S.kvm_xsave) + 3) // 4)
         xs = S.flex(S.kvm_xsave, extra) if extra else S.kvm_xsave()
         ctypes.memmove(ctypes.addressof(xs), data, len(data))
-        _set(vcpu, I.KVM_SET_XSAVE, xs, f"{tag} XSAVE area")
+        _set(f"{tag} XSAVE area", vcpu.set_xsave, xs)
     elif "fpu" in items:
-        _set(vcpu, I.KVM_SET_FPU, _from_bytes(S.kvm_fpu, items["fpu"], f"{tag} fpu"), f"{tag} FPU")
+        _set(f"{tag} FPU", vcpu.set_fpu, _from_bytes(S.kvm_fpu, items["fpu"], f"{tag} fpu"))
     # 6. LAPIC (after sregs set the APIC base), then the TSC deadline it arms.
     if "lapic" in items:
-        _set(vcpu, I.KVM_SET_LAPIC, _from_bytes(S.kvm_lapic_state, items["lapic"], f"{tag} lapic"),
-             f"{tag} LAPIC")
-    _write_msrs(vcpu, late, tag)
+        _set(f"{tag} LAPIC", vcpu.set_lapic, _from_bytes(S.kvm_lapic_state, items["lapic"], f"{tag} lapic"))
+    _write_msrs(vcpu, [(i, v) for i, v in msrs if i == _MSR_TSC_DEADLINE], tag)
     # 7. MP state, debug registers, general registers.
     if "mp_state" in items:
-        _set(vcpu, I.KVM_SET_MP_STATE, _from_bytes(S.kvm_mp_state, items["mp_state"], f"{tag} mp_state"),
-             f"{tag} MP state")
+        (mp,) = _U32.unpack(items["mp_state"])
+        _set(f"{tag} MP state", vcpu.set_mp_state, mp)
     if "debugregs" in items:
-        _set(vcpu, I.KVM_SET_DEBUGREGS, _from_bytes(S.kvm_debugregs, items["debugregs"], f"{tag} dr"),
-             f"{tag} debug registers")
-    _set(vcpu, I.KVM_SET_REGS, _from_bytes(S.kvm_regs, items["regs"], f"{tag} regs"), f"{tag} registers")
+        _set(f"{tag} debug registers", vcpu.set_debug_regs,
+             _from_bytes(S.kvm_debugregs, items["debugregs"], f"{tag} debugregs"))
+    _set(f"{tag} registers", vcpu.set_regs, _from_bytes(S.kvm_regs, items["regs"], f"{tag} regs"))
     # 8. Nested state, then pending events last (KVM_SET_REGS drops a pending exception).
     if "nested" in items and len(items["nested"]) >= ctypes.sizeof(S.kvm_nested_state):
         data = items["nested"]
         ns = S.flex(S.kvm_nested_state, len(data) - ctypes.sizeof(S.kvm_nested_state))
         ctypes.memmove(ctypes.addressof(ns), data, len(data))
         if ns.size > ctypes.sizeof(S.kvm_nested_state) or ns.flags:
-            _set(vcpu, I.KVM_SET_NESTED_STATE, ns, f"{tag} nested state")
+            _set(f"{tag} nested state", vcpu.set_nested_state, ns)
     if "events" in items:
-        _set(vcpu, I.KVM_SET_VCPU_EVENTS, _from_bytes(S.kvm_vcpu_events, items["events"], f"{tag} events"),
-             f"{tag} pending events")
+        _set(f"{tag} pending events", vcpu.set_vcpu_events,
+             _from_bytes(S.kvm_vcpu_events, items["events"], f"{tag} events"))
 
 
 def _write_msrs(vcpu: Vcpu, values: List[Tuple[int, int]], tag: str) -> None:
     """KVM_SET_MSRS; an MSR KVM refuses is fine only if the new vCPU already holds the value.
+
+    (The raw ioctl, not ``Vcpu.set_msrs``: the count KVM wrote tells which MSR it refused.)
 
     (Example: ``MSR_KVM_ASYNC_PF_INT`` reads 0 without an in-kernel LAPIC but
     cannot be written then, not even with 0.)
@@ -1242,11 +1220,11 @@ def _write_msrs(vcpu: Vcpu, values: List[Tuple[int, int]], tag: str) -> None:
 
 def _restore_devices(vm: Vm, items: Dict[str, bytes]) -> None:
     if "pit2" in items:
-        _set(vm, I.KVM_SET_PIT2, _from_bytes(S.kvm_pit_state2, items["pit2"], "PIT"), "PIT state")
+        _set("PIT state", vm.set_pit2, _from_bytes(S.kvm_pit_state2, items["pit2"], "PIT"))
     for chip in (S.KVM_IRQCHIP_PIC_MASTER, S.KVM_IRQCHIP_PIC_SLAVE, S.KVM_IRQCHIP_IOAPIC):
         key = f"irqchip.{chip}"
         if key in items:
-            _set(vm, I.KVM_SET_IRQCHIP, _from_bytes(S.kvm_irqchip, items[key], key), f"irqchip {chip}")
+            _set(f"irqchip {chip}", vm.set_irqchip, _from_bytes(S.kvm_irqchip, items[key], key))
 
 
 def _restore_clock(vm: Vm, items: Dict[str, bytes], clock: str, saved_at: Optional[float]) -> None:
@@ -1258,16 +1236,37 @@ def _restore_clock(vm: Vm, items: Dict[str, bytes], clock: str, saved_at: Option
         c.clock += max(0, int((time.time() - saved_at) * 1e9))
     c.flags = 0
     c.realtime = c.host_tsc = 0
-    _set(vm, I.KVM_SET_CLOCK, c, "kvmclock")
+    _set("kvmclock", vm.set_clock, c)
 
 
 def _has_irqchip(vm: Vm) -> bool:
-    return _try(vm, I.KVM_GET_IRQCHIP, S.kvm_irqchip(chip_id=S.KVM_IRQCHIP_PIC_MASTER),
-                (errno.ENXIO, errno.EINVAL))
+    try:
+        vm.get_irqchip(S.KVM_IRQCHIP_PIC_MASTER)
+        return True
+    except KvmError as e:
+        if _absent(e):
+            return False
+        raise
 
 
 def _has_pit(vm: Vm) -> bool:
-    return _try(vm, I.KVM_GET_PIT2, S.kvm_pit_state2(), (errno.ENXIO, errno.EINVAL))
+    try:
+        vm.get_pit2()
+        return True
+    except KvmError as e:
+        if _absent(e):
+            return False
+        raise
+
+
+def _has_lapic(vcpu: Vcpu) -> bool:
+    try:
+        vcpu.get_lapic()
+        return True
+    except KvmError as e:
+        if _absent(e):
+            return False
+        raise
 
 
 def restore(src: Union[str, "os.PathLike[str]", BinaryIO], kvm: Optional[Kvm] = None, *,
@@ -1332,8 +1331,7 @@ def restore(src: Union[str, "os.PathLike[str]", BinaryIO], kvm: Optional[Kvm] = 
                 vcpu = vm.create_vcpu(vid)
             except KvmError as e:
                 raise SnapshotRestoreError(f"creating vCPU {vid}: {e}") from None
-            if "lapic" in items and not _try(vcpu, I.KVM_GET_LAPIC, S.kvm_lapic_state(),
-                                             (errno.EINVAL, errno.ENXIO)):
+            if "lapic" in items and not _has_lapic(vcpu):
                 raise SnapshotIncompatible(
                     f"vCPU {vid} had an in-kernel LAPIC but the new VM has none: the snapshot's VM "
                     "used a split irqchip; enable it in prepare(vm)")

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from typing import List, Optional, Tuple
+from typing import List
 
 import pytest
 
@@ -342,6 +342,9 @@ def test_detach_removes_breakpoints_and_debugging(kvm) -> None:
 
 def test_bad_checksum_is_nacked_and_noack_mode(served) -> None:
     g, c = served
+    for junk in (b"mzz,4", b"P1=zz", b"Z0,10011", b"qXfer:features:read:target.xml:x,y", b"p999"):
+        assert c.cmd(junk).startswith(b"E")                  # malformed: an error, not a crash
+    assert c.cmd(b"qXfer:features:read:other.xml:0,10") == b"E02"
     c.send_raw(b"$g#00")
     assert c._byte() == ord("-")
     assert c.cmd(b"QStartNoAckMode") == b"OK"
@@ -359,6 +362,12 @@ def test_kill_and_disconnect_end_the_session(kvm) -> None:
     with build_guest(kvm) as vm, ServedGuest(vm) as g:
         c = Client(g.port)
         c.cmd(b"?")
+        c.close()
+        assert g.join().reason == "disconnected"
+    with build_guest(kvm, entry=SPIN) as vm, ServedGuest(vm) as g:   # gdb dies mid-run
+        c = Client(g.port)
+        c.send(b"c")
+        time.sleep(0.05)
         c.close()
         assert g.join().reason == "disconnected"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import pykvm
 from pykvm import snapshot
 
 from .guest import run_guest

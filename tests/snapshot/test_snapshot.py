@@ -181,6 +181,44 @@ def test_restored_vm_carries_on_in_process(midrun, reference) -> None:
     assert before + bytes(out) == reference
 
 
+def test_two_vcpus_and_prepare_hook(tmp_path, reference) -> None:
+    """A second vCPU that never ran (an AP waiting for INIT/SIPI) comes back as it was."""
+    path = tmp_path / "smp.snap"
+    with pykvm.Kvm() as kvm, build_counter(kvm, lines=LINES, iters=ITERS) as vm:
+        ap = vm.create_vcpu(1)
+        ap.set_cpuid2(kvm.supported_cpuid())
+        out = bytearray()
+        run_guest(vm.vcpus[0], out, stop=lambda o: o.count(b"\n") == 7)
+        ap_state = (ap.get_mp_state(), bytes(ap.get_lapic().regs[0x20:0x24]), bytes(ap.get_regs()))
+        bsp_lapic_id = bytes(vm.vcpus[0].get_lapic().regs[0x20:0x24])
+        snapshot.save(vm, path, fsync=False, kvm=kvm)
+        seen: List[str] = []
+
+        def prepare(new_vm: pykvm.Vm) -> None:
+            assert not new_vm.vcpus and not new_vm.memory      # called on the empty VM
+            new_vm.set_tss_address(0xFFFBD000)
+            seen.append("prepare")
+
+        with snapshot.restore(path, kvm, prepare=prepare) as vm2:
+            assert seen == ["prepare"]
+            assert [v.id for v in vm2.vcpus] == [0, 1]
+            ap2 = vm2.vcpus[1]
+            assert (ap2.get_mp_state(), bytes(ap2.get_lapic().regs[0x20:0x24]),
+                    bytes(ap2.get_regs())) == ap_state
+            assert bytes(vm2.vcpus[0].get_lapic().regs[0x20:0x24]) == bsp_lapic_id
+            rest = bytearray()
+            assert run_guest(vm2.vcpus[0], rest) == 0
+    assert bytes(out + rest) == reference
+    fds = _open_fds()
+
+    def broken(new_vm: pykvm.Vm) -> None:
+        raise RuntimeError("prepare failed")
+
+    with pytest.raises(RuntimeError, match="prepare failed"):
+        snapshot.restore(path, prepare=broken)
+    assert _open_fds() == fds
+
+
 def test_file_objects_and_metadata(tmp_path, reference) -> None:
     buf = io.BytesIO()
     with pykvm.Kvm() as kvm, build_counter(kvm, lines=LINES, iters=ITERS) as vm:
