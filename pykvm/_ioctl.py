@@ -29,6 +29,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc_ioctl.restype = ctypes.c_int
+# The same libc ioctl without argtypes (a separate function object): ctypes then
+# passes Python ints as C ints, its cheapest call, 0.38 us against 0.83 us for
+# fcntl.ioctl(fd, req, int), which on CPython <= 3.13 first tries (and fails) to
+# read the int as a writable buffer, then as a read-only one (benchmarks/).
+_libc_ioctl_int = ctypes.CDLL(None, use_errno=True).ioctl
+_get_errno = ctypes.get_errno
 
 
 def _ioctl_ulong(fd: int, request: int, arg: int) -> int:
@@ -53,8 +59,14 @@ def ioctl(fd: int, request: int, arg: Union[int, Any] = 0) -> int:
     """
     try:
         if isinstance(arg, int):
-            if 0 <= arg <= _INT_MAX:
-                return _fcntl_ioctl(fd, request, arg)
+            if arg == 0:
+                return _fcntl_ioctl(fd, request)  # no argument: fcntl's fast path, same syscall
+            if 0 < arg <= _INT_MAX:
+                ret = _libc_ioctl_int(fd, request, arg)
+                if ret < 0:
+                    err = _get_errno()
+                    raise OSError(err, os.strerror(err))
+                return ret
             if arg < 0 or arg >= 2**64:
                 raise ValueError(f"{ioctl_name(request)}: argument {arg} is not an unsigned 64-bit value")
             return _ioctl_ulong(fd, request, arg)

@@ -63,6 +63,7 @@ from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Option
 
 from ._ioctl import ioctl
 from .errors import KvmError
+from .exits import decode
 from .system import Kvm
 from .uapi import ioctls as I
 from .uapi import structs as S
@@ -324,14 +325,26 @@ def _complete_pending_io(vcpu: Vcpu) -> None:
     once KVM_RUN was entered again (api.rst, "kvm_run"); with ``immediate_exit``
     set KVM completes the operation and returns EINTR without running guest code
     (the KVM selftests' ``vcpu_run_complete_io`` before ``vcpu_save_state``).
+    The caller holds the vCPU's run lock (so this is the raw ioctl, not ``run()``).
     """
     if vcpu.exit_reason == 0:          # never ran: nothing pending, and the first
         return                         # KVM_RUN would freeze its CPUID
     vcpu.immediate_exit = True
     try:
-        vcpu.run()
+        ioctl(vcpu.fileno(), I.KVM_RUN, 0)
+    except KvmError as e:
+        if e.errno in (errno.EINTR, errno.EAGAIN):
+            return                     # done: nothing ran
+        raise
     finally:
         vcpu.immediate_exit = False
+    # KVM needed user space once more (e.g. the next chunk of a ``rep outs``).
+    mm = vcpu.run_mmap
+    ex = decode(mm, memoryview(mm))
+    err = SnapshotError(f"vCPU {vcpu.id}: completing the last exit produced another one "
+                        f"({ex!r}); handle it (it is in .exit) and save again")
+    err.exit = ex  # type: ignore[attr-defined]
+    raise err
 
 
 def _absent(e: KvmError) -> bool:
@@ -441,7 +454,10 @@ class _Writer:
         if self.f is None:
             d = os.path.dirname(os.path.abspath(self.path))
             self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise SnapshotError(f"cannot write a snapshot in {d}: {e.strerror}") from None
 
     def write(self, *parts) -> None:
         if self.fd is not None:
@@ -577,10 +593,16 @@ def _zero_runs(addr: int, size: int, block: int = ZERO_BLOCK) -> Iterator[Tuple[
 
 
 def _lock_vcpus(vm: Vm) -> List[Vcpu]:
+    """Take every vCPU's run lock (``Vcpu._lock``, held by ``run()``), or raise.
+
+    Holding them keeps other threads from running a vCPU while its state is read.
+    """
     locked: List[Vcpu] = []
     for vcpu in vm.vcpus:
         lock = getattr(vcpu, "_lock", None)
-        if lock is not None and not lock.acquire(False):
+        if lock is None:
+            continue
+        if not lock.acquire(False):
             for v in locked:
                 v._lock.release()
             raise SnapshotError(f"vCPU {vcpu.id} is inside run() in another thread: stop it "
@@ -642,9 +664,9 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
         fp = host_fingerprint(kvm)
         caps = fp["caps"]
         msr_list = kvm.msr_index_list()
+        locked = _lock_vcpus(vm)
         for vcpu in vm.vcpus:
             _complete_pending_io(vcpu)
-        locked = _lock_vcpus(vm)
         vm_items, vm_desc = _vm_state(vm)
         skipped: Dict[str, List[str]] = {}
         vcpu_items = [(v.id, _vcpu_state(vm, v, caps, msr_list, skipped)) for v in vm.vcpus]

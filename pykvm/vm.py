@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._ioctl import FdObject
@@ -854,7 +853,6 @@ class Vm(FdObject):
         self._slots.clear()
 
 
-@dataclass(frozen=True)
 class MsrFilterRange:
     """One range of ``KVM_X86_SET_MSR_FILTER`` (``struct kvm_msr_filter_range``).
 
@@ -863,25 +861,44 @@ class MsrFilterRange:
     (``bytes``, little-endian bit order) set allows MSR ``base + i``.  Build
     one with :meth:`deny` or :meth:`allow` for a list of MSRs.
     """
+    # A plain frozen class, not a dataclass: importing dataclasses (and inspect
+    # with it) is 5-6 ms of `import pykvm` (benchmarks/, -X importtime).
+    __slots__ = ("flags", "base", "bitmap", "nmsrs")
 
-    flags: int
-    base: int
-    bitmap: bytes
-    nmsrs: int = -1  # -1: 8 * len(bitmap)
+    def __init__(self, flags: int, base: int, bitmap: bytes, nmsrs: int = -1) -> None:
+        if not isinstance(bitmap, (bytes, bytearray)):
+            raise TypeError(f"bitmap must be bytes, not {type(bitmap).__name__}")
+        bitmap = bytes(bitmap)
+        if nmsrs == -1:
+            nmsrs = 8 * len(bitmap)
+        if not flags or flags & ~S.KVM_MSR_FILTER_RANGE_VALID_MASK:
+            raise ValueError(f"flags={flags!r}: expected KVM_MSR_FILTER_READ and/or KVM_MSR_FILTER_WRITE")
+        _uint("base", base, _U32)
+        _uint("nmsrs", nmsrs, 8 * S.KVM_MSR_FILTER_MAX_BITMAP_SIZE)
+        if nmsrs == 0 or (nmsrs + 7) // 8 > len(bitmap):
+            raise ValueError(f"nmsrs={nmsrs} needs a bitmap of {(nmsrs + 7) // 8} bytes "
+                             f"(got {len(bitmap)}) and must be > 0")
+        for k, v in (("flags", flags), ("base", base), ("bitmap", bitmap), ("nmsrs", nmsrs)):
+            object.__setattr__(self, k, v)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.bitmap, (bytes, bytearray)):
-            raise TypeError(f"bitmap must be bytes, not {type(self.bitmap).__name__}")
-        object.__setattr__(self, "bitmap", bytes(self.bitmap))
-        if self.nmsrs == -1:
-            object.__setattr__(self, "nmsrs", 8 * len(self.bitmap))
-        if not self.flags or self.flags & ~S.KVM_MSR_FILTER_RANGE_VALID_MASK:
-            raise ValueError(f"flags={self.flags!r}: expected KVM_MSR_FILTER_READ and/or KVM_MSR_FILTER_WRITE")
-        _uint("base", self.base, _U32)
-        _uint("nmsrs", self.nmsrs, 8 * S.KVM_MSR_FILTER_MAX_BITMAP_SIZE)
-        if self.nmsrs == 0 or (self.nmsrs + 7) // 8 > len(self.bitmap):
-            raise ValueError(f"nmsrs={self.nmsrs} needs a bitmap of {(self.nmsrs + 7) // 8} bytes "
-                             f"(got {len(self.bitmap)}) and must be > 0")
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"MsrFilterRange is frozen: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"MsrFilterRange is frozen: cannot delete {name!r}")
+
+    def _key(self):
+        return (self.flags, self.base, self.bitmap, self.nmsrs)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"MsrFilterRange(flags={self.flags!r}, base={self.base!r}, bitmap={self.bitmap!r}, "
+                f"nmsrs={self.nmsrs!r})")
 
     @classmethod
     def _of(cls, msrs: Iterable[int], flags: int, allowed: bool) -> "MsrFilterRange":

@@ -241,3 +241,26 @@ def test_closed_vcpu_raises_and_never_reaches_fd(vm):
         with pytest.raises(pykvm.KvmClosedError):
             call()
     assert vcpu.closed and "closed" in repr(vcpu)
+
+
+def test_libc_run_path_used_on_python_314(vm, watchdog, monkeypatch):
+    """The KVM_RUN path chosen for Python >= 3.14 (no EINTR retry) exits and interrupts."""
+    import pykvm.vcpu as V
+
+    monkeypatch.setattr(V, "_run_ioctl", V._libc_run_ioctl)
+    vcpu = real_mode(vm, REAL_MODE_HELLO + SPIN, rax=1, rbx=1)
+    with watchdog(vcpu):
+        assert vcpu.run() == pykvm.IoOut(0x3F8, 1, 1, b"2")
+    vcpu.immediate_exit = True
+    assert isinstance(vcpu.run(), pykvm.Interrupted)
+    t = threading.Thread(target=lambda: time.sleep(0.2) or vcpu.kick())
+    t.start()
+    vcpu.run()  # '\n'
+    r = vcpu.get_regs()
+    r.rip = 0x1000 + len(REAL_MODE_HELLO)  # the jmp $
+    vcpu.set_regs(r)
+    assert isinstance(vcpu.run(), pykvm.Interrupted)  # kicked out of a spinning guest
+    t.join()
+    vcpu.close()
+    with pytest.raises(pykvm.KvmClosedError):
+        vcpu.run()

@@ -402,6 +402,12 @@ def test_save_refuses_a_running_vcpu(tmp_path) -> None:
         assert not list(tmp_path.iterdir()), "temporary file left behind"
 
 
+def test_unwritable_destination(tmp_path) -> None:
+    with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm:
+        with pytest.raises(snapshot.SnapshotError, match="cannot write a snapshot in"):
+            snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
+
+
 def test_command_line(midrun) -> None:
     path, _ = midrun
     for cmd, expect in (("verify", "OK (format 1, 1 vCPU(s), 3.0 MiB"), ("check", "compatible"),
