@@ -92,6 +92,15 @@ _HINTS = {
     ("KVM_KVMCLOCK_CTRL", _errno.EINVAL): "the guest has not enabled kvmclock",
     ("KVM_IRQFD", _errno.EINVAL): "no in-kernel irqchip, or bad gsi/fd",
     ("KVM_IOEVENTFD", _errno.EEXIST): "an ioeventfd with this address/datamatch exists already",
+    ("KVM_IOEVENTFD", _errno.ENOENT): "no ioeventfd with this address/datamatch/length is registered",
+    ("KVM_IRQFD", _errno.EBUSY): "this eventfd is already an irqfd of the VM",
+    ("KVM_GET_DIRTY_LOG", _errno.ENOENT): "the slot was not created with KVM_MEM_LOG_DIRTY_PAGES",
+    ("KVM_GET_DIRTY_LOG", _errno.ENXIO): "the VM uses a dirty ring; harvest the rings instead",
+    ("KVM_GET_IRQCHIP", _errno.ENXIO): "the VM has no full in-kernel irqchip (create_irq_chip, not split)",
+    ("KVM_SET_IRQCHIP", _errno.ENXIO): "the VM has no full in-kernel irqchip (create_irq_chip, not split)",
+    ("KVM_REINJECT_CONTROL", _errno.ENXIO): "the VM has no in-kernel PIT (create_pit2 first)",
+    ("KVM_CREATE_DEVICE", _errno.ENODEV): "this host's KVM does not know that device type",
+    ("KVM_SET_BOOT_CPU_ID", _errno.EBUSY): "set the boot CPU before creating any vCPU",
 }
 
 

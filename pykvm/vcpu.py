@@ -327,7 +327,11 @@ class Vcpu(FdObject):
         self._ioctl(I.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> S.kvm_fpu:
-        """``KVM_GET_FPU``: x87 and SSE state."""
+        """``KVM_GET_FPU``: x87 and SSE state.
+
+        KVM does not transfer MXCSR through GET/SET_FPU (``mxcsr`` reads 0 and is
+        ignored on set); use :meth:`get_xsave` for it.
+        """
         r = S.kvm_fpu()
         self._ioctl(I.KVM_GET_FPU, r)
         return r
@@ -876,7 +880,7 @@ class Vcpu(FdObject):
         ``HYPERV_SYNIC2``, ``HYPERV_ENLIGHTENED_VMCS``, ``HYPERV_DIRECT_TLBFLUSH``)."""
         if len(args) > 4:
             raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
-        ec = S.kvm_enable_cap(cap=_uint("cap", int(cap), _U32), flags=_uint("flags", flags, _U32))
+        ec = S.kvm_enable_cap(cap=_uint("cap", cap, _U32), flags=_uint("flags", flags, _U32))
         for i, a in enumerate(args):
             ec.args[i] = _uint(f"args[{i}]", a)
         self._ioctl(I.KVM_ENABLE_CAP, ec)
