@@ -14,6 +14,7 @@ import stat
 from typing import Dict, Iterable, List, Optional
 
 from . import _diagnose
+from ._check import U32 as _U32, U64 as _U64, uint as _uint
 from ._ioctl import FdObject, ioctl
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
@@ -24,17 +25,6 @@ __all__ = ["Kvm", "KVM_API_VERSION"]
 
 KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _uint(name: str, value: object, limit: int = _U64) -> int:
-    """*value* if it is an int (not a bool, float or numeric string) in [0, limit]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
-    return int(value)
 
 
 class Kvm(FdObject):

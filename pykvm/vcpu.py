@@ -38,6 +38,7 @@ import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from . import _kick
+from ._check import U32 as _U32, U64 as _U64, expect as _expect, int_arg as _int_arg, uint as _uint
 from ._ioctl import FdObject, raise_error
 from .errors import KvmClosedError, KvmError
 from .exits import DECODE_TABLE, INTERRUPTED, Exit, _unknown
@@ -125,13 +126,6 @@ _VCPU_HINTS = {
     (I.KVM_SET_VCPU_EVENTS, _E.EINVAL):
         "invalid event state (an exception vector above 31, SMM fields without SMM support ...)",
 }
-
-
-def _int_arg(what: str, value: object) -> int:
-    """*value* as an int; refuse floats, strings and bools instead of coercing them."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    return int(value)
 
 
 def _msrs_buffer(indices: Iterable[int]):
@@ -964,22 +958,6 @@ class Vcpu(FdObject):
                 self._lock.release()
 
 
-def _expect(obj: object, cls: type) -> None:
-    if not isinstance(obj, cls):
-        raise TypeError(f"expected {cls.__name__}, got {type(obj).__name__}")
-
-
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _uint(name: str, value: object, limit: int = _U64) -> int:
-    """Check that *value* is an int in [0, limit]; return it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
-    return value
 
 
 def _sync_mask(mask: int) -> int:

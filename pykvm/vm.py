@@ -17,6 +17,7 @@ from ._ioctl import FdObject
 from .coalesced import CoalescedRing
 from .device import Device
 from .dirty import DirtyRing, bitmap_to_pages, bitmap_words, pages_to_bitmap
+from ._check import U32 as _U32, U64 as _U64, uint as _uint
 from .errors import KvmClosedError, KvmError
 from .eventfd import fd_of
 from .gmem import GuestMemfd
@@ -31,17 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Vm", "MsrFilterRange"]
 
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _uint(name: str, value: object, limit: int = _U64) -> int:
-    """Check that *value* is an int in [0, limit]; return it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
-    return int(value)  # a plain int, also for IntEnum members
 
 
 class Vm(FdObject):
