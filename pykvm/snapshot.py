@@ -63,7 +63,7 @@ from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Option
 
 from ._ioctl import ioctl
 from .errors import KvmError
-from .exits import decode
+
 from .system import Kvm
 from .uapi import ioctls as I
 from .uapi import structs as S
@@ -319,28 +319,14 @@ def _read_msrs(vcpu: Vcpu, indices: Sequence[int]) -> Tuple[List[Tuple[int, int]
 
 
 def _complete_pending_io(vcpu: Vcpu) -> None:
-    """Re-enter KVM_RUN with ``immediate_exit`` so KVM finishes the last exit's I/O.
+    """Let KVM finish the last exit's I/O before the state is read.
 
-    After ``KVM_EXIT_IO``/``MMIO``/``RDMSR``... the guest state is consistent only
-    once KVM_RUN was entered again (api.rst, "kvm_run"); with ``immediate_exit``
-    set KVM completes the operation and returns EINTR without running guest code
-    (the KVM selftests' ``vcpu_run_complete_io`` before ``vcpu_save_state``).
-    The caller holds the vCPU's run lock (so this is the raw ioctl, not ``run()``).
+    The KVM selftests do the same (``vcpu_run_complete_io`` before
+    ``vcpu_save_state``); see :meth:`pykvm.vcpu.Vcpu.complete_pending_exit`.
     """
-    if vcpu.exit_reason == 0:          # never ran: nothing pending, and the first
-        return                         # KVM_RUN would freeze its CPUID
-    vcpu.immediate_exit = True
-    try:
-        ioctl(vcpu.fileno(), I.KVM_RUN, 0)
-    except KvmError as e:
-        if e.errno in (errno.EINTR, errno.EAGAIN):
-            return                     # done: nothing ran
-        raise
-    finally:
-        vcpu.immediate_exit = False
-    # KVM needed user space once more (e.g. the next chunk of a ``rep outs``).
-    mm = vcpu.run_mmap
-    ex = decode(mm, memoryview(mm))
+    ex = vcpu.complete_pending_exit()
+    if ex is None:
+        return
     err = SnapshotError(f"vCPU {vcpu.id}: completing the last exit produced another one "
                         f"({ex!r}); handle it (it is in .exit) and save again")
     err.exit = ex  # type: ignore[attr-defined]
@@ -592,23 +578,21 @@ def _zero_runs(addr: int, size: int, block: int = ZERO_BLOCK) -> Iterator[Tuple[
         yield start, size - start, bool(cur_zero)
 
 
-def _lock_vcpus(vm: Vm) -> List[Vcpu]:
-    """Take every vCPU's run lock (``Vcpu._lock``, held by ``run()``), or raise.
+def _lock_vcpus(vm: Vm) -> list:
+    """Hold every vCPU (``Vcpu.hold()``: no ``run()`` meanwhile), or raise.
 
-    Holding them keeps other threads from running a vCPU while its state is read.
+    Returns the holds; the caller releases them.
     """
-    locked: List[Vcpu] = []
+    held: list = []
     for vcpu in vm.vcpus:
-        lock = getattr(vcpu, "_lock", None)
-        if lock is None:
-            continue
-        if not lock.acquire(False):
-            for v in locked:
-                v._lock.release()
+        try:
+            held.append(vcpu.hold())
+        except KvmError:
+            for h in held:
+                h.release()
             raise SnapshotError(f"vCPU {vcpu.id} is inside run() in another thread: stop it "
-                                "(vcpu.kick() and let run() return) before saving")
-        locked.append(vcpu)
-    return locked
+                                "(vcpu.kick() and let run() return) before saving") from None
+    return held
 
 
 def _write_region(w: "_Writer", k: int, m, mv: memoryview, chunk_size: int) -> int:
@@ -659,7 +643,7 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
     if own_kvm:
         kvm = Kvm()
     w = _Writer(dest)
-    locked: List[Vcpu] = []
+    locked: list = []
     try:
         fp = host_fingerprint(kvm)
         caps = fp["caps"]
@@ -714,8 +698,8 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
         w.abort()
         raise
     finally:
-        for v in locked:
-            v._lock.release()
+        for h in locked:
+            h.release()
         if own_kvm:
             kvm.close()
     return SaveStats(getattr(w, "path", None), w.count, total, data,

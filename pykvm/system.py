@@ -11,15 +11,18 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
 from . import _diagnose
-from ._check import U32 as _U32, U64 as _U64, uint as _uint
+from ._check import U32 as _U32, uint as _uint
 from ._ioctl import FdObject, ioctl
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
 from .uapi.enums import Cap
 from .uapi import structs as S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import Vm
 
 __all__ = ["Kvm", "KVM_API_VERSION"]
 

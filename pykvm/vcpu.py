@@ -27,6 +27,7 @@ by the kernel raises :class:`~pykvm.errors.KvmError` naming the ioctl.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -38,7 +39,7 @@ import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from . import _kick
-from ._check import U32 as _U32, U64 as _U64, expect as _expect, int_arg as _int_arg, uint as _uint
+from ._check import U32 as _U32, expect as _expect, int_arg as _int_arg, uint as _uint
 from ._ioctl import FdObject, raise_error
 from .errors import KvmClosedError, KvmError
 from .exits import DECODE_TABLE, INTERRUPTED, Exit, _unknown
@@ -277,6 +278,46 @@ class Vcpu(FdObject):
         if self._fd < 0:
             raise KvmClosedError(self._what, "KVM_RUN") from None
         raise raise_error(e.errno, _KVM_RUN) from None
+
+    def hold(self) -> "contextlib.AbstractContextManager[Vcpu]":
+        """A context manager that keeps ``run()`` out of ``KVM_RUN`` while it is held.
+
+        For reading or writing a consistent vCPU state from one thread (snapshots,
+        debuggers).  Raises ``KvmError`` (EBUSY) at once if another thread is
+        inside ``run()`` now: ``kick()`` it and let ``run()`` return first.
+        While held, ``run()`` from any thread raises EBUSY.
+        """
+        if not self._lock.acquire(False):
+            raise self._busy()
+        return _Held(self)
+
+    def complete_pending_exit(self) -> Optional[Exit]:
+        """Let KVM finish the last exit's I/O without running guest code.
+
+        After an ``IoIn``/``MmioRead``/``X86Rdmsr``... exit the guest state is
+        consistent only once ``KVM_RUN`` was entered again (api.rst, "kvm_run").
+        With ``immediate_exit`` set KVM completes the operation and returns
+        EINTR at once.  Returns None when that happened, or the exit when KVM
+        needed user space once more (e.g. the next chunk of a ``rep outs``).
+        A vCPU that never ran has nothing pending (and is left untouched: its
+        first ``KVM_RUN`` would freeze its CPUID).  Call it while holding
+        :meth:`hold` (or from the thread that runs the vCPU).
+        """
+        if self._fd < 0:
+            raise KvmClosedError(self._what, "KVM_RUN")
+        if self._u32[2] == 0:
+            return None
+        self._mm[1] = 1
+        try:
+            _run_ioctl(self._fd, _KVM_RUN)
+        except OSError as e:
+            if e.errno in (_EINTR, _EAGAIN):
+                return None
+            raise raise_error(e.errno, _KVM_RUN) from None
+        finally:
+            self._mm[1] = 0
+        reason = self._u32[2]
+        return DECODE_TABLE[reason](self._mm, self._mv) if reason < 64 else _unknown(self._mm, self._mv)
 
     def kick(self) -> None:
         """Make a ``run()`` in progress (or the next one) return ``Interrupted`` promptly.
@@ -993,3 +1034,23 @@ def lapic_set_reg(state: S.kvm_lapic_state, offset: int, value: int) -> None:
     _expect(state, S.kvm_lapic_state)
     off = _lapic_offset(offset)
     state.regs[off:off + 4] = list(_uint("value", value, _U32).to_bytes(4, "little"))
+
+
+class _Held:
+    """What :meth:`Vcpu.hold` returns: releases the run lock on exit (once)."""
+
+    __slots__ = ("vcpu", "_held")
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu, self._held = vcpu, True
+
+    def __enter__(self) -> Vcpu:
+        return self.vcpu
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.vcpu._lock.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

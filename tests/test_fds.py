@@ -74,7 +74,6 @@ def test_vcpu_fd_names_and_close_order(kvm):
     vcpus = [vm.create_vcpu(i) for i in range(2)]
     names = [os.readlink(f"/proc/self/fd/{v.fileno()}") for v in vcpus]
     assert names == ["anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"]
-    fd0 = vcpus[0].fileno()
     vcpus[0].close()
     # The number may now be reused by anything; the closed object must not touch it.
     r, w = os.pipe()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import threading
 import time
 
@@ -264,3 +265,24 @@ def test_libc_run_path_used_on_python_314(vm, watchdog, monkeypatch):
     vcpu.close()
     with pytest.raises(pykvm.KvmClosedError):
         vcpu.run()
+
+
+def test_hold_keeps_run_out_and_complete_pending_exit(vm, watchdog):
+    """hold() blocks run() from any thread; complete_pending_exit() finishes an IN."""
+    vcpu = long_mode(vm, bytes.fromhex("ec" "88042500800000" "f4"))  # in al,dx; mov [0x8000],al; hlt
+    assert vcpu.complete_pending_exit() is None  # never ran: nothing to do
+    with watchdog(vcpu):
+        e = vcpu.run()
+    assert isinstance(e, pykvm.IoIn)
+    e.set_data(0x77)
+    with vcpu.hold() as held:
+        assert held is vcpu
+        with pytest.raises(pykvm.KvmError) as ei:
+            vcpu.run()
+        assert ei.value.errno == errno.EBUSY
+        assert vcpu.complete_pending_exit() is None  # KVM stored AL, ran nothing
+        assert vcpu.get_regs().rax & 0xFF == 0x77
+        assert vm.read(0x8000, 1) == b"\x00"  # the mov after the IN has not run
+    with watchdog(vcpu):
+        assert isinstance(vcpu.run(), pykvm.Hlt)
+    assert vm.read(0x8000, 1) == b"\x77"
