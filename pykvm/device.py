@@ -20,19 +20,18 @@ import enum
 import errno
 from typing import Union
 
+from ._check import U32 as _U32, U64 as _U64, uint as _u
 from ._ioctl import FdObject
 from .errors import KvmError
 from .uapi import ioctls as I
 from .uapi import structs as S
 
-__all__ = ["Device", "DeviceType", "device_type_name", "KVM_DEV_VFIO_FILE", "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL"]
+__all__ = ["Device", "DeviceAttrs", "DeviceType", "device_type_name", "KVM_DEV_VFIO_FILE", "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL"]
 
 KVM_DEV_VFIO_FILE = S.KVM_DEV_VFIO_FILE
 KVM_DEV_VFIO_FILE_ADD = S.KVM_DEV_VFIO_FILE_ADD
 KVM_DEV_VFIO_FILE_DEL = S.KVM_DEV_VFIO_FILE_DEL
 
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 class DeviceType(enum.IntEnum):
@@ -62,15 +61,73 @@ def device_type_name(t: int) -> str:
         return f"KVM_DEV_TYPE_{t}?"
 
 
-def _u(name: str, value: object, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= limit:
-        raise ValueError(f"{name}={value:#x} out of range [0, {limit:#x}]")
-    return value
+class DeviceAttrs:
+    """``KVM_{HAS,SET,GET}_DEVICE_ATTR``, shared by every fd kind that has attributes.
+
+    Device fds, vCPU fds (``KVM_CAP_VCPU_ATTRIBUTES``: TSC control on x86) and
+    the system fd (``KVM_CAP_SYS_ATTRIBUTES``) take the same ``kvm_device_attr``;
+    the meaning of *(group, attr)* depends on the fd.  Subclasses provide
+    ``_ioctl`` (:class:`~pykvm._ioctl.FdObject`).
+    """
+
+    #: errnos for which ``has_device_attr`` answers False instead of raising
+    _ATTR_ABSENT: tuple = (errno.ENXIO,)
+
+    def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> S.kvm_device_attr:
+        return S.kvm_device_attr(flags=_u("flags", flags, _U32), group=_u("group", group, _U32),
+                                 attr=_u("attr", attr, _U64), addr=addr)
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        """``KVM_HAS_DEVICE_ATTR``: does the device know attribute *(group, attr)*?
+
+        KVM answers 0 (yes) or ENXIO (no); any other error is raised.
+        """
+        try:
+            self._ioctl(I.KVM_HAS_DEVICE_ATTR, self._attr(group, attr))
+            return True
+        except KvmError as e:
+            if e.errno in self._ATTR_ABSENT:
+                return False
+            raise
+
+    def set_device_attr(self, group: int, attr: int,
+                        value: Union[int, bytes, bytearray, ctypes._SimpleCData, ctypes.Structure, None] = None,
+                        *, flags: int = 0) -> None:
+        """``KVM_SET_DEVICE_ATTR``: write attribute *(group, attr)*.
+
+        *value* is what ``addr`` points to: an int is passed as a ``__u64``,
+        ``bytes``/ctypes objects as they are (e.g. ``ctypes.c_int32(fd)`` for
+        ``KVM_DEV_VFIO_FILE_ADD``), ``None`` passes ``addr = 0``.  KVM refuses
+        with ENXIO an attribute the device does not know, EPERM one it cannot set.
+        """
+        keep, addr = _buffer(value)
+        self._ioctl(I.KVM_SET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
+        del keep
+
+    def get_device_attr(self, group: int, attr: int,
+                        value: Union[ctypes._SimpleCData, ctypes.Structure, bytearray, None] = None,
+                        *, flags: int = 0) -> Union[int, ctypes._SimpleCData, ctypes.Structure, bytearray]:
+        """``KVM_GET_DEVICE_ATTR``: read attribute *(group, attr)*.
+
+        KVM writes the value to ``addr``: by default into a ``__u64`` whose
+        value is returned as an int; pass a ctypes object or ``bytearray`` of
+        the attribute's size to get it filled and returned instead.  Devices
+        without a read accessor (VFIO) answer EPERM, unknown attributes ENXIO.
+        """
+        if value is None:
+            out = ctypes.c_uint64()
+            self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(out), flags))
+            return out.value
+        if isinstance(value, (bytes, int)):
+            raise TypeError("get_device_attr needs a writable buffer (ctypes object or bytearray), not "
+                            f"{type(value).__name__}")
+        keep, addr = _buffer(value)
+        self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
+        del keep
+        return value
 
 
-class Device(FdObject):
+class Device(DeviceAttrs, FdObject):
     """An in-kernel device: the fd returned by ``KVM_CREATE_DEVICE``.
 
     Create with :meth:`Vm.create_device <pykvm.vm.Vm.create_device>`; the VM
@@ -87,58 +144,10 @@ class Device(FdObject):
     def __repr__(self) -> str:
         return f"<Device {device_type_name(self.type)} {self._state()}>"
 
-    def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> S.kvm_device_attr:
-        return S.kvm_device_attr(flags=_u("flags", flags, _U32), group=_u("group", group, _U32),
-                                 attr=_u("attr", attr, _U64), addr=addr)
-
-    def has_attr(self, group: int, attr: int) -> bool:
-        """``KVM_HAS_DEVICE_ATTR``: does the device know attribute *(group, attr)*?
-
-        KVM answers 0 (yes) or ENXIO (no); any other error is raised.
-        """
-        try:
-            self._ioctl(I.KVM_HAS_DEVICE_ATTR, self._attr(group, attr))
-            return True
-        except KvmError as e:
-            if e.errno == errno.ENXIO:
-                return False
-            raise
-
-    def set_attr(self, group: int, attr: int, value: Union[int, bytes, bytearray, ctypes._SimpleCData,
-                                                           ctypes.Structure, None] = None,
-                 *, flags: int = 0) -> None:
-        """``KVM_SET_DEVICE_ATTR``: write attribute *(group, attr)*.
-
-        *value* is what ``addr`` points to: an int is passed as a ``__u64``,
-        ``bytes``/ctypes objects as they are (e.g. ``ctypes.c_int32(fd)`` for
-        ``KVM_DEV_VFIO_FILE_ADD``), ``None`` passes ``addr = 0``.  KVM refuses
-        with ENXIO an attribute the device does not know, EPERM one it cannot set.
-        """
-        keep, addr = _buffer(value)
-        self._ioctl(I.KVM_SET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
-        del keep
-
-    def get_attr(self, group: int, attr: int, value: Union[ctypes._SimpleCData, ctypes.Structure,
-                                                           bytearray, None] = None,
-                 *, flags: int = 0) -> Union[int, ctypes._SimpleCData, ctypes.Structure, bytearray]:
-        """``KVM_GET_DEVICE_ATTR``: read attribute *(group, attr)*.
-
-        KVM writes the value to ``addr``: by default into a ``__u64`` whose
-        value is returned as an int; pass a ctypes object or ``bytearray`` of
-        the attribute's size to get it filled and returned instead.  Devices
-        without a read accessor (VFIO) answer EPERM, unknown attributes ENXIO.
-        """
-        if value is None:
-            out = ctypes.c_uint64()
-            self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(out), flags))
-            return out.value
-        if isinstance(value, (bytes, int)):
-            raise TypeError("get_attr needs a writable buffer (ctypes object or bytearray), not "
-                            f"{type(value).__name__}")
-        keep, addr = _buffer(value)
-        self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
-        del keep
-        return value
+    # The kvm-ioctls style names are the mixin's; these are the short ones.
+    has_attr = DeviceAttrs.has_device_attr
+    set_attr = DeviceAttrs.set_device_attr
+    get_attr = DeviceAttrs.get_device_attr
 
 
 def _buffer(value) -> tuple:

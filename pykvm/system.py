@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 from . import _diagnose
 from ._check import U32 as _U32, uint as _uint
 from ._ioctl import FdObject, ioctl
+from .device import DeviceAttrs
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
 from .uapi.enums import Cap
@@ -30,7 +31,7 @@ KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
 
 
-class Kvm(FdObject):
+class Kvm(DeviceAttrs, FdObject):
     """An open ``/dev/kvm`` (``O_RDWR | O_CLOEXEC``).
 
     Raises :class:`~pykvm.errors.KvmUnavailable` with a hint when the path is
@@ -38,6 +39,8 @@ class Kvm(FdObject):
     """
 
     _what = "KVM system fd"
+    # System attributes (KVM_CAP_SYS_ATTRIBUTES) are absent on older kernels: no error.
+    _ATTR_ABSENT = (errno.ENXIO, errno.ENOTTY, errno.EINVAL)
 
     def __init__(self, path: str = "/dev/kvm") -> None:
         if isinstance(path, int):  # os.stat/os.open would take it as an fd number
@@ -199,26 +202,6 @@ class Kvm(FdObject):
         buf = _msrs_buffer(indices)
         n = self._ioctl(I.KVM_GET_MSRS, buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
-
-    # -- system-fd device attributes ---------------------------------------------
-    def has_device_attr(self, group: int, attr: int) -> bool:
-        """``KVM_HAS_DEVICE_ATTR`` on the system fd (``KVM_CAP_SYS_ATTRIBUTES``)."""
-        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr))
-        try:
-            self._ioctl(I.KVM_HAS_DEVICE_ATTR, a)
-            return True
-        except KvmError as e:
-            if e.errno in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
-                return False
-            raise
-
-    def get_device_attr(self, group: int, attr: int) -> int:
-        """``KVM_GET_DEVICE_ATTR`` on the system fd: a 64-bit attribute value."""
-        val = ctypes.c_uint64()
-        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr),
-                              addr=ctypes.addressof(val))
-        self._ioctl(I.KVM_GET_DEVICE_ATTR, a)
-        return val.value
 
     def mce_cap_supported(self) -> int:
         """``KVM_X86_GET_MCE_CAP_SUPPORTED``: the MCG_CAP bits KVM supports."""

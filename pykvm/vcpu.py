@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 from . import _kick
 from ._check import U32 as _U32, expect as _expect, int_arg as _int_arg, uint as _uint
 from ._ioctl import FdObject, raise_error
+from .device import DeviceAttrs
 from .errors import KvmClosedError, KvmError
 from .exits import DECODE_TABLE, INTERRUPTED, Exit, _unknown
 from .uapi import ioctls as I
@@ -140,13 +141,19 @@ def _msrs_buffer(indices: Iterable[int]):
     return buf
 
 
-class Vcpu(FdObject):
-    """A virtual CPU of a :class:`~pykvm.vm.Vm` (create with ``vm.create_vcpu``)."""
+class Vcpu(DeviceAttrs, FdObject):
+    """A virtual CPU of a :class:`~pykvm.vm.Vm` (create with ``vm.create_vcpu``).
+
+    vCPU device attributes (``has/get/set_device_attr``, ``KVM_CAP_VCPU_ATTRIBUTES``):
+    on x86, group ``KVM_VCPU_TSC_CTRL`` (0), attribute ``KVM_VCPU_TSC_OFFSET`` (0):
+    guest TSC = host TSC + offset (modulo 2**64).
+    """
 
     _what = "vCPU"
 
     # Defaults so that a half-built object closes cleanly.
     _thread: Optional[int] = None
+    _holder: Optional[int] = None
     _closing = False
     _holding_run_lock = False
     _lock = None
@@ -287,8 +294,11 @@ class Vcpu(FdObject):
         inside ``run()`` now: ``kick()`` it and let ``run()`` return first.
         While held, ``run()`` from any thread raises EBUSY.
         """
+        if self._fd < 0:
+            raise KvmClosedError(self._what, "hold")
         if not self._lock.acquire(False):
             raise self._busy()
+        self._holder = _get_ident()
         return _Held(self)
 
     def complete_pending_exit(self) -> Optional[Exit]:
@@ -920,37 +930,6 @@ class Vcpu(FdObject):
             ec.args[i] = _uint(f"args[{i}]", a)
         self._ioctl(I.KVM_ENABLE_CAP, ec)
 
-    def has_device_attr(self, group: int, attr: int) -> bool:
-        """``KVM_HAS_DEVICE_ATTR`` on the vCPU fd (``KVM_CAP_VCPU_ATTRIBUTES``).
-
-        x86 has group ``KVM_VCPU_TSC_CTRL`` (0), attribute ``KVM_VCPU_TSC_OFFSET`` (0).
-        False when KVM answers ENXIO (unknown group/attribute).
-        """
-        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr))
-        try:
-            self._ioctl(I.KVM_HAS_DEVICE_ATTR, a)
-        except KvmError as e:
-            if e.errno == errno.ENXIO:
-                return False
-            raise
-        return True
-
-    def get_device_attr(self, group: int, attr: int) -> int:
-        """``KVM_GET_DEVICE_ATTR`` on the vCPU fd: the attribute's u64 value."""
-        val = ctypes.c_uint64()
-        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr),
-                              addr=ctypes.addressof(val))
-        self._ioctl(I.KVM_GET_DEVICE_ATTR, a)
-        return val.value
-
-    def set_device_attr(self, group: int, attr: int, value: int) -> None:
-        """``KVM_SET_DEVICE_ATTR`` on the vCPU fd: write a u64 attribute (e.g. the
-        guest TSC offset: guest TSC = host TSC + offset, modulo 2**64)."""
-        val = ctypes.c_uint64(_uint("value", value))
-        a = S.kvm_device_attr(group=_uint("group", group, _U32), attr=_uint("attr", attr),
-                              addr=ctypes.addressof(val))
-        self._ioctl(I.KVM_SET_DEVICE_ATTR, a)
-
     # -- Xen ------------------------------------------------------------------------------------
     def xen_vcpu_get_attr(self, type_: int) -> S.kvm_xen_vcpu_attr:
         """``KVM_XEN_VCPU_GET_ATTR`` (``KVM_CAP_XEN_HVM``; EINVAL when KVM has no Xen support)."""
@@ -979,8 +958,16 @@ class Vcpu(FdObject):
         if self._lock is None or self._thread == _get_ident():
             return  # closed from inside our own run() (a signal handler): nothing to wait for
         self._closing = True
+        idle_waits = 0
         while not self._lock.acquire(timeout=0.05):
-            self.kick()
+            if self._thread is not None:
+                self.kick()  # a run() is inside KVM_RUN: make it return
+                continue
+            # Held by hold(): wait a moment for it, but never deadlock on a hold
+            # that this thread owns or that nobody releases.
+            idle_waits += 1
+            if self._holder == _get_ident() or idle_waits >= 20:
+                return
         self._holding_run_lock = True  # released in _after_close, once unmapped
 
     def _after_close(self) -> None:
@@ -1048,9 +1035,14 @@ class _Held:
         return self.vcpu
 
     def release(self) -> None:
+        """Let ``run()`` in again (idempotent)."""
         if self._held:
             self._held = False
+            self.vcpu._holder = None
             self.vcpu._lock.release()
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a hold dropped without release must not block the vCPU
         self.release()

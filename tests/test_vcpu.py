@@ -286,3 +286,17 @@ def test_hold_keeps_run_out_and_complete_pending_exit(vm, watchdog):
     with watchdog(vcpu):
         assert isinstance(vcpu.run(), pykvm.Hlt)
     assert vm.read(0x8000, 1) == b"\x77"
+
+
+def test_close_does_not_deadlock_on_a_hold(vm):
+    vcpu = vm.create_vcpu()
+    with vcpu.hold():
+        vcpu.close()  # same thread holds it: closes at once
+    assert vcpu.closed
+    other = vm.create_vcpu(1)
+    h = other.hold()
+    del h  # dropped without release: the lock is given back
+    with other.hold():
+        pass
+    other.close()
+    assert other.closed
