@@ -154,6 +154,8 @@ class Vcpu(DeviceAttrs, FdObject):
     # Defaults so that a half-built object closes cleanly.
     _thread: Optional[int] = None
     _holder: Optional[int] = None
+    _kicking = False
+    _kick_sent = False
     _closing = False
     _holding_run_lock = False
     _lock = None
@@ -246,8 +248,10 @@ class Vcpu(DeviceAttrs, FdObject):
         except ValueError:  # fd is -1 or the run page is unmapped: closed
             raise KvmClosedError(self._what, "KVM_RUN") from None
         finally:
-            with self._tid_lock:
-                self._thread = None
+            self._thread = None
+            if self._kicking:  # a kick() may be about to signal us: wait until it is done
+                with self._tid_lock:
+                    pass
             lock.release()
 
     def run_raw(self) -> int:
@@ -269,8 +273,10 @@ class Vcpu(DeviceAttrs, FdObject):
         except ValueError:
             raise KvmClosedError(self._what, "KVM_RUN") from None
         finally:
-            with self._tid_lock:
-                self._thread = None
+            self._thread = None
+            if self._kicking:  # a kick() may be about to signal us: wait until it is done
+                with self._tid_lock:
+                    pass
             lock.release()
 
     def _busy(self) -> KvmError:
@@ -281,6 +287,7 @@ class Vcpu(DeviceAttrs, FdObject):
     def _run_failed(self, e: OSError) -> Exit:
         if e.errno in (_EINTR, _EAGAIN):
             self._mm[1] = 0  # immediate_exit served its purpose
+            self._kick_sent = False
             return INTERRUPTED
         if self._fd < 0:
             raise KvmClosedError(self._what, "KVM_RUN") from None
@@ -322,6 +329,7 @@ class Vcpu(DeviceAttrs, FdObject):
             _run_ioctl(self._fd, _KVM_RUN)
         except OSError as e:
             if e.errno in (_EINTR, _EAGAIN):
+                self._kick_sent = False
                 return None
             raise raise_error(e.errno, _KVM_RUN) from None
         finally:
@@ -338,15 +346,28 @@ class Vcpu(DeviceAttrs, FdObject):
         if self._fd < 0:
             raise KvmClosedError(self._what, "kick")
         self._mm[1] = 1
-        # Under _tid_lock the running thread cannot clear _thread, leave run()
-        # and exit between our read and the signal (pthread_kill on a dead thread).
+        # The runner must not leave run() (and maybe exit its thread) between our
+        # read of _thread and the signal: pthread_kill on a dead thread is undefined.
+        # The runner clears _thread, then checks _kicking and, if set, waits for
+        # _tid_lock; we set _kicking, then read _thread.  Under the GIL these steps
+        # are ordered, so either we see None or the runner waits for us.  That
+        # keeps locks off run()'s common path.
+        # One signal per interrupted run is enough: until the runner has seen
+        # EINTR (and cleared immediate_exit), further kicks only set the flag.
+        # A storm of signals would also starve the runner of the GIL (each one
+        # restarts CPython's 5 ms wait before it may ask for the GIL).
         with self._tid_lock:
-            tid = self._thread
-            if tid is not None:
-                try:
-                    signal.pthread_kill(tid, _kick.KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+            self._kicking = True
+            try:
+                tid = self._thread
+                if tid is not None and not self._kick_sent:
+                    try:
+                        signal.pthread_kill(tid, _kick.KICK_SIGNAL)
+                        self._kick_sent = True
+                    except (ProcessLookupError, OSError):
+                        pass
+            finally:
+                self._kicking = False
 
     # -- registers ---------------------------------------------------------------------
     def get_regs(self) -> S.kvm_regs:

@@ -300,3 +300,35 @@ def test_close_does_not_deadlock_on_a_hold(vm):
         pass
     other.close()
     assert other.closed
+
+
+def test_kicks_racing_short_lived_runner_threads(vm):
+    """kick() never signals a runner thread that has already left run() and exited.
+
+    Each round a new thread does one run() (an immediate IoOut exit) and ends while
+    another thread kicks as fast as it can; a signal to a dead thread would be
+    undefined behaviour (a crash), a lost kick a hang.
+    """
+    vcpu = real_mode(vm, bytes.fromhex("e6f8" "ebfc"))  # out 0xf8, al; jmp back
+    stop = threading.Event()
+    kicks = 0
+
+    def kicker():
+        nonlocal kicks
+        while not stop.is_set():
+            vcpu.kick()
+            kicks += 1
+
+    k = threading.Thread(target=kicker)
+    k.start()
+    outcomes = set()
+    try:
+        for _ in range(300):
+            t = threading.Thread(target=lambda: outcomes.add(type(vcpu.run()).__name__))
+            t.start()
+            t.join(10)
+            assert not t.is_alive()
+    finally:
+        stop.set()
+        k.join(10)
+    assert kicks > 0 and outcomes <= {"IoOut", "Interrupted"}
