@@ -130,7 +130,10 @@ def test_second_thread_run_is_refused(vm):
     vcpu = real_mode(vm, SPIN)
     t = threading.Thread(target=vcpu.run)
     t.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not vcpu._lock.locked() and time.monotonic() < deadline:  # the other thread is in run()
+        time.sleep(0.001)
+    assert vcpu._lock.locked()
     try:
         with pytest.raises(pykvm.KvmError) as ei:
             vcpu.run()
