@@ -30,6 +30,7 @@ import mmap
 import os
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -747,6 +748,26 @@ class Suite:
         if self.c_exe is not None:
             exe = str(self.c_exe)
             v["c"] = lambda: {"cold": spawn([exe, "cold", G.REAL_MODE_COLD.hex()])}
+        tiny = _vmm_tiny_kernel(root)
+        if tiny is not None:
+            # issue 9: a whole `python -m pykvm.vmm` run of a kernel that prints one line
+            rows["vmm"] = self.row("life.vmm_tiny", "life",
+                                   "`python -m pykvm.vmm` tiny multiboot kernel: print a line, exit",
+                                   "tests/vmm/kernels/tiny.S built with as/ld; exit status 1 expected")
+            vmm_argv = [py, "-m", "pykvm.vmm", tiny, "--timeout", "20"]
+
+            def vmm_run() -> Dict[str, float]:
+                r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = wall()
+                p = subprocess.run(vmm_argv, cwd=root, env=env, capture_output=True, timeout=60)
+                dt = wall() - t0
+                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if p.returncode != 1 or b"hello from a multiboot kernel" not in p.stdout:
+                    raise BenchError(f"pykvm.vmm exited {p.returncode}: {p.stderr.decode(errors='replace')[-300:]}")
+                if cpu:
+                    return {"vmm": ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) * 1e9}
+                return {"vmm": dt}
+            v["pykvm#vmm"] = vmm_run
         interleave(cfg.cold_rounds, v, rows)
         # "python#x" variants are stored under "python"
         for r in rows.values():
@@ -1024,6 +1045,24 @@ class Suite:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+def _vmm_tiny_kernel(root: str) -> Optional[str]:
+    """Build tests/vmm/kernels/tiny.S (as --32, ld -m elf_i386) into a cache dir; None if impossible."""
+    src = Path(root) / "tests" / "vmm" / "kernels"
+    if not (src / "tiny.S").exists() or shutil.which("as") is None or shutil.which("ld") is None:
+        return None
+    out = Path(tempfile.gettempdir()) / "pykvm-bench-vmm"
+    out.mkdir(exist_ok=True)
+    obj, elf = out / "tiny.o", out / "tiny.elf"
+    try:
+        subprocess.run(["as", "--32", "-I", str(src), "-o", str(obj), str(src / "tiny.S")],
+                       check=True, capture_output=True, timeout=60)
+        subprocess.run(["ld", "-m", "elf_i386", "-T", str(src / "kernel.ld"), "-o", str(elf), str(obj)],
+                       check=True, capture_output=True, timeout=60)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return str(elf)
+
 
 def dirty_pages(bitmap) -> List[int]:
     """Page numbers whose bit is set in a KVM dirty bitmap: pykvm's own decoder.
