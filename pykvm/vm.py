@@ -17,7 +17,7 @@ from ._ioctl import FdObject
 from .coalesced import CoalescedRing
 from .device import Device
 from .dirty import DirtyRing, bitmap_to_pages, bitmap_words, pages_to_bitmap
-from ._check import U32 as _U32, U64 as _U64, uint as _uint
+from ._check import U32 as _U32, U64 as _U64, expect as _expect, uint as _uint
 from .errors import KvmClosedError, KvmError
 from .eventfd import fd_of
 from .gmem import GuestMemfd
@@ -406,8 +406,7 @@ class Vm(FdObject):
 
     def set_irqchip(self, chip: S.kvm_irqchip) -> None:
         """``KVM_SET_IRQCHIP``: load a PIC/IOAPIC state (``chip.chip_id`` says which)."""
-        if not isinstance(chip, S.kvm_irqchip):
-            raise TypeError(f"expected kvm_irqchip, got {type(chip).__name__}")
+        _expect(chip, S.kvm_irqchip)
         _uint("chip_id", chip.chip_id, S.KVM_NR_IRQCHIPS - 1)
         self._ioctl(I.KVM_SET_IRQCHIP, chip)
 
@@ -455,8 +454,7 @@ class Vm(FdObject):
         """
         lst = list(entries)
         for e in lst:
-            if not isinstance(e, S.kvm_irq_routing_entry):
-                raise TypeError(f"expected kvm_irq_routing_entry, got {type(e).__name__}")
+            _expect(e, S.kvm_irq_routing_entry)
         buf = S.flex(S.kvm_irq_routing, len(lst))
         buf.flags = _uint("flags", flags, _U32)
         for i, e in enumerate(lst):
@@ -517,8 +515,7 @@ class Vm(FdObject):
 
     def set_pit(self, state: S.kvm_pit_state) -> None:
         """``KVM_SET_PIT`` (legacy): load the three PIT channels."""
-        if not isinstance(state, S.kvm_pit_state):
-            raise TypeError(f"expected kvm_pit_state, got {type(state).__name__}")
+        _expect(state, S.kvm_pit_state)
         self._ioctl(I.KVM_SET_PIT, state)
 
     def get_pit2(self) -> S.kvm_pit_state2:
@@ -529,8 +526,7 @@ class Vm(FdObject):
 
     def set_pit2(self, state: S.kvm_pit_state2) -> None:
         """``KVM_SET_PIT2``: load channel states and flags (e.g. ``KVM_PIT_FLAGS_SPEAKER_DATA_ON``)."""
-        if not isinstance(state, S.kvm_pit_state2):
-            raise TypeError(f"expected kvm_pit_state2, got {type(state).__name__}")
+        _expect(state, S.kvm_pit_state2)
         self._ioctl(I.KVM_SET_PIT2, state)
 
     def reinject_control(self, pit_reinject: bool) -> None:
@@ -677,8 +673,7 @@ class Vm(FdObject):
         f = S.kvm_msr_filter(flags=S.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else 0)
         keep = []
         for i, r in enumerate(ranges):
-            if not isinstance(r, MsrFilterRange):
-                raise TypeError(f"expected MsrFilterRange, got {type(r).__name__}")
+            _expect(r, MsrFilterRange)
             buf = ctypes.create_string_buffer(bytes(r.bitmap), len(r.bitmap))
             keep.append(buf)
             f.ranges[i].flags = r.flags
@@ -795,8 +790,7 @@ class Vm(FdObject):
 
     def xen_hvm_set_attr(self, attr: S.kvm_xen_hvm_attr) -> None:
         """``KVM_XEN_HVM_SET_ATTR``: write a Xen attribute."""
-        if not isinstance(attr, S.kvm_xen_hvm_attr):
-            raise TypeError(f"expected kvm_xen_hvm_attr, got {type(attr).__name__}")
+        _expect(attr, S.kvm_xen_hvm_attr)
         self._ioctl(I.KVM_XEN_HVM_SET_ATTR, attr)
 
     def xen_hvm_evtchn_send(self, port: int, vcpu: int = 0,
