@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "guest", "python")
 VARIANT_TITLES = {
     "pykvm": "pykvm",           # the typed object API (Vcpu.run() -> Exit, vm.create_vcpu() ...)
-    "raw": "pykvm raw",         # run_raw(), pykvm._ioctl.ioctl() on the raw layer
+    "raw": "pykvm raw",         # run_raw(), pykvm.fd.ioctl() on the raw layer
     "fcntl": "fcntl floor",     # plain fcntl.ioctl, no wrapper: what Python itself costs
     "c": "C",                   # benchmarks/c/kvmbench.c
     "unicorn": "Unicorn",       # the same guest code emulated by Unicorn

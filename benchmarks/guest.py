@@ -293,7 +293,7 @@ class Machine:
 def apply_vm_options(vm: pykvm.Vm, options: Dict[int, int]) -> List[int]:
     """VM-level set-up for *options* (before the vCPU is created); returns fds to close."""
     fds: List[int] = []
-    from pykvm._ioctl import ioctl
+    from pykvm.fd import ioctl
     from pykvm.uapi import ioctls as I
     from pykvm.uapi.enums import Cap
 

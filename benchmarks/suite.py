@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pykvm
-from pykvm._ioctl import ioctl
+from pykvm.fd import ioctl
 from pykvm.dirty import bitmap_to_pages
 from pykvm.exits import Hlt, Hypercall, IoIn, IoOut, MmioRead, MmioWrite, X86Rdmsr, X86Wrmsr
 from pykvm.uapi import ioctls as I
@@ -213,7 +213,7 @@ class Suite:
 
         # KVM_GET_API_VERSION
         r = self.row("ioctl.api_version", "ioctl", "KVM_GET_API_VERSION (syscall floor)",
-                     "pykvm: `kvm.api_version`; raw: `pykvm._ioctl.ioctl(fd, KVM_GET_API_VERSION)`; "
+                     "pykvm: `kvm.api_version`; raw: `pykvm.fd.ioctl(fd, KVM_GET_API_VERSION)`; "
                      "fcntl floor: `fcntl.ioctl(fd, KVM_GET_API_VERSION)` without argument")
         v = {"pykvm": calls(type(kvm).api_version.fget, kvm),
              "raw": calls(ioctl, kfd, I.KVM_GET_API_VERSION),

@@ -25,25 +25,13 @@ import ctypes
 import signal
 import threading
 
+from . import _sys
+
 __all__ = ["KICK_SIGNAL", "ensure_kick_handler"]
 
 #: Real-time signal used for kicks (SIGRTMIN + 6); change before creating vCPUs.
 KICK_SIGNAL: int = int(signal.SIGRTMIN) + 6
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _sigaction(ctypes.Structure):
-    # glibc x86-64 struct sigaction
-    _fields_ = [
-        ("sa_handler", ctypes.c_void_p),
-        ("sa_mask", ctypes.c_ulong * 16),
-        ("sa_flags", ctypes.c_int),
-        ("sa_restorer", ctypes.c_void_p),
-    ]
-
-
-_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_sigaction), ctypes.POINTER(_sigaction)]
 _SIG_IGN = 1
 _lock = threading.Lock()
 _installed = set()
@@ -55,13 +43,10 @@ def ensure_kick_handler(sig: int = 0) -> None:
     # Checked on every call (once per vCPU, about a microsecond): a program may
     # have reset the disposition since, and SIG_DFL would make a kick kill it.
     with _lock:
-        old = _sigaction()
-        if _libc.sigaction(sig, None, ctypes.byref(old)) != 0:
-            raise OSError(ctypes.get_errno(), f"sigaction({sig}) query failed")
+        old = _sys.sigaction(sig, None)
         if old.sa_handler in (None, _SIG_IGN):  # SIG_DFL or SIG_IGN: install ours
-            new = _sigaction()
-            new.sa_handler = ctypes.cast(_libc.getpid, ctypes.c_void_p).value
+            new = _sys.sigaction_t()
+            new.sa_handler = ctypes.cast(_sys.libc.getpid, ctypes.c_void_p).value
             new.sa_flags = 0  # no SA_RESTART: we want EINTR
-            if _libc.sigaction(sig, ctypes.byref(new), None) != 0:
-                raise OSError(ctypes.get_errno(), f"sigaction({sig}) failed")
+            _sys.sigaction(sig, new)
         _installed.add(sig)

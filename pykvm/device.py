@@ -21,7 +21,7 @@ import errno
 from typing import Union
 
 from ._check import U32 as _U32, U64 as _U64, uint as _u
-from ._ioctl import FdObject
+from .fd import FdObject
 from .errors import KvmError
 from .uapi import ioctls as I
 from .uapi import structs as S
@@ -67,7 +67,7 @@ class DeviceAttrs:
     Device fds, vCPU fds (``KVM_CAP_VCPU_ATTRIBUTES``: TSC control on x86) and
     the system fd (``KVM_CAP_SYS_ATTRIBUTES``) take the same ``kvm_device_attr``;
     the meaning of *(group, attr)* depends on the fd.  Subclasses provide
-    ``_ioctl`` (:class:`~pykvm._ioctl.FdObject`).
+    ``_ioctl`` (:class:`~pykvm.fd.FdObject`).
     """
 
     #: errnos for which ``has_device_attr`` answers False instead of raising

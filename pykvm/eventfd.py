@@ -20,7 +20,7 @@ import os
 import select
 from typing import Optional, Union
 
-from ._ioctl import FdObject
+from .fd import FdObject
 from .errors import KvmError
 
 __all__ = ["EventFd", "fd_of"]

@@ -24,7 +24,8 @@ import fcntl
 import mmap
 import os
 
-from ._ioctl import FdObject
+from . import _sys
+from .fd import FdObject
 from .errors import KvmError
 from .uapi import structs as S
 
@@ -90,15 +91,7 @@ class GuestMemfd(FdObject):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
                 raise ValueError(f"{name}={v!r} is not a non-negative int")
         try:
-            _fallocate(fd, falloc, offset, length)
+            _sys.fallocate(fd, falloc, offset, length)
         except OSError as e:
             raise KvmError(e.errno, "fallocate(guest_memfd)") from None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 

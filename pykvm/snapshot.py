@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import (Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional,
                     Sequence, Tuple, Union)
 
-from ._ioctl import ioctl
+from .fd import ioctl
 from .errors import KvmError
 
 from .system import Kvm
@@ -99,8 +99,8 @@ DEFAULT_CHUNK = 8 << 20
 _MAX_STATE_RECORD = 64 << 20     # sanity bound for non-memory records
 _MAX_HEADER = 16 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_memcmp = _libc.memcmp
+from . import _sys
+_memcmp = _sys.libc.memcmp
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
 _ZEROS = ctypes.create_string_buffer(ZERO_BLOCK)

@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
-from ._ioctl import FdObject, ioctl
+from .fd import FdObject, ioctl
 from .errors import KvmError
 from .uapi import ioctls as I
 from .uapi import structs as S

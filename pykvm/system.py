@@ -13,9 +13,9 @@ import os
 import stat
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
-from . import _diagnose
+from .host import diagnose
 from ._check import U32 as _U32, uint as _uint
-from ._ioctl import FdObject, ioctl
+from .fd import FdObject, ioctl
 from .device import DeviceAttrs
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
@@ -53,21 +53,21 @@ class Kvm(DeviceAttrs, FdObject):
         try:
             st = os.stat(path)
         except OSError as e:
-            raise KvmUnavailable(e.errno, f"open({path})", _diagnose.explain(path, e.errno)) from None
+            raise KvmUnavailable(e.errno, f"open({path})", diagnose.explain(path, e.errno)) from None
         if stat.S_ISDIR(st.st_mode):
-            raise KvmUnavailable(errno.EISDIR, f"open({path})", _diagnose.explain(path, errno.EISDIR))
+            raise KvmUnavailable(errno.EISDIR, f"open({path})", diagnose.explain(path, errno.EISDIR))
         if not stat.S_ISCHR(st.st_mode):
             raise KvmUnavailable(errno.ENODEV, f"open({path})",
                                  f"{path} is not a character device, so not the KVM device")
         rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        if rdev != (_diagnose.KVM_MAJOR, _diagnose.KVM_MINOR):
+        if rdev != (diagnose.KVM_MAJOR, diagnose.KVM_MINOR):
             raise KvmUnavailable(errno.ENODEV, f"open({path})",
                                  f"{path} is not the KVM device (it is character device "
-                                 f"{rdev[0]}:{rdev[1]}; KVM is {_diagnose.KVM_MAJOR}:{_diagnose.KVM_MINOR})")
+                                 f"{rdev[0]}:{rdev[1]}; KVM is {diagnose.KVM_MAJOR}:{diagnose.KVM_MINOR})")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise KvmUnavailable(e.errno, f"open({path})", _diagnose.explain(path, e.errno)) from None
+            raise KvmUnavailable(e.errno, f"open({path})", diagnose.explain(path, e.errno)) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISCHR(st.st_mode):  # replaced between stat and open
@@ -77,7 +77,7 @@ class Kvm(DeviceAttrs, FdObject):
                 version = ioctl(fd, I.KVM_GET_API_VERSION)
             except KvmError as e:
                 raise KvmUnavailable(e.errno, "KVM_GET_API_VERSION",
-                                     _diagnose.explain(path, errno.ENOTTY)) from None
+                                     diagnose.explain(path, errno.ENOTTY)) from None
             if version != KVM_API_VERSION:
                 raise KvmUnavailable(errno.EINVAL, "KVM_GET_API_VERSION",
                                      f"{path} speaks KVM API {version}, pykvm needs {KVM_API_VERSION}")

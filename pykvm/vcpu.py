@@ -38,9 +38,9 @@ import sys
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from . import _kick
+from . import _kick, _sys
 from ._check import U32 as _U32, expect as _expect, int_arg as _int_arg, uint as _uint
-from ._ioctl import FdObject, raise_error
+from .fd import FdObject, raise_error
 from .device import DeviceAttrs
 from .errors import KvmClosedError, KvmError
 from .exits import DECODE_TABLE, INTERRUPTED, Exit, _unknown
@@ -48,18 +48,9 @@ from .uapi import ioctls as I
 from .uapi import structs as S
 from .uapi.enums import Cap
 
-__all__ = ["Vcpu", "lapic_get_reg", "lapic_set_reg"]
+__all__ = ["Vcpu", "Watchdog", "lapic_get_reg", "lapic_set_reg"]
 
-_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
-
-
-def _libc_run_ioctl(fd: int, request: int) -> int:
-    """``ioctl(fd, request, 0)`` through libc: returns EINTR to the caller."""
-    ret = _libc_ioctl(fd, request, 0)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
+_libc_run_ioctl = _sys.ioctl_noarg
 
 
 if sys.version_info < (3, 14):
@@ -368,6 +359,23 @@ class Vcpu(DeviceAttrs, FdObject):
                         pass
             finally:
                 self._kicking = False
+
+    def kick_after(self, seconds: float) -> "Watchdog":
+        """Arm a watchdog that calls :meth:`kick` after *seconds* unless cancelled.
+
+        The one way to bound a run: a guest that never exits ends with an
+        ``Interrupted`` exit instead of hanging the program.  Returns a
+        :class:`Watchdog` (also a context manager that cancels on exit); its
+        ``fired`` attribute tells whether the kick happened.  A kick on a vCPU
+        closed meanwhile is ignored.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"seconds must be an int or float, not {type(seconds).__name__}")
+        if not 0 <= seconds <= threading.TIMEOUT_MAX:
+            raise ValueError(f"seconds={seconds!r} must be a finite number >= 0")
+        if self._fd < 0:
+            raise KvmClosedError(self._what, "kick_after")
+        return Watchdog(self, seconds)
 
     # -- registers ---------------------------------------------------------------------
     def get_regs(self) -> S.kvm_regs:
@@ -1067,3 +1075,31 @@ class _Held:
 
     def __del__(self) -> None:  # a hold dropped without release must not block the vCPU
         self.release()
+
+
+class Watchdog:
+    """A pending :meth:`Vcpu.kick_after`: ``cancel()``, ``fired``, context manager."""
+
+    def __init__(self, vcpu: Vcpu, seconds: float) -> None:
+        self.fired = False
+        self._vcpu = vcpu
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        try:
+            self._vcpu.kick()
+            self.fired = True
+        except KvmClosedError:
+            pass
+
+    def cancel(self) -> None:
+        """Stop the watchdog if it has not fired yet."""
+        self._timer.cancel()
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()

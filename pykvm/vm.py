@@ -13,7 +13,7 @@ import errno
 import weakref
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ._ioctl import FdObject
+from .fd import FdObject
 from .coalesced import CoalescedRing
 from .device import Device
 from .dirty import DirtyRing, bitmap_to_pages, bitmap_words, pages_to_bitmap

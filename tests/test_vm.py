@@ -123,7 +123,7 @@ def test_irqchip_and_pit(vm):
     assert ei.value.errno == errno.EEXIST
     # The in-kernel PIC now answers KVM_GET_IRQCHIP
     chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
-    from pykvm._ioctl import ioctl
+    from pykvm.fd import ioctl
 
     ioctl(vm.fileno(), uapi.KVM_GET_IRQCHIP, chip)
     assert chip.chip_id == 0

@@ -20,14 +20,14 @@ import fcntl
 import stat
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
-from .. import _diagnose
+from ..host import diagnose
 from ..errors import KvmError, KvmUnavailable
 from ..system import Kvm
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 from ..uapi.enums import Cap
 from . import cpuid as C
-from . import hostcpu
+from ..host import cpu as host_cpu
 from .model import (
     Access, Capability, CpuidReport, HostInfo, Limits, Module, Msr, MsrReport, ProbeReport,
     StatsReport,
@@ -141,7 +141,7 @@ def access(path: str) -> Tuple[Access, Optional[Kvm]]:
         if a.is_char_device:
             a.device = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
             a.is_kvm_device = (os.major(st.st_rdev), os.minor(st.st_rdev)) == (
-                _diagnose.KVM_MAJOR, _diagnose.KVM_MINOR)
+                diagnose.KVM_MAJOR, diagnose.KVM_MINOR)
     except FileNotFoundError:
         pass
     except OSError as e:  # e.g. EACCES on a parent directory
@@ -152,13 +152,13 @@ def access(path: str) -> Tuple[Access, Optional[Kvm]]:
         a.errno = e.errno
         name = _errno.errorcode.get(e.errno, str(e.errno))
         a.error = f"{e.ioctl} failed: {name} ({e.strerror})"
-        a.explanation = e.hint or _diagnose.explain(path, e.errno or 0)
+        a.explanation = e.hint or diagnose.explain(path, e.errno or 0)
         return a, None
     a.opened = True
     a.api_version = kvm.api_version
     if not a.is_kvm_device and a.is_char_device:
-        a.explanation = (f"{path} is device {a.device}, not {_diagnose.KVM_MAJOR}:"
-                         f"{_diagnose.KVM_MINOR}, but it answers like KVM")
+        a.explanation = (f"{path} is device {a.device}, not {diagnose.KVM_MAJOR}:"
+                         f"{diagnose.KVM_MINOR}, but it answers like KVM")
     return a, kvm
 
 
@@ -166,7 +166,7 @@ def access(path: str) -> Tuple[Access, Optional[Kvm]]:
 def host_info() -> HostInfo:
     """Kernel, CPU model and the virtualization flags (cpuinfo and CPUID)."""
     u = platform.uname()
-    info = hostcpu.cpuinfo()
+    info = host_cpu.cpuinfo()
     flags = set(info.get("flags", "").split())
     h = HostInfo(
         hostname=socket.gethostname(), kernel_release=u.release, kernel_version=u.version,
@@ -176,7 +176,7 @@ def host_info() -> HostInfo:
         flags_hypervisor="hypervisor" in flags,
         python=f"{platform.python_implementation()} {platform.python_version()}",
     )
-    vmx, svm = _diagnose.raw_virt_flags()
+    vmx, svm = diagnose.raw_virt_flags()
     h.raw_vmx, h.raw_svm = vmx, svm
     return h
 
@@ -184,7 +184,7 @@ def host_info() -> HostInfo:
 def modules() -> List[Module]:
     """The loaded KVM modules (vendor modules first, then ``kvm``) with parameters."""
     out = []
-    for name in _diagnose.loaded_kvm_modules():
+    for name in diagnose.loaded_kvm_modules():
         m = Module(name=name, role="core" if name == "kvm" else "vendor")
         pdir = f"/sys/module/{name}/parameters"
         try:
@@ -287,11 +287,11 @@ def host_only_features(supported: List[C.CpuidEntry]) -> Optional[List[str]]:
 
     None when CPUID cannot be executed here.  Hypervisor leaves are left out.
     """
-    if hostcpu.cpuid(0) is None:
+    if host_cpu.cpuid(0) is None:
         return None
     kvm_bits = C.feature_bits(supported)
-    max_basic = hostcpu.cpuid(0)[0]
-    max_ext = hostcpu.cpuid(0x80000000)[0]
+    max_basic = host_cpu.cpuid(0)[0]
+    max_ext = host_cpu.cpuid(0x80000000)[0]
     out: List[str] = []
     seen = set()
     for reg in C.FEATURE_REGS:
@@ -300,7 +300,7 @@ def host_only_features(supported: List[C.CpuidEntry]) -> Optional[List[str]]:
             continue
         if (fn < 0x80000000 and fn > max_basic) or (fn >= 0x80000000 and fn > max_ext):
             continue
-        regs = hostcpu.cpuid(fn, idx)
+        regs = host_cpu.cpuid(fn, idx)
         if regs is None:
             continue
         host = regs["eax ebx ecx edx".split().index(r)]

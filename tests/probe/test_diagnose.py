@@ -1,4 +1,4 @@
-"""The explanations of pykvm._diagnose for hosts this machine is not.
+"""The explanations of pykvm.host.diagnose for hosts this machine is not.
 
 The host here has KVM loaded and a root-only /dev/kvm; the other situations
 (no module, firmware switch off, a guest without nested virtualization,
@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from pykvm import _diagnose as D
+from pykvm.host import diagnose as D
 
 pytestmark = pytest.mark.no_kvm_needed
 

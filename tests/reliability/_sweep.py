@@ -21,7 +21,7 @@ from pykvm.eventfd import EventFd
 from . import _x86 as X
 
 #: Never called by the sweep: they run the guest, block, or end the object.
-SKIP = {"run", "run_raw", "close", "wait", "kick", "fileno"}
+SKIP = {"run", "run_raw", "close", "wait", "kick", "kick_after", "fileno"}  # kick_after: tests/vcpu/test_run_page.py
 
 
 def make_world(kvm: pykvm.Kvm) -> Dict[str, object]:

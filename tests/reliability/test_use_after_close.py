@@ -22,7 +22,7 @@ import faulthandler, json, os, sys
 faulthandler.dump_traceback_later(120, exit=True)
 import pykvm
 from tests.reliability._util import build_zoo, public_methods, synth_args
-from pykvm._ioctl import FdObject
+from pykvm.fd import FdObject
 
 kvm = pykvm.Kvm()
 zoo = build_zoo(kvm)

@@ -132,3 +132,31 @@ def test_signal_mask_applies_inside_kvm_run(vm):
     assert res["thread_mask"] == pykvm.IoOut(0x10, 1, 1, b"\0") and res["consumed2"] == sig
     with pytest.raises(ValueError):
         vcpu.set_signal_mask([0])
+
+
+def test_kick_after_stops_a_spinning_guest_and_can_be_cancelled(kvm):
+    """kick_after() ends a run that would never exit; a cancelled one never fires."""
+    import math
+
+    with kvm.create_vm() as vm:
+        mem = vm.add_memory(0, 0x10000)
+        mem.write(0x1000, bytes([0xEB, 0xFE]))  # jmp $ (never exits)
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs()
+        sregs.cs.base = sregs.cs.selector = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = 0x1000, 2
+        vcpu.set_regs(regs)
+        with vcpu.kick_after(0.05) as dog:
+            assert isinstance(vcpu.run(), pykvm.Interrupted)
+        assert dog.fired
+        dog2 = vcpu.kick_after(3600)
+        dog2.cancel()
+        assert not dog2.fired
+        for bad in (-1, math.nan, math.inf):
+            with pytest.raises(ValueError):
+                vcpu.kick_after(bad)
+        for bad in ("1", True, None):
+            with pytest.raises(TypeError):
+                vcpu.kick_after(bad)

@@ -14,7 +14,7 @@ from typing import Dict
 import pykvm
 from pykvm.uapi import ioctls as I
 from pykvm.uapi import structs as S
-from pykvm._ioctl import ioctl
+from pykvm.fd import ioctl
 from tests.guests import real_mode
 
 OUT_E9 = bytes([0xE6, 0xE9])          # out 0xe9, al   (the "I am here" exit)

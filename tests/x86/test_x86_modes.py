@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pykvm import x86
-from pykvm._diagnose import loaded_kvm_modules
+from pykvm.host.diagnose import loaded_kvm_modules
 
 from .helpers import collect_out, long_mode_guest, needs_binutils
 
