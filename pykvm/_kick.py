@@ -22,12 +22,14 @@ restarted).  A thread that *blocks* the signal cannot be kicked out of
 from __future__ import annotations
 
 import ctypes
+import errno
 import signal
 import threading
 
 from . import _sys
+from .errors import KvmError
 
-__all__ = ["KICK_SIGNAL", "ensure_kick_handler"]
+__all__ = ["KICK_SIGNAL", "ensure_kick_handler", "check_kick_handler"]
 
 #: Real-time signal used for kicks (SIGRTMIN + 6); change before creating vCPUs.
 KICK_SIGNAL: int = int(signal.SIGRTMIN) + 6
@@ -50,3 +52,20 @@ def ensure_kick_handler(sig: int = 0) -> None:
             new.sa_flags = 0  # no SA_RESTART: we want EINTR
             _sys.sigaction(sig, new)
         _installed.add(sig)
+
+
+def check_kick_handler(sig: int = 0) -> None:
+    """Raise ``KvmError`` (EINVAL) if *sig* (default :data:`KICK_SIGNAL`) is ``SIG_DFL`` or ``SIG_IGN``.
+
+    Called by ``Vcpu.kick()`` before each signal: with ``SIG_DFL`` a real-time
+    signal kills the process, with ``SIG_IGN`` the kernel drops it and the kick
+    would silently do nothing.  One ``sigaction`` query, no change.
+    """
+    sig = sig or KICK_SIGNAL
+    handler = _sys.sigaction(sig, None).sa_handler
+    if handler in (None, _SIG_IGN):
+        which = "SIG_IGN" if handler == _SIG_IGN else "SIG_DFL"
+        raise KvmError(errno.EINVAL, "kick",
+                       f"signal {sig} (pykvm's kick signal) was set to {which} after the vCPU was "
+                       f"created; not sending it (SIG_DFL would kill the process, SIG_IGN drops it). "
+                       f"Install any handler, or call pykvm.vcpu.ensure_kick_handler(), then kick again")

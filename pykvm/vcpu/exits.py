@@ -1,50 +1,137 @@
-"""Typed exits: what :meth:`Vcpu.run() <pykvm.vcpu.Vcpu.run>` returns.
+"""Typed exits, the one ``kvm_run`` exit layout table and the one answer encoder.
 
-Each class has ``reason`` (an :class:`~pykvm.uapi.enums.ExitReason`) and the
-fields of its part of ``kvm_run``, decoded once.  Exits that need an answer
-(``IoIn``, ``MmioRead``, ``X86Rdmsr``, ``Hypercall`` ...) write it into the run
-page, where the kernel picks it up on the next ``run()``; they are valid only
-until then.
+:meth:`Vcpu.run() <pykvm.vcpu.Vcpu.run>` returns one of these classes.  Each
+has ``reason`` (an :class:`~pykvm.uapi.enums.ExitReason`) and the fields of
+its member of the ``kvm_run`` exit union, decoded once, under the run lock.
+Exits that need an answer (``IoIn``, ``MmioRead``, ``X86Rdmsr``,
+``Hypercall``, ``HypervHcall``, ``XenHcall``, ``Tdx``, ``SnpReqCerts`` ...)
+write it into the run page, where KVM picks it up on the next ``KVM_RUN``.
+
+Validity rule: an exit describes the run page as KVM left it; its answer
+methods and its writable ``data`` views write into that page.  Use them before
+the next ``run()`` of the same vCPU (KVM reads the answer then, and the next
+exit overwrites the page).  The decoded fields are plain values and stay
+readable afterwards; ``copy.copy(exit)`` is not needed for that.
+
+:data:`LAYOUTS` is the one description of the exit union (offsets are
+absolute in the run page, read from the newest ``include/uapi/linux/kvm.h``,
+Linux 7.3): tools that read the run page themselves (run loops, the VMM) use
+it and :func:`write_answer` instead of their own ``struct`` formats.
 
 Decoding is the hot path: one ``struct.unpack_from`` per exit, no dict or
-enum lookups, and slotted classes.
+enum lookups, slotted classes.
 """
 
 from __future__ import annotations
 
+import errno
 import struct
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
-from .uapi.enums import ExitReason as R
+from ..uapi.enums import ExitReason as R
 
 __all__ = [
     "Exit", "IoOut", "IoIn", "MmioWrite", "MmioRead", "Hlt", "Shutdown", "FailEntry",
     "InternalError", "SystemEvent", "Hypercall", "Debug", "Interrupted", "X86Rdmsr",
     "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "IoapicEoi", "DirtyRingFull",
-    "X86BusLock", "Notify", "TprAccess", "Exception_", "Unknown", "decode",
+    "X86BusLock", "Notify", "TprAccess", "Exception_", "Unknown", "SetTpr", "Nmi",
+    "Hyperv", "HypervSynic", "HypervHcall", "HypervSyndbg", "ApResetHold", "Xen", "XenHcall",
+    "Tdx", "SnpReqCerts", "decode", "Layout", "LAYOUTS", "EXIT_UNION_OFFSET",
+    "EXIT_UNION_SIZE", "IO_LAYOUT", "MMIO_LAYOUT", "MMIO_DATA_OFFSET", "encode_int",
+    "write_answer",
 ]
 
-# Offsets in kvm_run (see pykvm.uapi.structs.kvm_run); the exit union starts at 32.
-_U = 32
-_io = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
-_mmio = struct.Struct("<Q8sIB")        # phys_addr, data[8], len, is_write
-_q = struct.Struct("<Q")
-_qi = struct.Struct("<QI")
-_ii = struct.Struct("<II")
-_internal = struct.Struct("<II16Q")
-_emul = struct.Struct("<IIQB15s")
-_sysev = struct.Struct("<II16Q")
-_hcall = struct.Struct("<Q6QQQ")
-_debug = struct.Struct("<IIQQQ")
-_msr = struct.Struct("<B7xIIQ")
-_fault = struct.Struct("<QQQ")
-_tpr = struct.Struct("<QI")
+#: Offset of the exit union in ``struct kvm_run`` (after exit_reason, flags, cr8, apic_base).
+EXIT_UNION_OFFSET = 32
+#: Size of the exit union (``char padding[256]`` fixes it).
+EXIT_UNION_SIZE = 256
+_U = EXIT_UNION_OFFSET
 
 
-def _fit(value: object, nbytes: int, what: str) -> int:
+class Layout(NamedTuple):
+    """One member of the ``kvm_run`` exit union: where it is and how to read it."""
+
+    member: str                 #: the member's name in ``struct kvm_run``
+    offset: int                 #: absolute offset in the run page
+    format: struct.Struct       #: little-endian layout of the fields below
+    fields: Tuple[str, ...]     #: field names in order (``_`` = padding, ``name[n]`` = array)
+
+    def unpack(self, buf: object) -> Tuple[object, ...]:
+        """The fields of this member read from *buf* (the run page)."""
+        return self.format.unpack_from(buf, self.offset)  # type: ignore[arg-type]
+
+
+def _l(member: str, fmt: str, *fields: str, at: int = 0) -> Layout:
+    return Layout(member, _U + at, struct.Struct("<" + fmt), fields)
+
+
+#: The exit union, member by member (Linux 7.3 ``include/uapi/linux/kvm.h``).  The
+#: only copy in pykvm: pykvm.uapi.structs.kvm_run gives the same offsets as ctypes.
+LAYOUTS: Dict[str, Layout] = {layout.member: layout for layout in (
+    _l("hw", "Q", "hardware_exit_reason"),
+    _l("fail_entry", "QI", "hardware_entry_failure_reason", "cpu"),
+    _l("ex", "II", "exception", "error_code"),
+    _l("io", "BBHIQ", "direction", "size", "port", "count", "data_offset"),
+    _l("debug", "IIQQQ", "exception", "pad", "pc", "dr6", "dr7"),
+    _l("mmio", "Q8sIB", "phys_addr", "data[8]", "len", "is_write"),
+    _l("hypercall", "Q6QQQ", "nr", "args[6]", "ret", "flags"),
+    _l("tpr_access", "QII", "rip", "is_write", "pad"),
+    _l("internal", "II16Q", "suberror", "ndata", "data[16]"),
+    _l("emulation_failure", "IIQB15s", "suberror", "ndata", "flags", "insn_size", "insn_bytes[15]"),
+    _l("system_event", "II16Q", "type", "ndata", "data[16]"),
+    _l("eoi", "B", "vector"),
+    _l("hyperv", "II", "type", "pad1"),
+    _l("hyperv.synic", "IIQQQ", "msr", "pad2", "control", "evt_page", "msg_page", at=8),
+    _l("hyperv.hcall", "QQ2Q", "input", "result", "params[2]", at=8),
+    _l("hyperv.syndbg", "IIQQQQQ", "msr", "pad2", "control", "status", "send_page",
+       "recv_page", "pending_page", at=8),
+    _l("msr", "B7xIIQ", "error", "reason", "index", "data"),
+    _l("xen", "I", "type"),
+    _l("xen.hcall", "IIQQ6Q", "longmode", "cpl", "input", "result", "params[6]", at=8),
+    _l("notify", "I", "flags"),
+    _l("memory_fault", "QQQ", "flags", "gpa", "size"),
+    _l("tdx", "QQQ5Q", "flags", "nr", "ret", "data[5]"),
+    _l("snp_req_certs", "QQQ", "gpa", "npages", "ret"),
+)}
+
+IO_LAYOUT = LAYOUTS["io"]
+MMIO_LAYOUT = LAYOUTS["mmio"]
+#: Where ``kvm_run.mmio.data`` (the 8 bytes of an MMIO access) starts.
+MMIO_DATA_OFFSET = _U + 8
+
+
+def _field(member: str, name: str) -> int:
+    """Absolute offset of *name* in *member* (computed from the layout, not counted by hand)."""
+    layout = LAYOUTS[member]
+    fmt = "<"
+    for code, field in zip(_codes(layout.format.format[1:]), layout.fields):
+        if field == name:
+            return layout.offset + struct.calcsize(fmt)
+        fmt += code
+    raise KeyError(f"{member}.{name}")
+
+
+def _codes(fmt: str):
+    i = 0
+    while i < len(fmt):
+        j = i
+        while fmt[j].isdigit():
+            j += 1
+        code = fmt[i:j + 1]
+        if code[-1] == "x":  # padding is not a field: glue it to the next code
+            j += 1
+            while fmt[j].isdigit():
+                j += 1
+            code = fmt[i:j + 1]
+        yield code
+        i = j + 1
+
+
+def encode_int(value: object, nbytes: int, what: str) -> int:
     """*value* as an unsigned *nbytes*-byte int; negative values as two's complement.
 
-    Raises instead of silently truncating a value that does not fit.
+    The one overflow rule for answers: raises ``ValueError`` instead of silently
+    truncating a value that does not fit, ``TypeError`` for a non-int.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
@@ -52,6 +139,27 @@ def _fit(value: object, nbytes: int, what: str) -> int:
     if not -(1 << (bits - 1)) <= value < (1 << bits):
         raise ValueError(f"{what} {value:#x} does not fit in {nbytes} byte(s)")
     return value & ((1 << bits) - 1)
+
+
+_fit = encode_int
+
+
+def write_answer(buf: object, offset: int, size: int, value: Union[int, bytes, bytearray, memoryview],
+                 what: str) -> None:
+    """The one answer encoder: write *value* as exactly *size* bytes at *offset* of *buf*.
+
+    *value* is an int (little endian; -1 means all ones) or exactly *size*
+    bytes.  A value that does not fit raises ``ValueError``, never truncates.
+    *buf* is the run page (``vcpu.run_mmap``) or a view of it; *offset* is a
+    PIO data offset (``io.data_offset + k * size``) or :data:`MMIO_DATA_OFFSET`.
+    """
+    if isinstance(value, int):
+        data = encode_int(value, size, what).to_bytes(size, "little")
+    else:
+        data = bytes(value)
+        if len(data) != size:
+            raise ValueError(f"{what} wants {size} bytes, got {len(data)}")
+    buf[offset:offset + size] = data  # type: ignore[index]
 
 
 class Exit:
@@ -261,7 +369,7 @@ class Hypercall(Exit):
 
     def set_ret(self, value: int) -> None:
         """Write ``hypercall.ret`` (the guest's RAX after the call)."""
-        _q.pack_into(self._mm, _U + 56, _fit(value, 8, "hypercall result"))
+        _q.pack_into(self._mm, _HCALL_RET, _fit(value, 8, "hypercall result"))
 
 
 class Debug(Exit):
@@ -282,7 +390,7 @@ class _MsrExit(Exit):
 
     def set_error(self, error: bool = True) -> None:
         """Make the guest's access fault with #GP (``msr.error = 1``)."""
-        self._mm[_U] = 1 if error else 0
+        self._mm[_MSR_ERROR] = 1 if error else 0
 
 
 class X86Rdmsr(_MsrExit):
@@ -293,8 +401,8 @@ class X86Rdmsr(_MsrExit):
 
     def set_data(self, value: int) -> None:
         """The value the guest's ``rdmsr`` returns."""
-        self._mm[_U] = 0
-        _q.pack_into(self._mm, _U + 16, _fit(value, 8, f"value of MSR {self.index:#x}"))
+        self._mm[_MSR_ERROR] = 0
+        _q.pack_into(self._mm, _MSR_DATA, _fit(value, 8, f"value of MSR {self.index:#x}"))
 
 
 class X86Wrmsr(_MsrExit):
@@ -305,7 +413,14 @@ class X86Wrmsr(_MsrExit):
 
 
 class MemoryFault(Exit):
-    """``KVM_EXIT_MEMORY_FAULT``: KVM could not resolve a guest access to [gpa, gpa+size)."""
+    """``KVM_EXIT_MEMORY_FAULT``: KVM could not resolve a guest access to [gpa, gpa+size).
+
+    KVM reports it as a *failed* ``KVM_RUN`` (EFAULT, or EHWPOISON) with the exit
+    filled in; ``run()`` returns this exit then instead of raising (as rust-vmm's
+    kvm-ioctls does).  ``flags`` bit 3 (``KVM_MEMORY_EXIT_FLAG_PRIVATE``): the
+    access was to private (guest_memfd) memory: convert the range with
+    ``KVM_SET_MEMORY_ATTRIBUTES`` and run again.
+    """
 
     __slots__ = ("flags", "gpa", "size")
     reason = R.MEMORY_FAULT
@@ -354,6 +469,166 @@ class Exception_(Exit):
         self.exception, self.error_code = exception, error_code
 
 
+class SetTpr(_NoFields):
+    """``KVM_EXIT_SET_TPR``: defined by the uapi, not raised by current x86 KVM."""
+
+    __slots__ = ()
+    reason = R.SET_TPR
+
+
+class Nmi(_NoFields):
+    """``KVM_EXIT_NMI``: defined by the uapi, not raised by current x86 KVM."""
+
+    __slots__ = ()
+    reason = R.NMI
+
+
+class ApResetHold(_NoFields):
+    """``KVM_EXIT_AP_RESET_HOLD``: an SEV-ES AP parked itself (AP reset hold
+    VMGEXIT); it stays halted until an INIT-SIPI wakes it."""
+
+    __slots__ = ()
+    reason = R.AP_RESET_HOLD
+
+
+class Hyperv(Exit):
+    """``KVM_EXIT_HYPERV`` of a ``type`` pykvm does not know (``raw``: the 248 bytes after it)."""
+
+    __slots__ = ("type", "raw")
+    reason = R.HYPERV
+
+    def __init__(self, type: int, raw: bytes = b"") -> None:
+        self.type, self.raw = type, raw
+
+
+class HypervSynic(Exit):
+    """``KVM_EXIT_HYPERV`` type 1 (``KVM_EXIT_HYPERV_SYNIC``): the guest wrote SynIC
+    MSR ``msr``; ``control``, ``evt_page``, ``msg_page`` are the SynIC's new state."""
+
+    __slots__ = ("msr", "control", "evt_page", "msg_page")
+    reason = R.HYPERV
+    type = 1
+
+    def __init__(self, msr: int, control: int, evt_page: int, msg_page: int) -> None:
+        self.msr, self.control, self.evt_page, self.msg_page = msr, control, evt_page, msg_page
+
+
+class HypervHcall(Exit):
+    """``KVM_EXIT_HYPERV`` type 2 (``KVM_EXIT_HYPERV_HCALL``): a Hyper-V hypercall
+    KVM forwards (e.g. HvPostMessage).  Answer with :meth:`set_result`."""
+
+    __slots__ = ("input", "params", "_mm")
+    reason = R.HYPERV
+    type = 2
+
+    def __init__(self, input: int, params: Tuple[int, ...], mm: object = None) -> None:
+        self.input, self.params, self._mm = input, params, mm
+
+    def set_result(self, value: int) -> None:
+        """Write ``hyperv.u.hcall.result`` (the hypercall status the guest gets in RAX)."""
+        _q.pack_into(self._mm, _HV_RESULT, _fit(value, 8, "Hyper-V hypercall result"))
+
+
+class HypervSyndbg(Exit):
+    """``KVM_EXIT_HYPERV`` type 3 (``KVM_EXIT_HYPERV_SYNDBG``): the guest wrote a
+    synthetic debugger MSR ``msr``; the other fields are the debugger's state."""
+
+    __slots__ = ("msr", "control", "status", "send_page", "recv_page", "pending_page")
+    reason = R.HYPERV
+    type = 3
+
+    def __init__(self, msr: int, control: int, status: int, send_page: int, recv_page: int,
+                 pending_page: int) -> None:
+        self.msr, self.control, self.status = msr, control, status
+        self.send_page, self.recv_page, self.pending_page = send_page, recv_page, pending_page
+
+
+class Xen(Exit):
+    """``KVM_EXIT_XEN`` of a ``type`` pykvm does not know (``raw``: the bytes after it)."""
+
+    __slots__ = ("type", "raw")
+    reason = R.XEN
+
+    def __init__(self, type: int, raw: bytes = b"") -> None:
+        self.type, self.raw = type, raw
+
+
+class XenHcall(Exit):
+    """``KVM_EXIT_XEN`` type 1 (``KVM_EXIT_XEN_HCALL``): a Xen hypercall KVM does not
+    handle itself (``KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL``).  Answer with :meth:`set_result`."""
+
+    __slots__ = ("longmode", "cpl", "input", "params", "_mm")
+    reason = R.XEN
+    type = 1
+
+    def __init__(self, longmode: int, cpl: int, input: int, params: Tuple[int, ...],
+                 mm: object = None) -> None:
+        self.longmode, self.cpl, self.input, self.params, self._mm = longmode, cpl, input, params, mm
+
+    def set_result(self, value: int) -> None:
+        """Write ``xen.u.hcall.result`` (the guest's RAX after the hypercall)."""
+        _q.pack_into(self._mm, _XEN_RESULT, _fit(value, 8, "Xen hypercall result"))
+
+
+class Tdx(Exit):
+    """``KVM_EXIT_TDX``: a TDVMCALL of a TDX guest that KVM forwards.
+
+    ``nr`` is the TDVMCALL leaf (0x10000 GetTdVmCallInfo, 0x10002 GetQuote,
+    0x10004 SetupEventNotifyInterrupt); ``args`` the five words after ``ret``
+    (GetQuote: gpa, size; GetTdVmCallInfo: leaf; SetupEventNotify: vector).
+    KVM preset ``ret`` to TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED: answer with
+    :meth:`set_ret` (and :meth:`set_outputs` for GetTdVmCallInfo's r11-r14).
+    """
+
+    __slots__ = ("flags", "nr", "ret", "args", "_mm")
+    reason = R.TDX
+
+    def __init__(self, flags: int, nr: int, ret: int, args: Tuple[int, ...], mm: object = None) -> None:
+        self.flags, self.nr, self.ret, self.args, self._mm = flags, nr, ret, args, mm
+
+    def set_ret(self, value: int) -> None:
+        """Write ``tdx.ret`` (the TDVMCALL status the guest gets in R10)."""
+        _q.pack_into(self._mm, _TDX_RET, _fit(value, 8, "TDVMCALL status"))
+
+    def set_outputs(self, *values: int) -> None:
+        """Write up to four output words after ``ret`` (GetTdVmCallInfo: r11, r12, r13, r14)."""
+        if len(values) > 4:
+            raise ValueError(f"a TDVMCALL returns at most 4 output words, got {len(values)}")
+        for k, v in enumerate(values):
+            _q.pack_into(self._mm, _TDX_RET + 16 + 8 * k, _fit(v, 8, f"TDVMCALL output {k}"))
+
+
+#: What :meth:`SnpReqCerts.set_ret` accepts (the kernel's switch on snp_req_certs.ret).
+SNP_REQ_CERTS_RETURNS = (0, errno.ENOSPC, errno.EAGAIN, errno.EIO)
+
+
+class SnpReqCerts(Exit):
+    """``KVM_EXIT_SNP_REQ_CERTS``: an SEV-SNP guest asks for the certificate table
+    of an extended guest request (``KVM_SEV_SNP_ENABLE_REQ_CERTS``).
+
+    Write the table into guest memory at ``gpa`` (``npages`` pages), then answer
+    with :meth:`set_ret`: 0 (done: KVM then forwards the request to the
+    firmware), ``ENOSPC`` with the pages needed (the guest retries with a
+    bigger buffer), ``EAGAIN`` (busy, retry later) or ``EIO`` (failed).
+    """
+
+    __slots__ = ("gpa", "npages", "_mm")
+    reason = R.SNP_REQ_CERTS if hasattr(R, "SNP_REQ_CERTS") else 43  # type: ignore[assignment]
+
+    def __init__(self, gpa: int, npages: int, mm: object = None) -> None:
+        self.gpa, self.npages, self._mm = gpa, npages, mm
+
+    def set_ret(self, ret: int, npages: Optional[int] = None) -> None:
+        """Write ``snp_req_certs.ret`` (and ``npages`` with ``ENOSPC``: the pages needed)."""
+        if ret not in SNP_REQ_CERTS_RETURNS:
+            raise ValueError(f"snp_req_certs.ret must be 0, ENOSPC, EAGAIN or EIO, not {ret!r}")
+        if (npages is not None) != (ret == errno.ENOSPC):
+            raise ValueError("npages goes with ENOSPC (and only with it): the page count the guest needs")
+        if npages is not None:
+            _q.pack_into(self._mm, _SNP_NPAGES, _fit(npages, 8, "snp_req_certs.npages"))
+        _q.pack_into(self._mm, _SNP_RET, ret)
+
+
 class Unknown(Exit):
     """Any other exit: ``exit_reason`` as a number and the raw 256-byte union."""
 
@@ -372,6 +647,19 @@ class Unknown(Exit):
 
 # ---------------------------------------------------------------------------
 # Decoders: f(mm, mv) -> Exit, where mm is the run mmap and mv a memoryview of it.
+# Every format and offset comes from LAYOUTS.
+
+_q = struct.Struct("<Q")
+_ii = struct.Struct("<II")
+_HCALL_RET = _field("hypercall", "ret")
+_MSR_ERROR = _field("msr", "error")
+_MSR_DATA = _field("msr", "data")
+_HV_RESULT = _field("hyperv.hcall", "result")
+_XEN_RESULT = _field("xen.hcall", "result")
+_TDX_RET = _field("tdx", "ret")
+_SNP_NPAGES = _field("snp_req_certs", "npages")
+_SNP_RET = _field("snp_req_certs", "ret")
+_EXIT_REASON = 8  # kvm_run.exit_reason
 
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -382,15 +670,23 @@ INTERRUPTED = Interrupted()
 
 
 # The hottest decoders build their objects without a Python-level __init__
-# call (object.__new__ + slot stores): about 40 ns less per exit than calling
-# the class (measured with benchmarks/, Python 3.11).
+# call (object.__new__ + slot stores): fewer frames per exit than calling the class.
 _new = object.__new__
-_io_unpack = _io.unpack_from
-_mmio_unpack = struct.Struct("<Q8xIB").unpack_from   # phys_addr, (data), len, is_write
+_io_unpack = IO_LAYOUT.format.unpack_from
+_IO_AT = IO_LAYOUT.offset
+_mmio_unpack = struct.Struct("<Q8xIB").unpack_from   # mmio without the data bytes
+_MMIO_AT = MMIO_LAYOUT.offset
+_MD = MMIO_DATA_OFFSET
+
+
+def _unpacker(member: str):
+    layout = LAYOUTS[member]
+    unpack, at = layout.format.unpack_from, layout.offset
+    return lambda mm: unpack(mm, at)
 
 
 def _d_io(mm, mv):
-    direction, size, port, count, off = _io_unpack(mm, _U)
+    direction, size, port, count, off = _io_unpack(mm, _IO_AT)
     if direction:
         e = _new(IoOut)
         e.data = mm[off:off + size * count]
@@ -404,77 +700,159 @@ def _d_io(mm, mv):
 
 
 def _d_mmio(mm, mv):
-    addr, length, is_write = _mmio_unpack(mm, _U)
+    addr, length, is_write = _mmio_unpack(mm, _MMIO_AT)
+    if length > 8:
+        length = 8  # kvm_run.mmio.data has 8 bytes; never view past it
     if is_write:
         e = _new(MmioWrite)
-        e.data = mm[_U + 8:_U + 8 + (length if length <= 8 else 8)]
+        e.data = mm[_MD:_MD + length]
     else:
         e = _new(MmioRead)
         e.length = length
-        e.data = mv[_U + 8:_U + 8 + length]
+        e.data = mv[_MD:_MD + length]
     e.address = addr
     return e
 
 
+_internal = _unpacker("internal")
+_emul = _unpacker("emulation_failure")
+
+
 def _d_internal(mm, mv):
-    fields = _internal.unpack_from(mm, _U)
+    fields = _internal(mm)
     sub, ndata = fields[0], min(fields[1], 16)
     insn = b""
     if sub == 1 and ndata >= 2:
-        _, _, flags, size, raw = _emul.unpack_from(mm, _U)
+        _, _, flags, size, raw = _emul(mm)
         if flags & 1:
             insn = raw[:min(size, 15)]
     return InternalError(sub, fields[2:2 + ndata], insn)
 
 
+_sysev = _unpacker("system_event")
+
+
 def _d_sysev(mm, mv):
-    fields = _sysev.unpack_from(mm, _U)
+    fields = _sysev(mm)
     n = fields[1] if fields[1] else 1  # older kernels: flags only
     return SystemEvent(fields[0], fields[2:2 + min(n, 16)])
 
 
+_hcall = _unpacker("hypercall")
+
+
 def _d_hcall(mm, mv):
-    f = _hcall.unpack_from(mm, _U)
+    f = _hcall(mm)
     return Hypercall(f[0], f[1:7], f[8], mm)
 
 
+_debug = _unpacker("debug")
+
+
 def _d_debug(mm, mv):
-    exc, _, pc, dr6, dr7 = _debug.unpack_from(mm, _U)
+    exc, _, pc, dr6, dr7 = _debug(mm)
     return Debug(exc, pc, dr6, dr7)
 
 
+_msr = _unpacker("msr")
+
+
 def _d_rdmsr(mm, mv):
-    _, reason, index, data = _msr.unpack_from(mm, _U)
+    _, reason, index, data = _msr(mm)
     return X86Rdmsr(index, data, reason, mm)
 
 
 def _d_wrmsr(mm, mv):
-    _, reason, index, data = _msr.unpack_from(mm, _U)
+    _, reason, index, data = _msr(mm)
     return X86Wrmsr(index, data, reason, mm)
 
 
+_fault = _unpacker("memory_fault")
+
+
 def _d_fault(mm, mv):
-    return MemoryFault(*_fault.unpack_from(mm, _U))
+    return MemoryFault(*_fault(mm))
+
+
+_fail = _unpacker("fail_entry")
 
 
 def _d_fail(mm, mv):
-    return FailEntry(*_qi.unpack_from(mm, _U))
+    return FailEntry(*_fail(mm))
 
 
 def _d_eoi(mm, mv):
-    return IoapicEoi(mm[_U])
+    return IoapicEoi(mm[LAYOUTS["eoi"].offset])
+
+
+_notify = _unpacker("notify")
 
 
 def _d_notify(mm, mv):
-    return Notify(_ii.unpack_from(mm, _U)[0])
+    return Notify(_notify(mm)[0])
+
+
+_tpr = _unpacker("tpr_access")
 
 
 def _d_tpr(mm, mv):
-    return TprAccess(*_tpr.unpack_from(mm, _U))
+    rip, is_write, _ = _tpr(mm)
+    return TprAccess(rip, is_write)
+
+
+_ex = _unpacker("ex")
 
 
 def _d_exc(mm, mv):
-    return Exception_(*_ii.unpack_from(mm, _U))
+    return Exception_(*_ex(mm))
+
+
+_hv = _unpacker("hyperv")
+_hv_synic = _unpacker("hyperv.synic")
+_hv_hcall = _unpacker("hyperv.hcall")
+_hv_syndbg = _unpacker("hyperv.syndbg")
+
+
+def _d_hyperv(mm, mv):
+    kind = _hv(mm)[0]
+    if kind == 1:
+        msr, _, control, evt_page, msg_page = _hv_synic(mm)
+        return HypervSynic(msr, control, evt_page, msg_page)
+    if kind == 2:
+        f = _hv_hcall(mm)
+        return HypervHcall(f[0], f[2:4], mm)
+    if kind == 3:
+        msr, _, control, status, send, recv, pending = _hv_syndbg(mm)
+        return HypervSyndbg(msr, control, status, send, recv, pending)
+    return Hyperv(kind, mm[_U + 8:_U + EXIT_UNION_SIZE])
+
+
+_xen = _unpacker("xen")
+_xen_hcall = _unpacker("xen.hcall")
+
+
+def _d_xen(mm, mv):
+    kind = _xen(mm)[0]
+    if kind == 1:
+        f = _xen_hcall(mm)
+        return XenHcall(f[0], f[1], f[2], f[4:10], mm)
+    return Xen(kind, mm[_U + 8:_U + EXIT_UNION_SIZE])
+
+
+_tdx = _unpacker("tdx")
+
+
+def _d_tdx(mm, mv):
+    f = _tdx(mm)
+    return Tdx(f[0], f[1], f[2], f[3:8], mm)
+
+
+_snp = _unpacker("snp_req_certs")
+
+
+def _d_snp(mm, mv):
+    gpa, npages, _ = _snp(mm)
+    return SnpReqCerts(gpa, npages, mm)
 
 
 def _const(obj):
@@ -482,9 +860,10 @@ def _const(obj):
 
 
 def _unknown(mm, mv):
-    return Unknown(_ii.unpack_from(mm, 8)[0], mm[_U:_U + 256])
+    return Unknown(_ii.unpack_from(mm, _EXIT_REASON)[0], mm[_U:_U + EXIT_UNION_SIZE])
 
 
+#: exit reason -> decoder, for every exit reason x86 KVM can report.
 DECODERS: Dict[int, object] = {
     R.IO: _d_io,
     R.MMIO: _d_mmio,
@@ -494,6 +873,9 @@ DECODERS: Dict[int, object] = {
     R.DIRTY_RING_FULL: _const(_DRF),
     R.X86_BUS_LOCK: _const(_BUSLOCK),
     R.INTR: _const(INTERRUPTED),
+    R.SET_TPR: _const(SetTpr()),
+    R.NMI: _const(Nmi()),
+    R.AP_RESET_HOLD: _const(ApResetHold()),
     R.FAIL_ENTRY: _d_fail,
     R.INTERNAL_ERROR: _d_internal,
     R.SYSTEM_EVENT: _d_sysev,
@@ -506,12 +888,23 @@ DECODERS: Dict[int, object] = {
     R.NOTIFY: _d_notify,
     R.TPR_ACCESS: _d_tpr,
     R.EXCEPTION: _d_exc,
+    R.HYPERV: _d_hyperv,
+    R.XEN: _d_xen,
+    R.TDX: _d_tdx,
+    43: _d_snp,  # KVM_EXIT_SNP_REQ_CERTS (Linux 7.1+)
 }
+#: The exit reasons that x86 KVM never reports (other architectures' exits): Unknown.
+NON_X86_REASONS = (13, 14, 15, 18, 19, 20, 21, 22, 23, 25, 28, 35, 36, 38, 41, 42)
 # A plain list indexed by exit reason: the hot path does one index, no hashing.
 DECODE_TABLE = [DECODERS.get(i, _unknown) for i in range(64)]
 
 
-def decode(mm, mv) -> Exit:
-    """Decode the exit currently described by a run page (mmap + its memoryview)."""
-    reason = _ii.unpack_from(mm, 8)[0]
+def decode(mm, mv=None) -> Exit:
+    """Decode the exit currently described by a run page (mmap, and optionally its memoryview).
+
+    Without *mv*, ``IoIn``/``MmioRead`` data views are made from a new memoryview.
+    """
+    if mv is None:
+        mv = memoryview(mm)
+    reason = _ii.unpack_from(mm, _EXIT_REASON)[0]
     return (DECODE_TABLE[reason] if reason < 64 else _unknown)(mm, mv)

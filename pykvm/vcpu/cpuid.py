@@ -1,0 +1,75 @@
+"""The CPUID table of a vCPU: ``KVM_SET_CPUID2``/``KVM_GET_CPUID2``, the legacy
+``KVM_SET_CPUID`` and the Hyper-V leaves (:class:`CpuidMixin`)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable, Iterable, List, Union
+
+from .._check import expect as _expect
+from ..errors import KvmError
+from ..uapi import ioctls as I
+from ..uapi import structs as S
+
+
+class CpuidMixin:
+    """CPUID ioctls of :class:`~pykvm.vcpu.Vcpu`."""
+
+    _ioctl: Callable[..., int]
+
+    def get_cpuid2(self, max_entries: int = 256) -> List[S.kvm_cpuid_entry2]:
+        """``KVM_GET_CPUID2``: the CPUID table set on this vCPU (grows on E2BIG)."""
+        n = max_entries
+        while True:
+            buf = S.flex(S.kvm_cpuid2, n)
+            try:
+                self._ioctl(I.KVM_GET_CPUID2, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 1 << 16:
+                    n *= 2
+                    continue
+                raise
+            return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+    def set_cpuid2(self, entries: Union[Iterable[S.kvm_cpuid_entry2], S.kvm_cpuid2]) -> None:
+        """``KVM_SET_CPUID2``: the CPUID the guest sees (e.g. ``kvm.supported_cpuid()``)."""
+        if isinstance(entries, S.kvm_cpuid2):
+            buf = entries
+        else:
+            lst = list(entries)
+            for e in lst:
+                _expect(e, S.kvm_cpuid_entry2)
+            buf = S.flex(S.kvm_cpuid2, len(lst))
+            for k, e in enumerate(lst):
+                buf.entries[k] = e
+        self._ioctl(I.KVM_SET_CPUID2, buf)
+
+    def set_cpuid(self, entries: Iterable[S.kvm_cpuid_entry]) -> None:
+        """``KVM_SET_CPUID`` (the original, index-less form; prefer :meth:`set_cpuid2`).
+
+        KVM turns each ``kvm_cpuid_entry`` into a ``kvm_cpuid_entry2`` with
+        index 0 and no flags; at most 256 entries (E2BIG beyond).
+        """
+        lst = list(entries)
+        for e in lst:
+            _expect(e, S.kvm_cpuid_entry)
+        buf = S.flex(S.kvm_cpuid, len(lst))
+        for k, e in enumerate(lst):
+            buf.entries[k] = e
+        self._ioctl(I.KVM_SET_CPUID, buf)
+
+    def get_supported_hv_cpuid(self, max_entries: int = 64) -> List[S.kvm_cpuid_entry2]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the vCPU fd: the Hyper-V leaves KVM
+        could expose (``KVM_CAP_HYPERV_CPUID``; the kernel answers EINVAL when
+        built without Hyper-V emulation).  Grows the buffer on E2BIG."""
+        n = max_entries
+        while True:
+            buf = S.flex(S.kvm_cpuid2, n)
+            try:
+                self._ioctl(I.KVM_GET_SUPPORTED_HV_CPUID, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 1 << 12:
+                    n *= 2
+                    continue
+                raise
+            return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
