@@ -12,7 +12,7 @@ import pytest
 import pykvm
 from pykvm import uapi
 
-from .guests import CODE, REAL_MODE_HELLO, SPIN, long_mode, real_mode
+from ..guests import CODE, REAL_MODE_HELLO, SPIN, long_mode, real_mode
 
 
 def test_real_mode_hello_prints_4(vm, watchdog):
@@ -249,7 +249,7 @@ def test_closed_vcpu_raises_and_never_reaches_fd(vm):
 
 def test_libc_run_path_used_on_python_314(vm, watchdog, monkeypatch):
     """The KVM_RUN path chosen for Python >= 3.14 (no EINTR retry) exits and interrupts."""
-    import pykvm.vcpu as V
+    import pykvm.vcpu.run as V
 
     monkeypatch.setattr(V, "_run_ioctl", V._libc_run_ioctl)
     vcpu = real_mode(vm, REAL_MODE_HELLO + SPIN, rax=1, rbx=1)
