@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from typing import Callable, Iterable, List, Union
 
@@ -10,6 +11,11 @@ from .._check import expect as _expect
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+
+
+def flex_capacity(buf: ctypes.Structure, header: type, entry: type) -> int:
+    """How many *entry* items the flexible array of *buf* (a *header* + array) really holds."""
+    return (ctypes.sizeof(buf) - ctypes.sizeof(header)) // ctypes.sizeof(entry)
 
 
 class CpuidMixin:
@@ -32,9 +38,18 @@ class CpuidMixin:
             return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
 
     def set_cpuid2(self, entries: Union[Iterable[S.kvm_cpuid_entry2], S.kvm_cpuid2]) -> None:
-        """``KVM_SET_CPUID2``: the CPUID the guest sees (e.g. ``kvm.supported_cpuid()``)."""
+        """``KVM_SET_CPUID2``: the CPUID the guest sees (e.g. ``kvm.supported_cpuid()``).
+
+        A ready ``kvm_cpuid2`` (from ``S.flex``) is passed as is once its ``nent``
+        is checked against the entries the buffer really holds: KVM copies
+        ``nent`` entries from it, so a larger count would hand it host memory
+        past the buffer.
+        """
         if isinstance(entries, S.kvm_cpuid2):
             buf = entries
+            room = flex_capacity(buf, S.kvm_cpuid2, S.kvm_cpuid_entry2)
+            if buf.nent > room:
+                raise ValueError(f"kvm_cpuid2.nent={buf.nent} but the buffer holds {room} entries")
         else:
             lst = list(entries)
             for e in lst:

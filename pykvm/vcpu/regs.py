@@ -160,6 +160,7 @@ class RegsMixin:
     def set_nested_state(self, state: S.kvm_nested_state) -> None:
         """``KVM_SET_NESTED_STATE``: restore what :meth:`get_nested_state` gave."""
         _expect(state, S.kvm_nested_state)
+        # KVM copies .size bytes from the buffer: never more than it holds.
         if state.size > ctypes.sizeof(state):
             raise ValueError(f"kvm_nested_state.size={state.size} exceeds the "
                              f"{ctypes.sizeof(state)}-byte buffer")

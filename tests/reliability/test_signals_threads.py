@@ -378,3 +378,79 @@ def test_close_racing_a_busy_run_loop_gives_only_closed_errors(kvm):
         assert not t.is_alive(), "run() loop survived vm.close()"
         problems += errs
     assert not problems, problems[:5]
+
+
+@pytest.mark.parametrize("disposition", ["SIG_DFL", "SIG_IGN"])
+def test_kick_after_the_signal_is_reset_is_a_clear_error_then_works_again(disposition):
+    """A program resets the kick signal *after* the vCPU exists: kick() must neither kill
+    the process (SIG_DFL) nor silently do nothing (SIG_IGN).  It raises KvmError naming the
+    signal; once a handler is back (ensure_kick_handler), the same kick stops the guest."""
+    code = rf'''
+import signal, threading, sys, os, time
+import pykvm, pykvm.vcpu
+from pykvm import _kick
+from tests.reliability import _x86 as X
+vm = pykvm.Kvm().create_vm()
+v, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+res = []
+t = threading.Thread(target=lambda: res.append(v.run()), daemon=True)
+t.start()
+while v._thread is None: time.sleep(0.001)
+time.sleep(0.2)  # past the lock, into KVM_RUN (else immediate_exit alone stops it)
+signal.signal(_kick.KICK_SIGNAL, signal.{disposition})
+try:
+    v.kick(); print("no error")
+except pykvm.KvmError as e:
+    print("error", e.errno, e.ioctl, "{disposition}" in str(e), v.immediate_exit)
+t.join(0.3); print("spinning" if t.is_alive() else "stopped")
+pykvm.vcpu.ensure_kick_handler()
+v.kick(); t.join(10)
+print("stopped" if not t.is_alive() else "spinning", res)
+sys.stdout.flush(); os._exit(0)
+'''
+    proc = U.run_python(code, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.split("\n")[:3] == [
+        f"error {errno.EINVAL} kick True True", "spinning", "stopped [Interrupted()]"], (proc.stdout, proc.stderr)
+
+
+def test_forked_child_closes_an_inherited_vcpu_without_hanging_or_touching_the_parent(vm):
+    """fork() while a parent thread is inside run() (holding the run lock): in the child the
+    vCPU is inert; kick() refuses instead of writing the shared run page and close() returns
+    at once.  The parent's vCPU keeps running untouched and still stops on a kick."""
+    import warnings
+
+    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    r = Runner(vcpu)
+    r.start()
+    _wait_inside_run(vcpu, r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: on purpose
+        pid = os.fork()
+    if pid == 0:  # the child: only os._exit leaves it
+        status = 1
+        try:
+            try:
+                vcpu.kick()
+                status = 2  # kick wrote into the parent's run page
+            except pykvm.KvmError as e:
+                if e.errno == errno.EBADF:
+                    vcpu.close()  # would hang on the run lock held by the parent's thread
+                    vm.close()
+                    status = 0 if vcpu.closed else 3
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 30  # hang detection, not a timing assertion
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done and os.waitstatus_to_exitcode(status) == 0, "child hung or failed"
+    assert r.is_alive() and not vcpu.immediate_exit  # the parent's guest still runs, untouched
+    vcpu.kick()
+    r.join(10)
+    assert not r.is_alive() and isinstance(r.result, pykvm.Interrupted)
