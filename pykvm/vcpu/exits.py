@@ -112,19 +112,19 @@ def _field(member: str, name: str) -> int:
 
 
 def _codes(fmt: str):
+    """Split a struct format into one code per field; padding (``7x``) joins the field before it."""
+    codes: list = []
     i = 0
     while i < len(fmt):
         j = i
         while fmt[j].isdigit():
             j += 1
-        code = fmt[i:j + 1]
-        if code[-1] == "x":  # padding is not a field: glue it to the next code
-            j += 1
-            while fmt[j].isdigit():
-                j += 1
-            code = fmt[i:j + 1]
-        yield code
+        if fmt[j] == "x" and codes:
+            codes[-1] += fmt[i:j + 1]
+        else:
+            codes.append(fmt[i:j + 1])
         i = j + 1
+    return codes
 
 
 def encode_int(value: object, nbytes: int, what: str) -> int:
