@@ -686,7 +686,7 @@ def _unpacker(member: str):
 
 
 def _d_io(mm, mv):
-    direction, size, port, count, off = _io_unpack(mm, _IO_AT)
+    direction, size, port, count, off = _io_unpack(mv, _IO_AT)  # a memoryview exports its buffer cheaper than the mmap
     if direction:
         e = _new(IoOut)
         e.data = mm[off:off + size * count]
@@ -700,7 +700,7 @@ def _d_io(mm, mv):
 
 
 def _d_mmio(mm, mv):
-    addr, length, is_write = _mmio_unpack(mm, _MMIO_AT)
+    addr, length, is_write = _mmio_unpack(mv, _MMIO_AT)
     if length > 8:
         length = 8  # kvm_run.mmio.data has 8 bytes; never view past it
     if is_write:
