@@ -5,7 +5,12 @@ name, ``isinstance`` check and module-level constant stays identical.
 """
 
 import sys
+from typing import TYPE_CHECKING
 
-from .vcpu import exits as _exits
+if TYPE_CHECKING:
+    from .vcpu.exits import *  # noqa: F401,F403
+    from .vcpu.exits import DECODE_TABLE, DECODERS, INTERRUPTED, decode  # noqa: F401
+else:
+    from .vcpu import exits as _exits
 
-sys.modules[__name__] = _exits
+    sys.modules[__name__] = _exits

@@ -117,11 +117,12 @@ def _module_aliases(tree: ast.Module, ioctls: Set[str]) -> Dict[str, str]:
     return aliases
 
 
-def _imports(tree: ast.Module) -> Dict[str, Tuple[str, str]]:
-    """Local name -> (module, name) for every ``from .module import name`` in the file."""
+def _imports(tree: ast.Module, level: int = 1) -> Dict[str, Tuple[str, str]]:
+    """Local name -> (module, name) for every ``from .module import name`` in the file
+    (``from ..module`` for files one package down: *level* 2)."""
     out = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and "." not in node.module:
+        if isinstance(node, ast.ImportFrom) and node.level == level and node.module and "." not in node.module:
             for a in node.names:
                 out[a.asname or a.name] = (node.module, a.name)
     return out
@@ -136,14 +137,21 @@ def scan() -> Dict[str, List[str]]:
         sys.path.pop(0)
     ioctls = set(IOCTLS)
     scanned = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        module = path.stem
-        if module.startswith("_") or module in SKIP_MODULES:
+    # The vcpu package composes Vcpu from mixins, one file per concern: scanned as module
+    # "vcpu", each mixin class reported as Vcpu.
+    for path in sorted(PACKAGE.glob("*.py")) + sorted(PACKAGE.glob("vcpu/*.py")):
+        in_vcpu = path.parent.name == "vcpu"
+        module = "vcpu" if in_vcpu else path.stem
+        if path.stem.startswith("_") or module in SKIP_MODULES:
             continue
         tree = ast.parse(path.read_text(), str(path))
+        if in_vcpu:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and (node.name.endswith("Mixin") or node.name == "RunEngine"):
+                    node.name = "Vcpu"
         sc = _Scanner(module, ioctls, _module_aliases(tree, ioctls))
         sc.visit(tree)
-        scanned.append((module, sc, _imports(tree)))
+        scanned.append((module, sc, _imports(tree, 2 if in_vcpu else 1)))
     effective: Dict[Tuple[str, str], Set[str]] = {}
     for module, sc, _ in scanned:
         for q, u in sc.uses.items():
