@@ -31,8 +31,8 @@ from .model import SCHEMA, SCHEMA_VERSION
 
 __all__ = ["ReportError", "load", "parse", "check", "MAX_REPORT_BYTES", "MAX_DEPTH"]
 
-#: the largest report file :func:`load` reads (a real one is well under 1 MiB)
-MAX_REPORT_BYTES = 4 << 20
+#: the largest report file :func:`load` reads (a real one is under 100 KB)
+MAX_REPORT_BYTES = 1 << 20
 #: the deepest nesting of arrays and objects accepted (a real report has 5 levels)
 MAX_DEPTH = 32
 
@@ -40,7 +40,8 @@ _U32 = (1 << 32) - 1
 
 # A JSON string, written so that the regular expression engine never backtracks.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
 
 
 class ReportError(UsageError, ValueError):
@@ -90,31 +91,34 @@ def load(path: str) -> Dict[str, Any]:
 
 
 def nesting_depth(text: str, limit: int = MAX_DEPTH) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON *text* (brackets in strings do not count).
+    """The nesting depth of ``[``/``{`` in JSON *text* (brackets in strings do not count).
 
-    Stops counting at ``limit + 1``; linear in the length of *text*.
+    Returns a number above *limit* as soon as the depth exceeds it, also for
+    openers that are never closed (the parser would recurse on them just the
+    same).  Each of at most ``limit + 1`` passes deletes the innermost bracket
+    pairs with one regular-expression substitution: linear in the text per pass.
     """
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    depth = deepest = 0
-    for ch in brackets:
-        if ch in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    break
-        else:
-            depth -= 1
-    return deepest
+    outside = _STRING.sub("", text).encode("utf-8", "surrogatepass")
+    brackets = outside.translate(_PARENS, _NOT_BRACKETS)
+    if b"(" * (limit + 1) in brackets:        # the common attack: one long run of openers
+        return limit + 1
+    depth = 0
+    while b"(" in brackets:
+        if depth > limit:
+            return depth
+        brackets = brackets.replace(b"()", b"")
+        depth += 1
+        # what is left without an opener can only be stray closers: no recursion there
+    return depth
 
 
 def _pairs(what: str):  # type: ignore[no-untyped-def]
     def hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ReportError(f"{what}: duplicate key {k!r} in one JSON object")
-            out[k] = v
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: Dict[str, None] = {}
+            dup = next(k for k, _ in pairs if k in seen or seen.setdefault(k, None))
+            raise ReportError(f"{what}: duplicate key {dup!r} in one JSON object")
         return out
     return hook
 
@@ -131,6 +135,9 @@ def parse(text: str, what: str = "report") -> Any:
         raise ReportError(f"{what}: larger than {MAX_REPORT_BYTES} characters: not a probe report")
     depth = nesting_depth(text)
     if depth > MAX_DEPTH:
+        outside = _STRING.sub("", text)
+        if sum(map(outside.count, "[{")) != sum(map(outside.count, "]}")):
+            raise ReportError(f"{what}: not JSON: brackets do not balance")
         raise ReportError(f"{what}: JSON nested deeper than {MAX_DEPTH} levels: not a probe report")
     try:
         return json.loads(text, object_pairs_hook=_pairs(what), parse_constant=_constant(what))
