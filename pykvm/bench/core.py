@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from pykvm import Vcpu
@@ -123,8 +123,8 @@ def _vorder(v: str) -> int:
 Result = Union[float, Dict[str, float]]
 
 
-def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
-               rows: Union[Row, Dict[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
+def interleave(rounds: int, variants: Mapping[str, Callable[[], Result]],
+               rows: Union[Row, Mapping[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
     """Run every variant once per round (order rotated each round) and record the samples.
 
     A variant returns ns/op, or a dict ``{metric: ns/op}`` that goes to

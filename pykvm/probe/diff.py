@@ -314,7 +314,7 @@ def _cpuid_apic_id_only(path: str, x: Any, y: Any) -> bool:
     if reg is None or not _ints(x, y):
         return False
     mask = _APIC_ID_BITS.get((reg[0], reg[2]), 0)
-    return (x ^ y) & ~mask == 0
+    return bool((int(x) ^ int(y)) & ~mask == 0)
 
 
 def _cpuid_note(path: str, x: Any, y: Any) -> str:

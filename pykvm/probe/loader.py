@@ -87,7 +87,8 @@ def load(path: str) -> Dict[str, Any]:
         raise ReportError(f"{path}: not UTF-8 text (byte {e.start}): not a probe report") from None
     doc = parse(text, path)
     check(doc, path)
-    return doc
+    report: Dict[str, Any] = doc
+    return report
 
 
 def nesting_depth(text: str, limit: int = MAX_DEPTH) -> int:
