@@ -52,6 +52,7 @@ def run_command(prog: str, body: Callable[[], int],
     anything else is an internal error (3).  A command that has its own
     "no" outcomes (status 1) returns them from *body*.
     """
+    refused: Tuple[Type[BaseException], ...] = (UsageError,) + tuple(usage_errors)
     try:
         return int(body() or 0)
     except SystemExit as e:
@@ -68,7 +69,7 @@ def run_command(prog: str, body: Callable[[], int],
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_NO
-    except (UsageError, *usage_errors) as e:
+    except refused as e:
         if os.environ.get("PYKVM_DEBUG"):
             raise
         error(prog, str(e))

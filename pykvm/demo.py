@@ -1,4 +1,4 @@
-"""``python -m pykvm demo``: a hello-world guest and a short capability summary.
+"""``pykvm demo``: a hello-world guest and a short capability summary.
 
 The guest is 16 bytes of real-mode code that prints "Hello from a KVM
 guest!" one byte at a time through port 0x3f8 (each ``out`` is a KVM exit
@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import Cap, Hlt, IoOut, Kvm, KvmUnavailable
+from .command import EXIT_NO, EXIT_OK, error, run_command
 
 MESSAGE = b"Hello from a KVM guest!\n"
 
@@ -29,7 +30,7 @@ GUEST = bytes([
 ])
 
 
-def hello(kvm: Kvm) -> tuple:
+def hello(kvm: Kvm) -> Tuple[bytes, int, float]:
     """Run the guest; return (printed bytes, number of exits, seconds)."""
     with kvm.create_vm() as vm:
         mem = vm.add_memory(0, 0x10000)
@@ -71,20 +72,28 @@ def summary(kvm: Kvm) -> List[str]:
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argparse.ArgumentParser(prog="pykvm demo", description=__doc__.splitlines()[0]).parse_args(argv)
+def _demo(argv: Optional[List[str]]) -> int:
+    argparse.ArgumentParser(
+        prog="pykvm demo", description="Run a hello-world guest and print a short capability summary.",
+        epilog="Exit status: 0 done, 1 KVM not usable here, 2 usage error, 3 internal error.",
+    ).parse_args(argv)
     try:
         kvm = Kvm()
     except KvmUnavailable as e:
-        print(f"pykvm: KVM is not usable here: {e}", file=sys.stderr)
-        return 2
+        error("demo", f"KVM is not usable here: {e}")
+        return EXIT_NO
     with kvm:
         out, exits, secs = hello(kvm)
         sys.stdout.write(out.decode())
         print(f"({exits} exits in {secs * 1e3:.2f} ms, {secs / exits * 1e6:.1f} us per exit)\n")
         print("\n".join(summary(kvm)))
-    return 0
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``pykvm demo`` with *argv* (default ``sys.argv[1:]``); return the exit status."""
+    return run_command("demo", lambda: _demo(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

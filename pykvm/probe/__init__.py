@@ -6,7 +6,7 @@ From Python::
     report = pykvm.probe()            # the module is callable: same as pykvm.probe.probe()
     report.usable, report.exit_status
     report.capability(pykvm.Cap.NR_VCPUS).system
-    print(report.text())              # what `pykvm probe` prints
+    print(pykvm.probe.render(report)) # what `pykvm probe` prints (text.render)
     report.to_json()                  # what `pykvm probe --json` prints
 
 From the shell: ``pykvm probe [--json] [--bench]``, ``pykvm diff A.json B.json``
@@ -22,7 +22,9 @@ from typing import Any, Dict, Union
 
 from . import collect, diff  # submodules (their functions are collect.collect, diff.diff)
 from .collect import CAP_PROBE_LIMIT
-from .diff import Diff, ReportError, load, render_diff
+from .diff import Diff, Difference, render_diff
+from .loader import ReportError, load
+from .text import render
 from .model import (
     SCHEMA, SCHEMA_VERSION, Access, BenchResult, Capability, CpuidReport, HostInfo, Limits,
     Module, Msr, MsrReport, ProbeReport, StatsReport,
@@ -31,8 +33,8 @@ from .model import (
 __all__ = [
     "probe", "ProbeReport", "Access", "HostInfo", "Module", "Capability", "Limits",
     "CpuidReport", "Msr", "MsrReport", "StatsReport", "BenchResult", "SCHEMA",
-    "SCHEMA_VERSION", "CAP_PROBE_LIMIT", "load", "render_diff", "Diff", "ReportError",
-    "compare",
+    "SCHEMA_VERSION", "CAP_PROBE_LIMIT", "load", "render", "render_diff", "Diff", "Difference",
+    "ReportError", "compare",
 ]
 
 

@@ -19,15 +19,16 @@ hang the probe.
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable, List
+from typing import Callable, List, TypeVar
 
 from ..system import Kvm
 from ..uapi import ioctls as I
 from .model import BenchResult
 
 __all__ = ["run_benchmarks", "PIO_GUEST"]
+
+T = TypeVar("T")
 
 #: out 0xe9, al ; jmp short back to the out
 PIO_GUEST = bytes([0xE6, 0xE9, 0xEB, 0xFC])
@@ -95,21 +96,16 @@ def run_benchmarks(kvm: Kvm, seconds: float = 0.5) -> List[BenchResult]:
                           "KVM_RUN with immediate_exit=1 (EINTR, guest not entered)",
                           immediate, seconds, 1000))
 
-        kicked = []
+        kicked: List[bool] = []
+        limit = max(5.0, 20 * seconds)
 
-        def watchdog() -> None:
-            kicked.append(True)
-            if not vcpu.closed:
-                vcpu.kick()
-
-        def guarded(fn):
-            timer = threading.Timer(max(5.0, 20 * seconds), watchdog)
-            timer.daemon = True
-            timer.start()
-            try:
-                return fn()
-            finally:
-                timer.cancel()
+        def guarded(fn: Callable[[], T]) -> T:
+            with vcpu.kick_after(limit) as watchdog:
+                try:
+                    return fn()
+                finally:
+                    if watchdog.fired:
+                        kicked.append(True)
 
         first = guarded(vcpu.run)
         note = None

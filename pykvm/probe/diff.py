@@ -1,56 +1,61 @@
 """Compare two probe reports (JSON documents from ``pykvm probe --json``).
 
-The central question is *can a guest whose CPUID was set up from host A's
-supported CPUID run on host B?*  It can if every feature bit A offers is
-also offered by B (bits that mirror guest state, such as OSXSAVE, do not
-count), B supports every XSAVE component A does, and B has at least as many
-physical address bits.  The comparison works on the raw CPUID registers
-in the JSON, so it does not depend on pykvm knowing a bit's name.
+Two parts:
 
-Besides that: capabilities (present on one side only, or different values),
-limits, module parameters, MSR lists and feature-MSR values, and the names of
-binary statistics.
+* **CPUID compatibility**, both ways: *can a guest whose CPUID was set up
+  from host A's supported CPUID run on host B?*  It can if every feature bit
+  A offers is also offered by B (bits that mirror guest state, such as
+  OSXSAVE, do not count), B supports every XSAVE component A does, and B has
+  at least as many physical address bits.  This works on the raw CPUID
+  registers, so it does not depend on pykvm knowing a bit's name.
+* **Every field**, generically: the two documents are walked together and
+  each difference is reported with a readable path
+  (``capabilities[KVM_CAP_NR_VCPUS].system``, ``cpuid.features[avx2]``,
+  ``cpuid.supported[0x7.0].ebx``, ``msrs.feature_msrs[0x10a ...].value``).
+  Arrays of objects are matched by their key field (name, number, index,
+  CPUID function.index), arrays of unique strings or numbers as sets, other
+  arrays element by element.  Nothing in the report can change unnoticed.
+
+Fields that differ on every run (time of the report, host name, who ran it,
+process ids, timings: :data:`NOT_COUNTED`) are listed apart and do not make
+the hosts "differ" (exit status 1).  Reading files is :mod:`.loader`'s job.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import cpuid as C
-from .model import SCHEMA
+from .loader import ReportError, check, load
 
-__all__ = ["load", "diff", "Diff", "CpuidCompat", "ReportError", "render_diff"]
+__all__ = ["load", "diff", "Diff", "Difference", "CpuidCompat", "ReportError", "render_diff",
+           "cpuid_compat", "NOT_COUNTED"]
 
 _W = 100
 
+#: paths (and their sub-paths) that change from run to run on one host: shown, not counted
+NOT_COUNTED: Tuple[str, ...] = (
+    "generated_at", "pykvm_version", "host.hostname", "host.python", "host.kernel_version",
+    "access.user", "access.uid", "access.groups", "stats.vm.id", "stats.vcpu.id", "bench",
+)
 
-class ReportError(ValueError):
-    """A file is not a readable probe report."""
-
-
-def load(path: str) -> Dict[str, Any]:
-    """Read a probe JSON file; raise :class:`ReportError` with a clear message if it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise ReportError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not JSON: {e}") from None
-    check(doc, path)
-    return doc
-
-
-def check(doc: Any, what: str = "report") -> None:
-    """Raise :class:`ReportError` unless *doc* looks like a probe report."""
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ReportError(f"{what}: not a pykvm probe report (no \"schema\": \"{SCHEMA}\"; "
-                          "make one with 'pykvm probe --json > FILE')")
-    v = doc.get("schema_version")
-    if not isinstance(v, int) or v < 1:
-        raise ReportError(f"{what}: bad schema_version {v!r}")
+#: key fields of arrays of objects, by path (other arrays of objects: the first of
+#: name/number/index/id that every element has, with unique values)
+_LIST_KEYS: Dict[str, Tuple[str, ...]] = {
+    "modules": ("name",),
+    "capabilities": ("number",),
+    "cpuid.supported": ("function", "index"),
+    "cpuid.emulated": ("function", "index"),
+    "msrs.index_list": ("index",),
+    "msrs.feature_msrs": ("index",),
+    "stats.vm.descriptors": ("name",),
+    "stats.vcpu.descriptors": ("name",),
+    "bench": ("name",),
+}
+_AUTO_KEYS = ("name", "number", "index", "id")
+_ABSENT = object()
 
 
 def _entries(doc: Dict[str, Any], key: str) -> Optional[List[C.CpuidEntry]]:
@@ -140,21 +145,192 @@ def cpuid_compat(a: Dict[str, Any], b: Dict[str, Any], an: str = "A", bn: str = 
     return r
 
 
-def _present_caps(doc: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
-    out = {}
-    for c in doc.get("capabilities") or []:
-        if c.get("system") or c.get("vm"):
-            out[int(c["number"])] = c
-    return out
+@dataclass(frozen=True)
+class Difference:
+    """One place where the reports differ.  ``a``/``b`` are None with ``in_a``/``in_b`` False
+    when the place exists on one side only."""
+
+    path: str
+    a: Any
+    b: Any
+    in_a: bool = True
+    in_b: bool = True
+    counted: bool = True
+    note: str = ""                      #: e.g. the CPUID flags behind a changed register
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON form (``pykvm diff --json``)."""
+        return {"path": self.path, "a": self.a, "b": self.b, "in_a": self.in_a, "in_b": self.in_b,
+                "counted": self.counted, "note": self.note or None}
 
 
-def _cap_label(c: Dict[str, Any]) -> str:
-    return (c.get("name") or f"KVM_CAP_{c.get('number')}?") + f" ({c.get('number')})"
+def _counted(path: str) -> bool:
+    for p in NOT_COUNTED:
+        if path == p or path.startswith(p + ".") or path.startswith(p + "["):
+            return False
+    return True
 
 
-def _dict_diff(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]]) -> List[Tuple[str, Any, Any]]:
-    a, b = a or {}, b or {}
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def _same(x: Any, y: Any) -> bool:
+    """Equal as JSON values: ``true`` is not ``1``, ``1`` is not ``1.0``."""
+    return type(x) is type(y) and x == y
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _key_text(path: str, fields: Tuple[str, ...], elem: Dict[str, Any]) -> str:
+    vals = [elem.get(f) for f in fields]
+    if path.startswith("cpuid."):
+        return ".".join(f"{v:#x}" if i == 0 and isinstance(v, int) else str(v) for i, v in enumerate(vals))
+    text = ".".join(f"{v:#x}" if isinstance(v, int) and path.startswith("msrs.") else str(v) for v in vals)
+    name = elem.get("name")
+    if "name" not in fields and isinstance(name, str) and name:
+        return f"{name}" if path == "capabilities" else f"{text} {name}"
+    return text
+
+
+def _keyed(path: str, items: Sequence[Any]) -> Optional[Tuple[Tuple[str, ...], Dict[Any, Dict[str, Any]]]]:
+    """*items* indexed by their key fields, or None if they have no usable unique key."""
+    if not all(isinstance(e, dict) for e in items):
+        return None
+    candidates = [_LIST_KEYS[path]] if path in _LIST_KEYS else [(k,) for k in _AUTO_KEYS]
+    for fields in candidates:
+        index: Dict[Any, Dict[str, Any]] = {}
+        for e in items:
+            key = tuple(e.get(f, _ABSENT) for f in fields)
+            if any(k is _ABSENT or not _scalar(k) or isinstance(k, float) for k in key) or key in index:
+                break
+            index[key] = e
+        else:
+            return fields, index
+    return None
+
+
+def _walk(path: str, x: Any, y: Any) -> Iterator[Difference]:
+    """Every difference between the JSON values *x* (A) and *y* (B) at *path*."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in sorted(set(x) | set(y), key=str):
+            p = _join(path, k)
+            if k not in y:
+                yield Difference(p, x[k], None, in_b=False, counted=_counted(p))
+            elif k not in x:
+                yield Difference(p, None, y[k], in_a=False, counted=_counted(p))
+            else:
+                yield from _walk(p, x[k], y[k])
+        return
+    if isinstance(x, list) and isinstance(y, list):
+        yield from _walk_list(path, x, y)
+        return
+    if not _same(x, y):
+        if _cpuid_apic_id_only(path, x, y):
+            yield Difference(path, x, y, counted=False, note="APIC ID of the CPU the probe ran on")
+        else:
+            yield Difference(path, x, y, counted=_counted(path), note=_cpuid_note(path, x, y))
+
+
+def _tag(v: Any) -> Optional[Tuple[str, Any]]:
+    """*v* as a set member that keeps JSON types apart (``true`` is not ``1``); None if unsuitable."""
+    if isinstance(v, (str, int)) and not isinstance(v, float):
+        return (type(v).__name__, v)
+    return None
+
+
+def _walk_list(path: str, x: List[Any], y: List[Any]) -> Iterator[Difference]:
+    if len(x) == len(y) and x == y and json.dumps(x) == json.dumps(y):
+        return          # equal, also in JSON types (the text tells true from 1): nothing to walk
+    kx, ky = _keyed(path, x), _keyed(path, y)
+    if kx is not None and ky is not None and kx[0] == ky[0]:
+        fields, ix, iy = kx[0], kx[1], ky[1]
+        order = list(ix) + [k for k in iy if k not in ix]
+        for key in order:
+            elem = ix.get(key) or iy[key]
+            p = f"{path}[{_key_text(path, fields, elem)}]"
+            if key not in iy:
+                yield Difference(p, ix[key], None, in_b=False, counted=_counted(p))
+            elif key not in ix:
+                yield Difference(p, None, iy[key], in_a=False, counted=_counted(p))
+            else:
+                yield from _walk(p, ix[key], iy[key])
+        return
+    tx, ty = [_tag(v) for v in x], [_tag(v) for v in y]
+    if (all(t is not None for t in tx + ty) and len(set(tx)) == len(tx) and len(set(ty)) == len(ty)):
+        sx, sy = set(tx), set(ty)
+        for v, t in zip(x, tx):
+            if t not in sy:
+                p = f"{path}[{v}]"
+                yield Difference(p, v, None, in_b=False, counted=_counted(p))
+        for v, t in zip(y, ty):
+            if t not in sx:
+                p = f"{path}[{v}]"
+                yield Difference(p, None, v, in_a=False, counted=_counted(p))
+        return
+    for i in range(max(len(x), len(y))):
+        p = f"{path}[{i}]"
+        if i >= len(y):
+            yield Difference(p, x[i], None, in_b=False, counted=_counted(p))
+        elif i >= len(x):
+            yield Difference(p, None, y[i], in_a=False, counted=_counted(p))
+        else:
+            yield from _walk(p, x[i], y[i])
+
+
+#: CPUID register bits that name the host CPU the probing thread ran on (they change from run
+#: to run on one host): (leaf, register) -> mask
+_APIC_ID_BITS: Dict[Tuple[int, str], int] = {
+    (0x1, "ebx"): 0xFF000000,          # initial APIC ID
+    (0xB, "edx"): 0xFFFFFFFF,          # x2APIC ID
+    (0x1F, "edx"): 0xFFFFFFFF,         # x2APIC ID (V2 extended topology)
+    (0x8000001E, "eax"): 0xFFFFFFFF,   # extended APIC ID (AMD)
+}
+
+
+def _cpuid_register(path: str) -> Optional[Tuple[int, int, str]]:
+    """``(function, index, register)`` of a path ``cpuid.supported[0x7.0].ebx``, else None."""
+    if not path.startswith(("cpuid.supported[", "cpuid.emulated[")):
+        return None
+    head, _, reg = path.rpartition("].")
+    if reg not in ("eax", "ebx", "ecx", "edx"):
+        return None
+    try:
+        fn_text, idx_text = head.split("[", 1)[1].split(".")
+        return int(fn_text, 16), int(idx_text), reg
+    except ValueError:
+        return None
+
+
+def _ints(x: Any, y: Any) -> bool:
+    return isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool) and not isinstance(y, bool)
+
+
+def _cpuid_apic_id_only(path: str, x: Any, y: Any) -> bool:
+    """True if CPUID registers *x* and *y* differ only in APIC-ID bits."""
+    reg = _cpuid_register(path)
+    if reg is None or not _ints(x, y):
+        return False
+    mask = _APIC_ID_BITS.get((reg[0], reg[2]), 0)
+    return bool((int(x) ^ int(y)) & ~mask == 0)
+
+
+def _cpuid_note(path: str, x: Any, y: Any) -> str:
+    """For a CPUID register that changed: the flags only A / only B has."""
+    key = _cpuid_register(path)
+    if key is None or not _ints(x, y):
+        return ""
+    if key not in C.FEATURE_REGS:
+        return ""
+    parts = []
+    only_a, only_b = C.decode_mask(key, x & ~y), C.decode_mask(key, y & ~x)
+    if only_a:
+        parts.append("only A: " + " ".join(only_a))
+    if only_b:
+        parts.append("only B: " + " ".join(only_b))
+    return "; ".join(parts)
 
 
 @dataclass
@@ -166,46 +342,26 @@ class Diff:
     usable: Tuple[bool, bool]
     a_on_b: CpuidCompat
     b_on_a: CpuidCompat
-    caps_only_a: List[str] = field(default_factory=list)
-    caps_only_b: List[str] = field(default_factory=list)
-    caps_changed: List[Tuple[str, Dict[str, Any], Dict[str, Any]]] = field(default_factory=list)
-    limits: List[Tuple[str, Any, Any]] = field(default_factory=list)
-    modules: List[Tuple[str, Any, Any]] = field(default_factory=list)
-    msrs_only_a: List[str] = field(default_factory=list)
-    msrs_only_b: List[str] = field(default_factory=list)
-    feature_msrs: List[Tuple[str, Any, Any]] = field(default_factory=list)
-    stats: Dict[str, Tuple[List[str], List[str]]] = field(default_factory=dict)
-    host: List[Tuple[str, Any, Any]] = field(default_factory=list)
-    #: why capabilities, limits, MSRs and stats were not compared ("" if they were)
-    not_compared: str = ""
+    #: every difference, counted ones and per-run facts (``counted`` False)
+    differences: List[Difference] = field(default_factory=list)
+
+    @property
+    def counted(self) -> List[Difference]:
+        """The differences that make the hosts differ."""
+        return [d for d in self.differences if d.counted]
 
     @property
     def identical(self) -> bool:
-        """True if nothing compared differs (host names and times are not compared)."""
-        return (self.usable[0] == self.usable[1] and not self.a_on_b.missing
-                and not self.b_on_a.missing and not self.a_on_b.missing_xsave
-                and not self.b_on_a.missing_xsave
-                and self.a_on_b.phys_addr_bits[0] == self.a_on_b.phys_addr_bits[1]
-                and not (self.caps_only_a or self.caps_only_b or self.caps_changed or self.limits
-                         or self.modules or self.msrs_only_a or self.msrs_only_b
-                         or self.feature_msrs or any(x or y for x, y in self.stats.values())))
+        """True if no field differs except the per-run facts of :data:`NOT_COUNTED`."""
+        return not self.counted
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON form of the diff (``pykvm diff --json``)."""
-        def triples(t):
-            return [{"key": k, "a": x, "b": y} for k, x, y in t]
-
         return {
             "a": self.a_label, "b": self.b_label, "identical": self.identical,
             "usable": {"a": self.usable[0], "b": self.usable[1]},
             "cpuid_a_on_b": self.a_on_b.to_dict(), "cpuid_b_on_a": self.b_on_a.to_dict(),
-            "capabilities": {"only_a": self.caps_only_a, "only_b": self.caps_only_b,
-                             "changed": [{"key": k, "a": x, "b": y} for k, x, y in self.caps_changed]},
-            "limits": triples(self.limits), "modules": triples(self.modules),
-            "msrs": {"only_a": self.msrs_only_a, "only_b": self.msrs_only_b,
-                     "feature_values": triples(self.feature_msrs)},
-            "stats": {k: {"only_a": v[0], "only_b": v[1]} for k, v in self.stats.items()},
-            "host": triples(self.host), "not_compared": self.not_compared or None,
+            "differences": [d.to_dict() for d in self.differences],
         }
 
 
@@ -215,65 +371,17 @@ def _label(doc: Dict[str, Any], name: str) -> str:
            f"{doc.get('vendor_module') or 'no KVM module'}, {doc.get('generated_at', '?')})"
 
 
-def _msr_names(doc: Dict[str, Any], key: str) -> Dict[int, Dict[str, Any]]:
-    m = doc.get("msrs") or {}
-    return {int(x["index"]): x for x in m.get(key) or []}
-
-
-def _msr_label(x: Dict[str, Any]) -> str:
-    return f"{int(x['index']):#x} {x.get('name') or '?'}"
-
-
 def diff(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = "B") -> Diff:
-    """Compare two report documents (``ProbeReport.to_dict()`` or loaded JSON)."""
+    """Compare two report documents (``ProbeReport.to_dict()`` or loaded JSON).
+
+    Raises :class:`ReportError` if either is not a report this pykvm reads.
+    """
     check(a, a_name)
     check(b, b_name)
-    d = Diff(a_label=_label(a, a_name), b_label=_label(b, b_name),
-             usable=(bool(a.get("usable")), bool(b.get("usable"))),
-             a_on_b=cpuid_compat(a, b, "A", "B"), b_on_a=cpuid_compat(b, a, "B", "A"))
-    ma = {m["name"]: m for m in a.get("modules") or []}
-    mb = {m["name"]: m for m in b.get("modules") or []}
-    for name in sorted(set(ma) | set(mb)):
-        if name not in mb:
-            d.modules.append((name, "loaded", None))
-        elif name not in ma:
-            d.modules.append((name, None, "loaded"))
-        else:
-            for k, x, y in _dict_diff(ma[name].get("parameters"), mb[name].get("parameters")):
-                d.modules.append((f"{name}.{k}", x, y))
-    ha, hb = dict(a.get("host") or {}), dict(b.get("host") or {})
-    for k in ("hostname", "python", "kernel_version"):
-        ha.pop(k, None)
-        hb.pop(k, None)
-    d.host = _dict_diff(ha, hb)
-    if not (d.usable[0] and d.usable[1]):
-        side = " and ".join(n for n, u in zip(("A", "B"), d.usable) if not u)
-        d.not_compared = f"KVM was not usable on {side}"
-        return d
-    ca, cb = _present_caps(a), _present_caps(b)
-    d.caps_only_a = [_cap_label(ca[n]) for n in sorted(set(ca) - set(cb))]
-    d.caps_only_b = [_cap_label(cb[n]) for n in sorted(set(cb) - set(ca))]
-    for n in sorted(set(ca) & set(cb)):
-        va = {"system": ca[n].get("system"), "vm": ca[n].get("vm")}
-        vb = {"system": cb[n].get("system"), "vm": cb[n].get("vm")}
-        if va != vb:
-            d.caps_changed.append((_cap_label(ca[n]), va, vb))
-    d.limits = _dict_diff(a.get("limits"), b.get("limits"))
-    ia, ib = _msr_names(a, "index_list"), _msr_names(b, "index_list")
-    d.msrs_only_a = [_msr_label(ia[i]) for i in sorted(set(ia) - set(ib))]
-    d.msrs_only_b = [_msr_label(ib[i]) for i in sorted(set(ib) - set(ia))]
-    fa, fb = _msr_names(a, "feature_msrs"), _msr_names(b, "feature_msrs")
-    for i in sorted(set(fa) | set(fb)):
-        x = fa.get(i, {}).get("value") if i in fa else "absent"
-        y = fb.get(i, {}).get("value") if i in fb else "absent"
-        if x != y:
-            d.feature_msrs.append((_msr_label(fa.get(i) or fb[i]), x, y))
-    for kind in ("vm", "vcpu"):
-        sa = ((a.get("stats") or {}).get(kind) or {}).get("descriptors") or []
-        sb = ((b.get("stats") or {}).get(kind) or {}).get("descriptors") or []
-        na, nb = [x["name"] for x in sa], [x["name"] for x in sb]
-        d.stats[kind] = ([n for n in na if n not in nb], [n for n in nb if n not in na])
-    return d
+    return Diff(a_label=_label(a, a_name), b_label=_label(b, b_name),
+                usable=(a["usable"], b["usable"]),
+                a_on_b=cpuid_compat(a, b, "A", "B"), b_on_a=cpuid_compat(b, a, "B", "A"),
+                differences=list(_walk("", a, b)))
 
 
 def _fmt(v: Any) -> str:
@@ -310,39 +418,45 @@ def _compat_lines(c: CpuidCompat) -> List[str]:
     return out
 
 
+def _value(d: Difference, side: str) -> str:
+    present = d.in_a if side == "a" else d.in_b
+    if not present:
+        return "absent"
+    v = d.a if side == "a" else d.b
+    text = _fmt(v) if _scalar(v) else json.dumps(v, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _diff_line(d: Difference) -> str:
+    if not d.in_b and _scalar(d.a) and d.path.endswith(f"[{d.a}]"):
+        line = f"  {d.path}: only on A"
+    elif not d.in_a and _scalar(d.b) and d.path.endswith(f"[{d.b}]"):
+        line = f"  {d.path}: only on B"
+    else:
+        line = f"  {d.path}: A {_value(d, 'a')}, B {_value(d, 'b')}"
+    return line + (f"  ({d.note})" if d.note else "")
+
+
 def render_diff(d: Diff) -> str:
     """The diff as text for a person."""
+    counted = d.counted
     out = ["pykvm diff", f"  A = {d.a_label}", f"  B = {d.b_label}",
            f"  KVM usable: A {'yes' if d.usable[0] else 'NO'}, B {'yes' if d.usable[1] else 'NO'}",
-           "  result: " + ("no differences" if d.identical else "the hosts differ")]
+           "  result: " + ("no differences" if d.identical else
+                           f"the hosts differ ({len(counted)} difference(s))")]
     out += _compat_lines(d.a_on_b)
     out += _compat_lines(d.b_on_a)
-    if d.not_compared:
-        for title, rows in (("Modules", d.modules), ("Host", d.host)):
-            out += ["", f"== {title} =="]
-            out += [f"  {k}: A {_fmt(x)}, B {_fmt(y)}" for k, x, y in rows] or ["  (same)"]
-        out += ["", f"(capabilities, limits, MSRs and statistics not compared: {d.not_compared})"]
-        return "\n".join(out) + "\n"
-    out += ["", "== Capabilities =="]
-    out.append(f"  present only on A ({len(d.caps_only_a)}):")
-    out += _wrapped(d.caps_only_a)
-    out.append(f"  present only on B ({len(d.caps_only_b)}):")
-    out += _wrapped(d.caps_only_b)
-    out.append(f"  different values ({len(d.caps_changed)}):")
-    if not d.caps_changed:
-        out.append("    (none)")
-    for k, x, y in d.caps_changed:
-        out.append(f"    {k}: A system {_fmt(x['system'])} vm {_fmt(x['vm'])}; "
-                   f"B system {_fmt(y['system'])} vm {_fmt(y['vm'])}")
-    for title, rows in (("Limits", d.limits), ("Modules", d.modules), ("Host", d.host)):
-        out += ["", f"== {title} =="]
-        out += [f"  {k}: A {_fmt(x)}, B {_fmt(y)}" for k, x, y in rows] or ["  (same)"]
-    out += ["", "== MSRs =="]
-    out.append(f"  index list only on A ({len(d.msrs_only_a)}): {' '.join(d.msrs_only_a) or '-'}")
-    out.append(f"  index list only on B ({len(d.msrs_only_b)}): {' '.join(d.msrs_only_b) or '-'}")
-    for k, x, y in d.feature_msrs:
-        out.append(f"  feature MSR {k}: A {_fmt(x)}, B {_fmt(y)}")
-    out += ["", "== Statistics =="]
-    for kind, (oa, ob) in d.stats.items():
-        out.append(f"  {kind}: only on A: {' '.join(oa) or '-'}; only on B: {' '.join(ob) or '-'}")
+    sections: Dict[str, List[Difference]] = {}
+    for x in counted:
+        sections.setdefault(x.path.split(".", 1)[0].split("[", 1)[0], []).append(x)
+    out += ["", f"== Differences ({len(counted)}) =="]
+    if not counted:
+        out.append("  (none)")
+    for name, rows in sections.items():
+        out.append(f"  -- {name} ({len(rows)})")
+        out += [_diff_line(x) for x in rows]
+    per_run = [x for x in d.differences if not x.counted]
+    if per_run:
+        out += ["", f"== Per-run facts, not counted ({len(per_run)}) =="]
+        out += [_diff_line(x) for x in per_run]
     return "\n".join(out) + "\n"

@@ -299,9 +299,3 @@ class ProbeReport:
     def to_json(self, indent: Optional[int] = 2) -> str:
         """``to_dict()`` as JSON text (keys in a fixed order)."""
         return json.dumps(self.to_dict(), indent=indent)
-
-    def text(self) -> str:
-        """The human-readable report (what ``pykvm probe`` prints)."""
-        from .text import render
-
-        return render(self)

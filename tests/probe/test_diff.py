@@ -92,6 +92,10 @@ def test_xsave_and_address_bits():
     assert "physical address bits" in c.reason
 
 
+def _paths(d, counted=True):
+    return {x.path: x for x in d.differences if x.counted == counted}
+
+
 @pytest.mark.no_kvm_needed
 def test_other_sections():
     a, b = _doc(), _doc()
@@ -102,14 +106,60 @@ def test_other_sections():
     b["msrs"]["index_list"] = [{"index": 0x10, "name": "IA32_TSC"}]
     b["stats"]["vm"] = {"id": "x", "descriptors": [{"name": "pages_4k"}]}
     d = diff(a, b)
-    assert d.caps_only_b == ["KVM_CAP_300? (300)"]
-    assert d.caps_changed[0][0] == "KVM_CAP_NR_VCPUS (9)"
-    assert ("nr_vcpus", 2, 4) in d.limits
-    assert d.modules == [("kvm", None, "loaded")]
-    assert d.msrs_only_b == ["0x10 IA32_TSC"]
-    assert d.stats["vm"] == ([], ["pages_4k"])
+    p = _paths(d)
+    assert p["capabilities[KVM_CAP_NR_VCPUS].system"].a == 2 and p["capabilities[KVM_CAP_NR_VCPUS].system"].b == 4
+    assert not p["capabilities[300]"].in_a and p["capabilities[300]"].b["number"] == 300
+    assert (p["limits.nr_vcpus"].a, p["limits.nr_vcpus"].b) == (2, 4)
+    assert not p["modules[kvm]"].in_a
+    assert p["msrs.index_list[0x10 IA32_TSC]"].b == {"index": 16, "name": "IA32_TSC"}
+    assert p["stats.vm"].a is None and p["stats.vm"].b["descriptors"] == [{"name": "pages_4k"}]
     j = d.to_dict()
-    assert j["identical"] is False and j["capabilities"]["only_b"] == ["KVM_CAP_300? (300)"]
+    assert j["identical"] is False
+    assert {"capabilities[300]", "limits.nr_vcpus"} <= {x["path"] for x in j["differences"]}
+    text = render_diff(d)
+    assert "limits.nr_vcpus: A 2, B 4" in text and "the hosts differ (6 difference(s))" in text
+
+
+@pytest.mark.no_kvm_needed
+def test_every_field_is_compared():
+    """Issue 16: an edit anywhere in a report is a difference, with a readable path."""
+    a = _doc()
+    a["cpuid"]["features"] = ["fpu", "sse2", "avx2"]
+    a["errors"] = []
+    a["host"]["cpu_model"] = "X"
+    edits = {
+        "cpuid.features[avx2]": lambda d: d["cpuid"]["features"].remove("avx2"),
+        "cpuid.features[avx512f]": lambda d: d["cpuid"]["features"].append("avx512f"),
+        "host.cpu_model": lambda d: d["host"].update(cpu_model="Y"),
+        "errors[cpuid: EINVAL]": lambda d: d["errors"].append("cpuid: EINVAL"),
+        "usable": lambda d: d.update(usable=False),
+        "limits.nr_vcpus": lambda d: d["limits"].update(nr_vcpus=True),       # 1 vs true differ
+        "newfield": lambda d: d.update(newfield={"x": 1}),
+        "cpuid.supported[0x7.0].ebx": lambda d: d["cpuid"]["supported"][2].update(ebx=0),
+    }
+    for path, edit in edits.items():
+        b = copy.deepcopy(a)
+        edit(b)
+        d = diff(a, b)
+        assert not d.identical and path in _paths(d), (path, [x.path for x in d.differences])
+    b = copy.deepcopy(a)
+    b["cpuid"]["supported"][2]["ebx"] = 0
+    assert _paths(diff(a, b))["cpuid.supported[0x7.0].ebx"].note == "only A: avx2"
+
+
+@pytest.mark.no_kvm_needed
+def test_per_run_facts_are_shown_but_not_counted():
+    a, b = _doc(), _doc()
+    b["generated_at"], b["host"]["hostname"] = "later", "other"
+    b["stats"]["vm"] = None
+    a["stats"]["vm"] = None
+    b["cpuid"]["supported"][1]["ebx"] = 3 << 24          # leaf 1 EBX[31:24]: initial APIC ID
+    d = diff(a, b)
+    assert d.identical
+    assert {"generated_at", "host.hostname", "cpuid.supported[0x1.0].ebx"} <= set(_paths(d, counted=False))
+    assert "Per-run facts, not counted (3)" in render_diff(d)
+    b["cpuid"]["supported"][1]["ebx"] |= 1              # a bit outside the APIC ID
+    assert not diff(a, b).identical
 
 
 @pytest.mark.no_kvm_needed
@@ -127,6 +177,8 @@ def test_cli_diff_files_and_exit_status(tmp_path, capsys):
     pa.write_text(json.dumps(_doc()))
     pb.write_text(json.dumps(_doc(**{"7": _entry(7, flags=1)})))
     bad.write_text("{\"schema\": \"other\"}")
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(dict(_doc(), schema_version=2)))
     assert main(["diff", str(pa), str(pa)]) == 0
     assert main(["diff", str(pa), str(pb)]) == 1
     assert "NO: 1 feature(s) missing on B" in capsys.readouterr().out
@@ -138,6 +190,10 @@ def test_cli_diff_files_and_exit_status(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text("{not json")
     assert main(["diff", str(tmp_path / "junk.json"), str(pa)]) == 2
+    assert capsys.readouterr().err.startswith(f"pykvm diff: {tmp_path / 'junk.json'}: not JSON")
+    assert main(["diff", str(pa), str(newer)]) == 2
+    assert capsys.readouterr().err == (f"pykvm diff: {newer}: unsupported schema_version 2 (this pykvm "
+                                       "reads 1; compare reports written by the same pykvm version)\n")
     with pytest.raises(ReportError):
         load(str(bad))
 

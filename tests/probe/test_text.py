@@ -12,7 +12,7 @@ import pykvm
 import pykvm.probe
 from pykvm.probe import collect as probe_collect
 from pykvm.probe.model import Capability
-from pykvm.probe.text import KVM_SECTIONS
+from pykvm.probe.text import KVM_SECTIONS, render
 
 from . import _raw
 from .test_json import run_cli
@@ -79,7 +79,7 @@ def test_numbers_unknown_to_pykvm_are_shown(monkeypatch):
     assert caps[9].name is None and caps[9].system >= 1
     assert caps[10].name is None and caps[10].system >= 1
     assert caps[9].display_name == "KVM_CAP_9?"
-    txt = r.text()
+    txt = render(r)
     assert re.search(r"^\s+9\s+KVM_CAP_9\?.*\(unknown to pykvm\)$", txt, re.M)
     assert "2 unknown to pykvm" in txt
 
@@ -87,7 +87,7 @@ def test_numbers_unknown_to_pykvm_are_shown(monkeypatch):
 def test_unknown_capability_rendering():
     r = pykvm.probe()
     r.capabilities.append(Capability(number=300, name=None, system=5, vm=None))
-    line = next(l for l in r.text().splitlines() if "KVM_CAP_300?" in l)
+    line = next(l for l in render(r).splitlines() if "KVM_CAP_300?" in l)
     assert "5" in line and "unknown to pykvm" in line
     d = r.to_dict()["capabilities"][-1]
     assert d == {"number": 300, "name": None, "known": False, "system": 5, "vm": None, "meaning": []}
@@ -100,7 +100,7 @@ def test_bench_section():
     for b in r.bench:
         assert b.note is None, b.note
         assert b.iterations > 0 and b.mean_us > 0 and b.best_us > 0
-    txt = r.text()
+    txt = render(r)
     assert "== Benchmark ==" in txt and "pio_exit" in txt
     assert r.to_dict()["bench"][2]["name"] == "pio_exit"
 
@@ -111,7 +111,7 @@ def test_unusable_device_text(tmp_path):
     assert not r.usable and r.exit_status == 1
     assert not r.access.exists and r.access.errno == 2
     assert r.access.explanation
-    txt = r.text()
+    txt = render(r)
     assert txt.splitlines()[1].startswith("KVM usable: NO")
     heads = re.findall(r"^== (\w+) ==", txt, re.M)
     assert heads == ["Access", "Host", "Modules"]

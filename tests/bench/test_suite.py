@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _positive(x) -> bool:
@@ -33,7 +31,7 @@ def smoke_json(tmp_path_factory):
     md = out.with_suffix(".md")
     md.write_text("# Benchmarks\n\nProse stays.\n")
     env = dict(os.environ, PYKVM_BENCH_CACHE=str(out.parent / "cache"))
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--scale", "0.02", "--rounds", "2",
+    cmd = [sys.executable, "-m", "pykvm.bench", "--quick", "--scale", "0.02", "--rounds", "2",
            "--dirty-fractions", "0,0.01", "--ring-fractions", "0.01", "--json", str(out),
            "--markdown", str(md), "-q"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -53,6 +51,8 @@ def test_json_structure(smoke_json):
     for k in ("ioctl.api_version", "ioctl.get_regs", "ioctl.run_immediate_exit", "exit0.pio_out",
               "exit3.pio_out", "exit0.rdmsr", "life.cold_start", "life.import_time", "compute.cpl3"):
         assert k in keys, k
+    if shutil.which("as") and shutil.which("ld"):  # the VMM start-up row builds its kernel from package data
+        assert "life.vmm_tiny" in keys
     assert {t["name"] for t in data["targets"]} >= {"pio_typed", "pio_raw", "ioctl_wrappers",
                                                     "cold_start", "compute"}
 
@@ -91,32 +91,3 @@ def test_table_and_markdown(smoke_json):
     assert "Exit round trips to user space" in stdout and "Targets" in stdout
     assert md.startswith("# Benchmarks\n\nProse stays.")
     assert "<!-- BEGIN RESULTS" in md and "<!-- END RESULTS -->" in md and "| PIO out |" in md
-
-
-@pytest.mark.no_kvm_needed
-def test_dirty_pages_matches_a_plain_loop():
-    from benchmarks.suite import dirty_pages
-
-    bm = bytearray(64)
-    for p in (0, 1, 7, 8, 63, 64, 65, 100, 200, 201, 202, 203, 204, 205, 206, 207, 511):
-        bm[p >> 3] |= 1 << (p & 7)
-    bm[40:48] = b"\xff" * 8
-    want = [i for i in range(len(bm) * 8) if bm[i >> 3] >> (i & 7) & 1]
-    assert dirty_pages(bm) == want
-    assert dirty_pages(bytearray(32)) == []
-    assert dirty_pages(b"\xff" * 4) == list(range(32))
-
-
-@pytest.mark.no_kvm_needed
-def test_guest_code_shapes():
-    from benchmarks import guest as G
-
-    # The dirty loop's `jz` must land on the `inc al` after the loop, for any count.
-    code = G.code_dirty(0, 4096)
-    jz = code.index(b"\x74")
-    assert code[jz + 2 + code[jz + 1]:jz + 4 + code[jz + 1]] == b"\xFE\xC0"
-    c = G.code_compute(10)
-    lo, out = G.COMPUTE_LOOP
-    assert c[lo:lo + 3] == b"\x48\xFF\xC9" and c[out] == 0xE6
-    block = G.code_exit("pio_out")
-    assert block.count(G.OUT) == G.UNROLL

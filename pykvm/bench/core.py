@@ -12,10 +12,13 @@ and summarises them (median, quartiles, min, max, paired ratios).
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from pykvm import Vcpu
+    from pykvm.vcpu import Watchdog as VcpuWatchdog
 
 VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "guest", "python")
 VARIANT_TITLES = {
@@ -120,8 +123,8 @@ def _vorder(v: str) -> int:
 Result = Union[float, Dict[str, float]]
 
 
-def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
-               rows: Union[Row, Dict[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
+def interleave(rounds: int, variants: Mapping[str, Callable[[], Result]],
+               rows: Union[Row, Mapping[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
     """Run every variant once per round (order rotated each round) and record the samples.
 
     A variant returns ns/op, or a dict ``{metric: ns/op}`` that goes to
@@ -180,36 +183,28 @@ def interleave(rounds: int, variants: Dict[str, Callable[[], Result]],
 class Watchdog:
     """Kick a vCPU whose run takes longer than a deadline (guests must never hang the suite).
 
-    One daemon thread polls four times a second; ``arm``/``disarm`` are plain
-    attribute writes, so they cost nothing inside a timed loop.
+    A thin holder over :meth:`pykvm.Vcpu.kick_after`, the library's one way to
+    bound a run: ``arm`` starts one before a timed batch, ``disarm`` cancels
+    it after; both happen outside the timed region.
     """
 
     def __init__(self) -> None:
-        self._vcpu = None
-        self._deadline = 0.0
+        self._pending: Optional[VcpuWatchdog] = None
         self.fired = False
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="bench-watchdog", daemon=True)
-        self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop:
-            time.sleep(0.25)
-            v = self._vcpu
-            if v is not None and time.monotonic() > self._deadline:
-                self.fired = True
-                try:
-                    v.kick()
-                except Exception:  # noqa: BLE001 - closed meanwhile
-                    pass
-
-    def arm(self, vcpu, seconds: float) -> None:
+    def arm(self, vcpu: Vcpu, seconds: float) -> None:
+        """Kick *vcpu* after *seconds* unless :meth:`disarm` comes first."""
+        self.disarm()
         self.fired = False
-        self._deadline = time.monotonic() + seconds
-        self._vcpu = vcpu
+        self._pending = vcpu.kick_after(seconds)
 
     def disarm(self) -> None:
-        self._vcpu = None
+        """Cancel the pending kick (``fired`` tells whether it already happened)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self.fired = self._pending.fired
+            self._pending = None
 
     def stop(self) -> None:
-        self._stop = True
+        """Cancel anything pending (the suite is closing)."""
+        self.disarm()

@@ -31,7 +31,8 @@ class CRefError(RuntimeError):
     pass
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where built helpers are cached: $PYKVM_BENCH_CACHE, else the user's cache directory."""
     env = os.environ.get("PYKVM_BENCH_CACHE")
     if env:
         return Path(env)
@@ -59,7 +60,7 @@ def compile_reference() -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise CRefError(f"{cc} --version failed: {e}") from None
     tag = hashlib.sha256(src + version + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"pykvm-bench-{os.getuid()}"):
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"pykvm-bench-{os.getuid()}"):
         exe = d / f"kvmbench-{tag}"
         if exe.is_file() and os.access(exe, os.X_OK):
             return exe
