@@ -17,7 +17,7 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["SYS_PIDFD_GETFD", "pidfd_open", "pidfd_getfd", "ptrace_scope", "permission_hint"]
+__all__ = ["SYS_PIDFD_GETFD", "permission_hint", "pidfd_getfd", "pidfd_open", "ptrace_scope"]
 
 #: The system call number of ``pidfd_getfd`` (the same on x86-64, arm64 and the
 #: other architectures that use the generic table since Linux 5.1).

@@ -31,8 +31,17 @@ from ..errors import KvmError
 from ..stats import Stats, open_stats
 from . import pidfd
 
-__all__ = ["KvmFd", "StatSourceError", "NoAccess", "NoStatsFd", "kvm_fds", "FdSource", "DebugfsSource",
-           "DEBUGFS_KVM", "process_name"]
+__all__ = [
+    "DEBUGFS_KVM",
+    "DebugfsSource",
+    "FdSource",
+    "KvmFd",
+    "NoAccess",
+    "NoStatsFd",
+    "StatSourceError",
+    "kvm_fds",
+    "process_name",
+]
 
 DEBUGFS_KVM = "/sys/kernel/debug/kvm"
 _LINK = re.compile(r"anon_inode:kvm-(vm|vcpu|vm-stats|vcpu-stats)(?::(\d{1,7}))?")

@@ -13,9 +13,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+import ioctl_opt
 import pytest
 
-import ioctl_opt
 import pykvm
 from pykvm.kvm_stat import pidfd
 from pykvm.kvm_stat.source import DEBUGFS_KVM, kvm_fds
