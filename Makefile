@@ -1,5 +1,7 @@
 # Quick start:  make run   (hello-world guest + capability summary)
-#               make test  (the test suite on this machine's /dev/kvm)
+#               make test  (the test suite on this machine's /dev/kvm, one Python)
+# More:         make dist (wheel + sdist), make docs (API reference),
+#               make lint (ruff), make typecheck (mypy --strict); `bash .ci/run` is CI.
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -10,12 +12,27 @@ $(VPY): pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(VPY)
 
-.PHONY: run test clean
+.PHONY: run test dev dist docs lint typecheck clean
 run: $(VPY)
 	$(VPY) -m pykvm demo
 
 test: $(VPY)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
+dev: $(VPY)
+	$(VPY) -m pip install -q -e '.[dev]'
+
+dist: dev
+	rm -rf dist && $(VPY) -m build --outdir dist .
+
+docs: dev
+	$(VPY) -m sphinx -E -W --keep-going -b html docs docs/_build/html
+
+lint: dev
+	$(VENV)/bin/ruff check pykvm tests
+
+typecheck: dev
+	$(VENV)/bin/mypy
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .ci-venv build dist docs/_build *.egg-info
