@@ -384,7 +384,10 @@ def extract(root: Path, label: Optional[str], source: Optional[str],
 
 _CTYPES = {"u8": "c_uint8", "u16": "c_uint16", "u32": "c_uint32", "u64": "c_uint64",
            "s8": "c_int8", "s16": "c_int16", "s32": "c_int32", "s64": "c_int64",
-           "char": "c_char", "bool": "c_bool", "ptr": "c_void_p", "ulong": "c_ulong"}
+           "bool": "c_bool", "ptr": "c_void_p", "ulong": "c_ulong",
+           # C's char arrays hold bytes (LAPIC page, padding, stats names); a
+           # ctypes c_char array would read back as bytes cut at the first NUL.
+           "char": "c_uint8"}
 
 #: Which fd an x86 or generic ioctl is issued on (Documentation/virt/kvm/api.rst
 #: "Type:").  A new ioctl that is in neither this table nor OTHER_ARCH stops the

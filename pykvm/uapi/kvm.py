@@ -64,7 +64,7 @@ class kvm_irq_level(Struct):
 
 class _kvm_irqchip_chip(Union):
     _fields_ = [
-        ('dummy', c_char * 512),
+        ('dummy', c_uint8 * 512),
         ('pic', kvm_pic_state),
         ('ioapic', kvm_ioapic_state),
     ]
@@ -504,14 +504,14 @@ class _kvm_run_u(Union):
         ('tdx', _kvm_run_tdx),
         ('arm_sea', _kvm_run_arm_sea),
         ('snp_req_certs', kvm_exit_snp_req_certs),
-        ('padding', c_char * 256),
+        ('padding', c_uint8 * 256),
     ]
 
 
 class _kvm_run_s(Union):
     _fields_ = [
         ('regs', kvm_sync_regs),
-        ('padding', c_char * 2048),
+        ('padding', c_uint8 * 2048),
     ]
 
 
@@ -945,13 +945,13 @@ class _kvm_stats_desc_empty_name(Struct):
 class _kvm_stats_desc_u(Struct):
     _fields_ = [
         ('__empty_name', _kvm_stats_desc_empty_name),
-        ('name', c_char * 0),
+        ('name', c_uint8 * 0),
     ]
 
 
 class kvm_stats_desc(Struct):
     _anonymous_ = ('_u',)
-    _flex_ = ('name', c_char)
+    _flex_ = ('name', c_uint8)
     _fields_ = [
         ('flags', c_uint32),
         ('exponent', c_int16),

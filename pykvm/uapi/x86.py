@@ -96,7 +96,7 @@ class kvm_regs(Struct):
 
 class kvm_lapic_state(Struct):
     _fields_ = [
-        ('regs', c_char * 1024),
+        ('regs', c_uint8 * 1024),
     ]
 
 
