@@ -393,10 +393,10 @@ _CTYPES = {"u8": "c_uint8", "u16": "c_uint16", "u32": "c_uint32", "u64": "c_uint
 #: "Type:").  A new ioctl that is in neither this table nor OTHER_ARCH stops the
 #: generator: classify it here.
 SECTIONS: Dict[str, List[str]] = {
-    "system": ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST",
+    "system ioctls (on the /dev/kvm fd)": ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST",
                "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID",
                "KVM_GET_EMULATED_CPUID", "KVM_GET_MSR_FEATURE_INDEX_LIST"],
-    "VM": ["KVM_SET_MEMORY_REGION", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG",
+    "VM ioctls": ["KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG",
            "KVM_SET_NR_MMU_PAGES", "KVM_GET_NR_MMU_PAGES", "KVM_SET_USER_MEMORY_REGION",
            "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_USER_MEMORY_REGION2",
            "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
@@ -411,10 +411,10 @@ SECTIONS: Dict[str, List[str]] = {
            "KVM_RESET_DIRTY_RINGS", "KVM_XEN_HVM_GET_ATTR", "KVM_XEN_HVM_SET_ATTR",
            "KVM_XEN_HVM_EVTCHN_SEND", "KVM_SET_MEMORY_ATTRIBUTES", "KVM_CREATE_GUEST_MEMFD",
            "KVM_CREATE_DEVICE"],
-    "generic (system, VM, vCPU or device fd)": [
+    "generic ioctls valid on several fd kinds": [
         "KVM_ENABLE_CAP", "KVM_SET_DEVICE_ATTR", "KVM_GET_DEVICE_ATTR",
         "KVM_HAS_DEVICE_ATTR", "KVM_GET_STATS_FD", "KVM_SET_TSC_KHZ", "KVM_GET_TSC_KHZ"],
-    "vCPU": ["KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
+    "vCPU ioctls": ["KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
              "KVM_TRANSLATE", "KVM_INTERRUPT", "KVM_GET_MSRS", "KVM_SET_MSRS",
              "KVM_SET_CPUID", "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU",
              "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2",
@@ -433,9 +433,8 @@ SECTIONS: Dict[str, List[str]] = {
 OTHER_ARCH = re.compile(r"^KVM_(S390|PPC|ARM|RISCV|LOONGARCH)_|^KVM_(CREATE_SPAPR_TCE(_64)?|"
                         r"ALLOCATE_RMA|DIRTY_TLB)$")
 
-#: Known flexible-array structs whose count field flex() fills in.
-_SECTION_ORDER = ["system", "VM", "generic (system, VM, vCPU or device fd)", "vCPU",
-                  "other architectures (defined in linux/kvm.h; refused on x86)"]
+OTHER_SECTION = "ioctls of other architectures (in linux/kvm.h; not for x86)"
+_SECTION_ORDER = list(SECTIONS) + [OTHER_SECTION]
 
 
 def _split_type(t: str) -> Tuple[str, List[int]]:
@@ -616,7 +615,7 @@ def ioctl_section(name: str) -> str:
         if name in names:
             return section
     if OTHER_ARCH.match(name):
-        return _SECTION_ORDER[-1]
+        return OTHER_SECTION
     raise SystemExit(f"gen_uapi: classify the new ioctl {name} in SECTIONS")
 
 
@@ -634,7 +633,7 @@ def render_ioctls(rec: Record) -> str:
            ""]
     names = []
     for section in _SECTION_ORDER:
-        out.append(f"# --- {section} ioctls " + "-" * max(3, 60 - len(section)))
+        out.append(f"# --- {section} " + "-" * max(3, 70 - len(section)))
         for i in sorted(by_section[section], key=lambda x: (x["value"] & 0xFF, x["name"])):
             nr = i["value"] & 0xFF
             arg = i["arg"]

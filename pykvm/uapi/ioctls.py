@@ -15,7 +15,7 @@ from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong  # no
 from . import kvm, x86  # noqa: F401
 from ._req import IOCTLS, IOCTL_NAMES, KVMIO, _req, ioctl_name  # noqa: F401
 
-# --- system ioctls ------------------------------------------------------
+# --- system ioctls (on the /dev/kvm fd) ------------------------------------
 KVM_GET_API_VERSION = _req("KVM_GET_API_VERSION", "", 0x00)
 KVM_CREATE_VM = _req("KVM_CREATE_VM", "", 0x01)
 KVM_GET_MSR_INDEX_LIST = _req("KVM_GET_MSR_INDEX_LIST", "WR", 0x02, x86.kvm_msr_list)
@@ -25,7 +25,7 @@ KVM_GET_SUPPORTED_CPUID = _req("KVM_GET_SUPPORTED_CPUID", "WR", 0x05, x86.kvm_cp
 KVM_GET_EMULATED_CPUID = _req("KVM_GET_EMULATED_CPUID", "WR", 0x09, x86.kvm_cpuid2)
 KVM_GET_MSR_FEATURE_INDEX_LIST = _req("KVM_GET_MSR_FEATURE_INDEX_LIST", "WR", 0x0a, x86.kvm_msr_list)
 
-# --- VM ioctls ----------------------------------------------------------
+# --- VM ioctls -------------------------------------------------------------
 KVM_CREATE_VCPU = _req("KVM_CREATE_VCPU", "", 0x41)
 KVM_GET_DIRTY_LOG = _req("KVM_GET_DIRTY_LOG", "W", 0x42, kvm.kvm_dirty_log)
 KVM_SET_NR_MMU_PAGES = _req("KVM_SET_NR_MMU_PAGES", "", 0x44)
@@ -71,7 +71,7 @@ KVM_SET_MEMORY_ATTRIBUTES = _req("KVM_SET_MEMORY_ATTRIBUTES", "W", 0xd2, kvm.kvm
 KVM_CREATE_GUEST_MEMFD = _req("KVM_CREATE_GUEST_MEMFD", "WR", 0xd4, kvm.kvm_create_guest_memfd)
 KVM_CREATE_DEVICE = _req("KVM_CREATE_DEVICE", "WR", 0xe0, kvm.kvm_create_device)
 
-# --- generic (system, VM, vCPU or device fd) ioctls ---------------------
+# --- generic ioctls valid on several fd kinds ------------------------------
 KVM_SET_TSC_KHZ = _req("KVM_SET_TSC_KHZ", "", 0xa2)
 KVM_ENABLE_CAP = _req("KVM_ENABLE_CAP", "W", 0xa3, kvm.kvm_enable_cap)
 KVM_GET_TSC_KHZ = _req("KVM_GET_TSC_KHZ", "", 0xa3)
@@ -80,7 +80,7 @@ KVM_SET_DEVICE_ATTR = _req("KVM_SET_DEVICE_ATTR", "W", 0xe1, kvm.kvm_device_attr
 KVM_GET_DEVICE_ATTR = _req("KVM_GET_DEVICE_ATTR", "W", 0xe2, kvm.kvm_device_attr)
 KVM_HAS_DEVICE_ATTR = _req("KVM_HAS_DEVICE_ATTR", "W", 0xe3, kvm.kvm_device_attr)
 
-# --- vCPU ioctls --------------------------------------------------------
+# --- vCPU ioctls -----------------------------------------------------------
 KVM_RUN = _req("KVM_RUN", "", 0x80)
 KVM_GET_REGS = _req("KVM_GET_REGS", "R", 0x81, x86.kvm_regs)
 KVM_SET_REGS = _req("KVM_SET_REGS", "W", 0x82, x86.kvm_regs)
@@ -130,7 +130,7 @@ KVM_SET_SREGS2 = _req("KVM_SET_SREGS2", "W", 0xcd, x86.kvm_sregs2)
 KVM_GET_XSAVE2 = _req("KVM_GET_XSAVE2", "R", 0xcf, x86.kvm_xsave)
 KVM_PRE_FAULT_MEMORY = _req("KVM_PRE_FAULT_MEMORY", "WR", 0xd5, kvm.kvm_pre_fault_memory)
 
-# --- other architectures (defined in linux/kvm.h; refused on x86) ioctls ---
+# --- ioctls of other architectures (in linux/kvm.h; not for x86) -----------
 KVM_S390_ENABLE_SIE = _req("KVM_S390_ENABLE_SIE", "", 0x06)
 KVM_S390_VCPU_FAULT = _req("KVM_S390_VCPU_FAULT", "W", 0x52, c_ulong)
 KVM_S390_KEYOP = _req("KVM_S390_KEYOP", "WR", 0x53, kvm.kvm_s390_keyop)
