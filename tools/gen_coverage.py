@@ -44,6 +44,25 @@ NOTES = {
     "KVM_GET_NR_MMU_PAGES": "removed from Linux 6.x x86 (ENOTTY there)",
 }
 
+#: What the kernel added for x86 after 6.19, up to the pinned headers (7.3):
+#: found by diffing the generated record against the previous hand-written
+#: layer; shown under the table.  (name, what it is, where pykvm has it)
+NEWEST = [
+    ("KVM_EXIT_SNP_REQ_CERTS (43)", "SEV-SNP guest asks the VMM for its certificate table; "
+     "`kvm_run.snp_req_certs` (`struct kvm_exit_snp_req_certs`: gpa, npages, ret)",
+     "`ExitReason.SNP_REQ_CERTS`, `pykvm.uapi.kvm.kvm_exit_snp_req_certs`"),
+    ("KVM_SEV_SNP_ENABLE_REQ_CERTS (103)", "KVM_MEMORY_ENCRYPT_OP command turning those exits on",
+     "`coco.sev_command`"),
+    ("KVM_X86_SEV_SNP_REQ_CERTS", "KVM_X86_GRP_SEV attribute: the kernel supports the command/exit",
+     "`coco.has_system_attr`"),
+    ("KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT", "quirk bit (KVM_CAP_DISABLE_QUIRKS2) for nested SVM's guest PAT handling",
+     "`pykvm.uapi.KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`"),
+    ("kvm_svm_nested_state_hdr.gpat", "nested SVM state carries L2's guest PAT (header 16 bytes)",
+     "`pykvm.uapi.kvm_svm_nested_state_hdr`"),
+    ("KVM_CAP 247..251", "S390_KEYOP, S390_VSIE_ESAMODE, S390_HPAGE_2G, PPC_COMPAT_CAPS, "
+     "ARM_PMU_V3_STRICT: other architectures (named by the probe)", "`Cap`"),
+]
+
 #: The section of ioctls.py that holds other architectures' requests
 #: (defined in linux/kvm.h, refused on x86): left out of the table.
 OTHER_ARCH_SECTION = "ioctls of other architectures"
@@ -219,6 +238,10 @@ def generate() -> str:
         ws = wrapped[name]
         cell = ", ".join(f"`{w}`" for w in ws) if ws else "—" + (f" ({NOTES[name]})" if name in NOTES else "")
         lines.append(f"| `{name}` | `{number:#010x}` | {cell} |")
+    lines += ["", "## Added for x86 after Linux 6.19", "",
+              "No new x86 ioctl; new commands, exits, attributes and layouts:", "",
+              "| name | what | in pykvm |", "| --- | --- | --- |"]
+    lines += [f"| `{n}` | {what} | {where} |" for n, what, where in NEWEST]
     return "\n".join(lines) + "\n"
 
 

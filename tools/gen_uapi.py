@@ -23,6 +23,7 @@ Usage::
         [--label 7.3-rc7] [--source TEXT] [--sha256 HEX]
     python tools/gen_uapi.py render tests/uapi/kernel-7.3.json      # rewrite pykvm/uapi
     python tools/gen_uapi.py render tests/uapi/kernel-7.3.json --check
+    python tools/gen_uapi.py compare tests/uapi/kernel-7.3.json     # checked / equal counts
 """
 
 from __future__ import annotations
@@ -665,6 +666,43 @@ def render(rec: Record) -> Dict[str, str]:
     }
 
 
+def compare(rec: Record) -> Dict[str, Tuple[int, int]]:
+    """Check pykvm.uapi (as imported) against a record: kind -> (checked, equal)."""
+    import ctypes
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    from pykvm import uapi
+    from pykvm.uapi import enums, kvm, x86
+    spec = importlib.util.spec_from_file_location("layout", ROOT / "tests/uapi/layout.py")
+    layout = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(layout)  # type: ignore[union-attr]
+    out: Dict[str, List[int]] = {k: [0, 0] for k in
+                                 ("ioctl numbers", "struct sizes", "field offsets", "constants",
+                                  "caps", "exit reasons")}
+
+    def tally(kind: str, ok: bool) -> None:
+        out[kind][0] += 1
+        out[kind][1] += int(ok)
+
+    for i in rec["ioctls"]:
+        tally("ioctl numbers", getattr(uapi, i["name"], None) == i["value"])
+    for name, t in rec["types"].items():
+        cls = getattr(x86 if t["file"] == "x86" else kvm, name, None)
+        tally("struct sizes", cls is not None and ctypes.sizeof(cls) == t["size"])
+        ours = layout.ctypes_paths(cls) if cls is not None else {}
+        for path, off in layout.record_paths(rec["types"], name).items():
+            tally("field offsets", ours.get(path) == off)
+    for c in rec["consts"]:
+        tally("constants", getattr(uapi, c["name"], None) == c["value"])
+        if c["name"].startswith("KVM_CAP_"):
+            tally("caps", getattr(enums.Cap, c["name"][8:], None) == c["value"])
+    values = {c["name"]: c["value"] for c in rec["consts"]}
+    for n in rec["exit_reasons"]:
+        tally("exit reasons", getattr(enums.ExitReason, n[9:], None) == values[n])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="gen_uapi", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -679,7 +717,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("record", type=Path)
     r.add_argument("--check", action="store_true", help="exit 1 if a file differs")
     r.add_argument("--out", type=Path, default=UAPI)
+    c = sub.add_parser("compare", help="count pykvm.uapi values equal to a record's")
+    c.add_argument("record", type=Path)
     args = p.parse_args(argv)
+    if args.cmd == "compare":
+        counts = compare(json.loads(args.record.read_text()))
+        for kind, (checked, equal) in counts.items():
+            print(f"{kind:15} {equal:5} / {checked:5} equal")
+        total = [sum(v[i] for v in counts.values()) for i in (0, 1)]
+        print(f"{'total':15} {total[1]:5} / {total[0]:5} equal")
+        return 0 if total[0] == total[1] else 1
     if args.cmd == "extract":
         rec = extract(args.headers, args.label, args.source, args.sha256)
         args.record.write_text(json.dumps(rec, indent=1) + "\n")
