@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Dict, Optional, Protocol, Set, Tuple, Union
+from typing import Dict, Optional, Protocol, Set, Tuple, Union, cast
 
 from . import fd as _fd
 from .errors import KvmError
@@ -148,7 +148,7 @@ def _ioctl(obj: HasFileno, request: int, arg: Union[int, ctypes.Structure], extr
     try:
         return _fd.ioctl(obj.fileno(), request, arg)
     except KvmError as e:
-        raise _raise(e.errno, request, extra) from None
+        raise _raise(e.errno or 0, request, extra) from None
 
 
 def supported_vm_types(kvm: HasFileno) -> Set[int]:
@@ -191,7 +191,7 @@ def has_system_attr(kvm: HasFileno, group: int, attr: int) -> bool:
     except KvmError as e:
         if e.errno in (errno.ENXIO, errno.EINVAL):
             return False
-        raise _raise(e.errno, ioctls.KVM_HAS_DEVICE_ATTR) from None
+        raise _raise(e.errno or 0, ioctls.KVM_HAS_DEVICE_ATTR) from None
     return True
 
 
@@ -225,7 +225,7 @@ def sev_command(vm: HasFileno, cmd_id: int, data: Optional[ctypes.Structure] = N
         _fd.ioctl(vm.fileno(), ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
     except KvmError as e:
         extra = f"firmware status {cmd.error:#x}" if cmd.error else ""
-        raise _raise(e.errno, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None
+        raise _raise(e.errno or 0, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None
     return cmd
 
 
@@ -251,13 +251,13 @@ def tdx_command(target: HasFileno, cmd_id: int,
     else:
         if not isinstance(data, want):
             raise TypeError(f"TDX command {cmd_id} takes a {want.__name__}, not {type(data).__name__}")
-        address = ctypes.addressof(data)
+        address = ctypes.addressof(cast(ctypes.Structure, data))
     cmd = _S.kvm_tdx_cmd(id=cmd_id, flags=_check_u32("flags", flags), data=address)
     try:
         _fd.ioctl(target.fileno(), ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
     except KvmError as e:
         extra = f"TDX module status {cmd.hw_error:#x}" if cmd.hw_error else ""
-        raise _raise(e.errno, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None
+        raise _raise(e.errno or 0, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None
     return cmd
 
 
@@ -272,7 +272,7 @@ def tdx_capabilities(vm: HasFileno, n_cpuid: int = 256) -> _S.kvm_tdx_capabiliti
     sized = type(f"kvm_tdx_capabilities[{n_cpuid}]", (_S.kvm_tdx_capabilities,),
                  {"_fields_": [("cpuid_entries", _S.kvm_cpuid_entry2 * n_cpuid)],
                   "_anonymous_": ()})
-    caps = sized()
+    caps = cast(_S.kvm_tdx_capabilities, sized())
     caps.cpuid.nent = n_cpuid
     tdx_command(vm, consts.KVM_TDX_CAPABILITIES, caps)
     return caps

@@ -630,7 +630,11 @@ def render_ioctls(rec: Record) -> str:
            "", "from __future__ import annotations", "",
            "from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong  # noqa: F401",
            "", "from . import kvm, x86  # noqa: F401",
-           "from ._req import IOCTLS, IOCTL_NAMES, KVMIO, _req, ioctl_name  # noqa: F401",
+           "from ._req import IOCTL_NAMES as IOCTL_NAMES",
+           "from ._req import IOCTLS as IOCTLS",
+           "from ._req import KVMIO as KVMIO",
+           "from ._req import _req",
+           "from ._req import ioctl_name as ioctl_name",
            ""]
     names = []
     for section in _SECTION_ORDER:

@@ -37,15 +37,17 @@ def _req(name: str, direction: str, nr: int, argtype: Optional[type] = None) -> 
     if direction == "":
         if argtype is not None:
             raise TypeError(f"{name}: _IO takes no argument type")
-        num = ioctl_opt.IO(KVMIO, nr)
+        num = int(ioctl_opt.IO(KVMIO, nr))
         size = 0
     else:
+        if argtype is None:
+            raise TypeError(f"{name}: _IO{direction} needs an argument type")
         size = ctypes.sizeof(argtype)
         if size <= 0:
             raise TypeError(f"{name}: argument type {argtype!r} has size 0 (empty _fields_?)")
         if size > ioctl_opt._IOC_SIZEMASK:
             raise ValueError(f"{name}: argument size {size} does not fit 14 bits")
-        num = _DIRS[direction](KVMIO, nr, argtype)
+        num = int(_DIRS[direction](KVMIO, nr, argtype))
     # Re-decode: catches a wrong number even when ioctl-opt's asserts are off.
     if (
         ioctl_opt.IOC_NR(num) != nr

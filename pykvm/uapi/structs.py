@@ -104,7 +104,7 @@ def flex(base: Type[T], n: int) -> ctypes.Structure:
         raise TypeError(f"entry count must be an int, not {type(n).__name__}")
     if n < 0 or n > (1 << 24):
         raise ValueError(f"entry count {n} out of range (0..{1 << 24})")
-    obj = _flex_type(base, n)()
+    obj: ctypes.Structure = _flex_type(base, n)()
     count_field = _COUNT_FIELD.get(base.__name__)
     if count_field:
         setattr(obj, count_field, n)
