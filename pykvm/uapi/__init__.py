@@ -1,10 +1,19 @@
 """The raw layer: the kernel's KVM uapi for x86-64, in ctypes.
 
-Names are the kernel's own: structures (``kvm_regs``, ``kvm_run`` ...),
-request numbers (``KVM_GET_REGS`` ...), flags (``KVM_MEM_READONLY`` ...), and
-the ``Cap`` / ``ExitReason`` enums.  Nothing here opens a file or calls
-``ioctl``; the object layer (:mod:`pykvm.system`, :mod:`pykvm.vm`,
-:mod:`pykvm.vcpu` ...) does that.
+Generated from the kernel's own headers by ``tools/gen_uapi.py`` (see the
+provenance header of each generated module):
+
+* :mod:`pykvm.uapi.x86` -- the structures of ``asm/kvm.h``;
+* :mod:`pykvm.uapi.kvm` -- the structures of ``linux/kvm.h``;
+* :mod:`pykvm.uapi.consts` -- every integer constant of both headers;
+* :mod:`pykvm.uapi.enums` -- ``Cap`` and ``ExitReason``;
+* :mod:`pykvm.uapi.ioctls` -- every request number, built with ioctl-opt.
+
+:mod:`pykvm.uapi.structs` re-exports the structures and constants and adds
+:func:`~pykvm.uapi.structs.flex` and the kernel's function-like macros.
+Names are the kernel's own.  Nothing here opens a file or calls ``ioctl``;
+the object layer (:mod:`pykvm.system`, :mod:`pykvm.vm`, :mod:`pykvm.vcpu`
+...) does that.
 """
 
 from .enums import *  # noqa: F401,F403

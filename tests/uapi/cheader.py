@@ -1,32 +1,26 @@
 """Build and run a C program that prints what the system's KVM headers say.
 
-Used by ``test_against_c.py``: for every request number, capability, exit
-reason, structure size and top-level field offset that pykvm defines and the
+Used by ``test_against_c.py``: for every request number, constant, structure
+size and field offset (nested members included) that pykvm defines and the
 installed headers also define, the C compiler's value is printed as
 ``NAME VALUE`` lines.  Names the headers lack (they may be older than the
-newest kernel) are simply absent from the output.
+kernel pykvm was generated from) are dropped: a line the compiler rejects is
+removed and the program rebuilt, until it compiles.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from .layout import ctypes_paths
 
 HEADERS = ("/usr/include/linux/kvm.h", "/usr/include/x86_64-linux-gnu/asm/kvm.h",
            "/usr/include/asm/kvm.h")
-
-
-# Fields whose name changed between older installed headers and the newest
-# kernel (pykvm follows the newest); their offsets are pinned in test_layout.
-RENAMED = {
-    ("kvm_run", "immediate_exit"),  # immediate_exit__unsafe since 6.10
-    ("kvm_sev_cmd", "pad0"),  # implicit padding before 6.9
-}
 
 
 def available() -> Optional[str]:
@@ -46,31 +40,45 @@ def header_structs() -> set:
     return names
 
 
-def program(macros: Iterable[str], structs: Iterable[Tuple[str, type]]) -> str:
-    out = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+def lines(macros: Iterable[str], structs: Iterable[Tuple[str, type]]) -> List[str]:
+    out = []
     for m in macros:
         out.append(f'#ifdef {m}\n  printf("{m} %llu\\n", (unsigned long long)({m}));\n#endif')
     for name, cls in structs:
         out.append(f'  printf("sizeof({name}) %zu\\n", sizeof(struct {name}));')
-        for fname, *_ in cls._fields_:
-            if fname.startswith("_"):
-                continue
-            if (name, fname) in RENAMED:
-                continue
+        for path in ctypes_paths(cls):
             out.append(
-                f'  printf("offsetof({name}.{fname}) %zu\\n", offsetof(struct {name}, {fname}));')
-    out.append("  return 0;\n}")
-    return "\n".join(out)
+                f'  printf("offsetof({name}.{path}) %zu\\n", offsetof(struct {name}, {path}));')
+    return out
 
 
-def run(macros: Iterable[str], structs: Iterable[Tuple[str, type]]) -> Dict[str, int]:
-    src = program(macros, structs)
+def run(macros: Iterable[str], structs: Iterable[Tuple[str, type]],
+        include: Optional[List[str]] = None) -> Dict[str, int]:
+    """Compile and run the program; names the headers lack are left out."""
+    body = lines(macros, structs)
+    head = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>",
+            "int main(void) {"]
     with tempfile.TemporaryDirectory() as d:
         c = os.path.join(d, "k.c")
         exe = os.path.join(d, "k")
-        open(c, "w").write(src)
-        r = subprocess.run(["gcc", "-w", "-o", exe, c], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError("C program did not compile:\n" + r.stderr[-4000:])
+        for _ in range(20):
+            src, where = list(head), {}
+            for i, chunk in enumerate(body):
+                for _line in chunk.split("\n"):
+                    src.append(_line)
+                    where[len(src)] = i
+            src.append("  return 0;\n}")
+            open(c, "w").write("\n".join(src) + "\n")
+            flags = [f"-I{p}" for p in include or []]
+            r = subprocess.run(["gcc", "-w", *flags, "-o", exe, c], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            bad = {where[int(n)] for n in re.findall(r"k\.c:(\d+):\d+: error", r.stderr)
+                   if int(n) in where}
+            if not bad:
+                raise RuntimeError("C program did not compile:\n" + r.stderr[-4000:])
+            body = [b for i, b in enumerate(body) if i not in bad]
+        else:
+            raise RuntimeError("C program did not converge")
         text = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
     return {k: int(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines())}

@@ -75,7 +75,25 @@ SIZES = {
     "kvm_dirty_gfn": 16, "kvm_coalesced_mmio": 24, "kvm_create_guest_memfd": 64,
     "kvm_pre_fault_memory": 64, "kvm_memory_attributes": 32, "kvm_x86_mce": 64,
     "kvm_device_attr": 24, "kvm_translation": 24, "kvm_msi": 32, "kvm_sync_regs": 520,
+    # fixed in the generated layer (were wrong when hand-written):
+    "kvm_svm_nested_state_hdr": 16, "kvm_sev_cmd": 24, "kvm_tdx_cmd": 24,
 }
+
+
+def test_named_union_members():
+    """Members the kernel names inside unions are reachable by those names."""
+    run = uapi.kvm_run
+    assert run.tdx.size == 64 and ctypes.sizeof(type(run().tdx)) == 64
+    assert run.tdx.offset == 32
+    assert uapi.kvm_nested_state.hdr.offset == 8
+    assert type(uapi.kvm_nested_state().hdr).svm.offset == 0
+    entry = uapi.kvm_ioapic_redirtbl()
+    entry.fields.dest_id = 0xAB
+    entry.fields.vector = 0x31
+    assert entry.bits == (0xAB << 56) | 0x31
+    attr = uapi.kvm_xen_hvm_attr()
+    attr.u.shared_info.gfn = 7
+    assert attr.u.pad[0] == 7
 
 RUN_OFFSETS = {  # offsetof(struct kvm_run, ...)
     "request_interrupt_window": 0, "immediate_exit": 1, "exit_reason": 8,
@@ -102,11 +120,13 @@ def test_kvm_run_offsets():
 
 
 def test_enums_cover_the_newest_kernel():
-    assert len(uapi.Cap) == 241 and max(uapi.Cap) == 246
+    assert len(uapi.Cap) == 246 and max(uapi.Cap) == 251
     assert uapi.Cap.GUEST_MEMFD_FLAGS == 244 and uapi.Cap.VM_TYPES == 235
-    assert [int(e) for e in uapi.ExitReason] == list(range(42))
+    assert [int(e) for e in uapi.ExitReason] == list(range(44))
     assert uapi.ExitReason.MEMORY_FAULT == 39 and uapi.ExitReason.ARM_SEA == 41
+    assert uapi.ExitReason.SNP_REQ_CERTS == 43
     assert uapi.cap_name(246) == "KVM_CAP_S390_USER_OPEREXEC"
+    assert uapi.cap_name(251) == "KVM_CAP_ARM_PMU_V3_STRICT"
     assert uapi.cap_name(999) == "KVM_CAP_999?"
 
 
