@@ -38,8 +38,9 @@ ZERO_BLOCK = 64 << 10
 DEFAULT_CHUNK = 8 << 20
 #: Largest ``chunk_size`` a file may declare (and :func:`save` accepts).
 MAX_CHUNK = 256 << 20
-#: Largest JSON header (the fingerprint is ~3 KB; the rest is the caller's metadata).
-MAX_HEADER = 1 << 20
+#: Largest JSON header (the fingerprint is ~3 KB, a region ~110 bytes of a KVM
+#: maximum of 32764; the rest is the caller's metadata).
+MAX_HEADER = 8 << 20
 #: Largest non-memory record (a vCPU's state is ~10 KB; XSAVE areas stay below 64 KiB).
 MAX_STATE_RECORD = 4 << 20
 #: A stream of unknown size is read in pieces of at most this many bytes.
