@@ -43,7 +43,8 @@ _FEATURE_WORDS: Tuple[Tuple[int, int, str, int], ...] = (
 _CAPS = ("XSAVE", "XSAVE2", "XCRS", "SREGS2", "VCPU_EVENTS", "DEBUGREGS", "NESTED_STATE",
          "IRQCHIP", "PIT2", "PIT_STATE2", "ADJUST_CLOCK", "MP_STATE", "GET_TSC_KHZ",
          "TSC_CONTROL", "VM_TSC_CONTROL", "SPLIT_IRQCHIP", "EXCEPTION_PAYLOAD",
-         "X86_TRIPLE_FAULT_EVENT", "TSC_DEADLINE_TIMER", "MAX_VCPUS", "MAX_VCPU_ID", "NR_MEMSLOTS")
+         "X86_TRIPLE_FAULT_EVENT", "TSC_DEADLINE_TIMER", "MAX_VCPUS", "MAX_VCPU_ID", "NR_MEMSLOTS",
+         "READONLY_MEM")
 
 _MSR_TSC = 0x10
 _MSR_TSC_DEADLINE = 0x6E0
@@ -186,6 +187,9 @@ def problems(p: Parsed, kvm: Kvm, *, allow_tsc_mismatch: bool) -> List[str]:
     def need(cap: str, what: str) -> None:
         if not caps.get(cap):
             found.append(f"{what} needs KVM_CAP_{cap}, which this host lacks")
+
+    if any(flags & structs.KVM_MEM_READONLY for _, flags, _, _ in p.regions):
+        need("READONLY_MEM", "read-only guest memory")
 
     if any(k.startswith("irqchip.") for k in p.vm):
         need("IRQCHIP", "the in-kernel irqchip")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import io
 import json
 import os
 import stat
@@ -149,9 +150,13 @@ class Reader:
                 pass
         else:                                   # a pipe or device: blocking reads
             os.set_blocking(self.fd, True)
+        # Buffered: records are small and many; large reads bypass the buffer.
+        self.f = io.open(self.fd, "rb", buffering=256 << 10, closefd=False)
 
     def close(self) -> None:
         if self.fd is not None:
+            if self.f is not None:
+                self.f.close()
             os.close(self.fd)
             self.fd = None
 
@@ -167,8 +172,6 @@ class Reader:
 
     def _raw(self, n: int) -> bytes:
         try:
-            if self.fd is not None:
-                return os.read(self.fd, n)
             b = self.f.read(n)
         except (OSError, ValueError) as e:
             raise SnapshotError(f"cannot read snapshot {self.name}: {e}") from None
@@ -179,8 +182,14 @@ class Reader:
 
     def read(self, n: int, what: str) -> bytes:
         self.need(n, what)
-        chunks = []
-        got = 0
+        if n <= READ_PIECE:                     # the common case: one buffered read
+            b = self._raw(n)
+            if len(b) == n:
+                self.pos += n
+                return b
+            chunks, got = [b], len(b)
+        else:
+            chunks, got = [], 0
         while got < n:
             b = self._raw(min(n - got, READ_PIECE))
             if not b:
@@ -197,10 +206,7 @@ class Reader:
         got = 0
         while got < n:
             try:
-                if self.fd is not None:
-                    k = os.readv(self.fd, [mv[got:]])
-                else:
-                    k = self.f.readinto(mv[got:])
+                k = self.f.readinto(mv[got:])
             except (OSError, ValueError, TypeError, AttributeError) as e:
                 raise SnapshotError(f"cannot read snapshot {self.name}: {e}") from None
             if not k:
@@ -361,6 +367,11 @@ def check_header(header: Any, name: str) -> Dict[str, Any]:
     if len(set(ids)) != len(ids):
         raise sc.bad("vm.vcpus", "a list of distinct vCPU ids", ids)
     for i, m in enumerate(sc.list_(sc.get(vm, "memory", "vm."), "vm.memory")):
+        if (type(m) is dict and type(m.get("slot")) is int and type(m.get("flags")) is int
+                and type(m.get("guest_phys_addr")) is int and type(m.get("size")) is int
+                and 0 <= m["slot"] <= MAX_SLOT and 0 <= m["flags"] <= MEM_FLAGS
+                and 0 <= m["guest_phys_addr"] < 2**64 and PAGE <= m["size"] <= MAX_REGION):
+            continue                            # the common case, checked in one go
         if not isinstance(m, dict):
             raise sc.bad(f"vm.memory[{i}]", "an object", m)
         sc.int_(sc.get(m, "slot", f"vm.memory[{i}]."), f"vm.memory[{i}].slot", 0, MAX_SLOT)

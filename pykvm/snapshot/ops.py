@@ -25,7 +25,7 @@ from .fileformat import (DEFAULT_CHUNK, FILE_HDR, FORMAT_VERSION, MAGIC, MAX_CHU
                          SnapshotIncompatible, SnapshotRestoreError, Source, check_memory, cpuid_entries,
                          memory_records, pack_items, read_state)
 
-__all__ = ["SaveStats", "save", "restore", "check_compatible"]
+__all__ = ["SaveStats", "save", "restore", "check_compatible", "MAX_RESTORE_REGIONS"]
 
 
 # ---------------------------------------------------------------------------
@@ -296,8 +296,17 @@ def _build(r: Reader, p: Parsed, kvm: Kvm, prepare: Optional[Callable[[Vm], None
     return vm
 
 
+#: Most memory regions :func:`restore` re-creates: each is a ``KVM_SET_USER_MEMORY_REGION``
+#: whose kernel cost grows with the number of slots already there, so a small file
+#: listing tens of thousands of one-page regions would cost minutes of kernel time.
+MAX_RESTORE_REGIONS = 1024
+
+
 def _checked_state(r: Reader, kvm: Kvm, allow_tsc_mismatch: bool, max_memory: Optional[int]) -> Parsed:
     p = read_state(r)
+    if len(p.regions) > MAX_RESTORE_REGIONS:
+        raise SnapshotIncompatible(f"{r.name}: the snapshot has {len(p.regions)} memory regions; restore "
+                                   f"re-creates at most {MAX_RESTORE_REGIONS}")
     total = sum(size for _, _, _, size in p.regions)
     limit = _memory_limit() if max_memory is None else max_memory
     if total > limit:

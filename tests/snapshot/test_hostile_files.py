@@ -316,3 +316,20 @@ def test_worst_file_cost_in_a_fresh_process(base: bytes, tmp_path: Path) -> None
     assert p.returncode == 0, p.stderr
     grown_kib = int(p.stdout)
     assert grown_kib < 64 << 10, f"verifying the hostile files grew RSS by {grown_kib} KiB"
+
+
+def test_restore_refuses_thousands_of_regions(tmp_path: Path, base: bytes) -> None:
+    """Re-creating memslots costs kernel time that grows with their number: bounded."""
+    n = snapshot.ops.MAX_RESTORE_REGIONS + 1
+    _, hjson, recs = forge.parse(base)
+    h = forge.header(hjson)
+    h["vm"]["memory"] = [{"slot": k, "flags": 0, "guest_phys_addr": k * 4096, "size": 4096} for k in range(n)]
+    state = [r for r in recs if r[0] in (b"VMST", b"VCPU")]
+    mem: List[forge.Record] = [(b"MEMR", k, struct.pack("<IIQQ", k, 0, k * 4096, 4096)) for k in range(n)]
+    mem += [(b"MEMZ", k, struct.pack("<QQ", 0, 4096)) for k in range(n)]
+    path = tmp_path / "regions.snap"
+    path.write_bytes(forge.build(forge.dump(h), state + mem + [forge.end_record(state + mem)]))
+    snapshot.verify(path)
+    with pytest.raises(snapshot.SnapshotIncompatible, match="at most"):
+        snapshot.restore(path)
+    assert any("at most" in p for p in snapshot.check_compatible(path))
