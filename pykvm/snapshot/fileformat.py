@@ -250,7 +250,7 @@ def _stream_size(f: Any) -> Optional[int]:
         here = f.tell()
         end = f.seek(0, os.SEEK_END)
         f.seek(here)
-        return max(0, end - here)
+        return max(0, int(end) - int(here))
     except (OSError, ValueError, AttributeError, TypeError):
         return None
 

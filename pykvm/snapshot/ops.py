@@ -171,14 +171,14 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
         w.record(TAG_VM, 0, pack_items(vm_items))
         for vid, items in vcpu_items:
             w.record(TAG_VCPU, vid, pack_items(items))
-        for k, m in enumerate(regions):
-            w.record(TAG_MEMR, k, MEMR.pack(m.slot, m.flags, m.guest_phys_addr, m.size))
+        for index, m in enumerate(regions):
+            w.record(TAG_MEMR, index, MEMR.pack(m.slot, m.flags, m.guest_phys_addr, m.size))
         t_mem = time.perf_counter()
         total = data = 0
-        for k, m in enumerate(regions):
+        for index, m in enumerate(regions):
             mv = memoryview(m)
             try:
-                data += _write_region(w, k, m, mv, chunk_size)
+                data += _write_region(w, index, m, mv, chunk_size)
             finally:
                 mv.release()
             total += m.size

@@ -361,33 +361,27 @@ def apply_clock(vm: Vm, items: Dict[str, bytes], clock: str, saved_at: Optional[
     _set("kvmclock", vm.set_clock, c)
 
 
-def has_irqchip(vm: Vm) -> bool:
+def _present(get: Callable[..., Any], *args: Any) -> bool:
+    """Whether a getter of an optional in-kernel device works (EINVAL/ENXIO/ENOTTY: absent)."""
     try:
-        vm.get_irqchip(structs.KVM_IRQCHIP_PIC_MASTER)
+        get(*args)
         return True
     except KvmError as e:
         if _absent(e):
             return False
         raise
+
+
+def has_irqchip(vm: Vm) -> bool:
+    """Whether *vm* has a full in-kernel irqchip (PIC + IOAPIC)."""
+    return _present(vm.get_irqchip, structs.KVM_IRQCHIP_PIC_MASTER)
 
 
 def has_pit(vm: Vm) -> bool:
-    try:
-        vm.get_pit2()
-        return True
-    except KvmError as e:
-        if _absent(e):
-            return False
-        raise
+    """Whether *vm* has an in-kernel PIT."""
+    return _present(vm.get_pit2)
 
 
 def has_lapic(vcpu: Vcpu) -> bool:
-    try:
-        vcpu.get_lapic()
-        return True
-    except KvmError as e:
-        if _absent(e):
-            return False
-        raise
-
-
+    """Whether *vcpu* has an in-kernel LAPIC."""
+    return _present(vcpu.get_lapic)

@@ -238,21 +238,27 @@ def test_restore_refuses_more_ram_than_allowed(base: bytes, tmp_path: Path) -> N
     assert any("max_memory" in p for p in snapshot.check_compatible(path))
 
 
-def test_many_regions(base: bytes, tmp_path: Path) -> None:
-    """20000 regions of one page each: parsed, covered and checked exactly (linear work)."""
-    n = 20000
+def _many_regions(base: bytes, n: int, repeat: int = -1) -> bytes:
+    """*base* with *n* one-page regions of zeros (region *repeat* covered twice, if given)."""
     _, hjson, recs = forge.parse(base)
     h = forge.header(hjson)
     h["vm"]["memory"] = [{"slot": k, "flags": 0, "guest_phys_addr": k * 4096, "size": 4096} for k in range(n)]
     state = [r for r in recs if r[0] in (b"VMST", b"VCPU")]
     mem: List[forge.Record] = [(b"MEMR", k, struct.pack("<IIQQ", k, 0, k * 4096, 4096)) for k in range(n)]
     mem += [(b"MEMZ", k, struct.pack("<QQ", 0, 4096)) for k in range(n)]
+    if repeat >= 0:
+        mem[n + repeat + 1] = (b"MEMZ", repeat, struct.pack("<QQ", 0, 4096))
+    return forge.build(forge.dump(h), state + mem + [forge.end_record(state + mem)])
+
+
+def test_many_regions(base: bytes, tmp_path: Path) -> None:
+    """20000 regions of one page each: parsed, covered and checked exactly (linear work)."""
+    n = 20000
     path = tmp_path / "many.snap"
-    path.write_bytes(forge.build(forge.dump(h), state + mem + [forge.end_record(state + mem)]))
+    path.write_bytes(_many_regions(base, n))
     assert snapshot.verify(path).memory_size == n * 4096
     # one page covered twice, among 20000 regions
-    mem[n + 500] = (b"MEMZ", 499, struct.pack("<QQ", 0, 4096))
-    path.write_bytes(forge.build(forge.dump(h), state + mem + [forge.end_record(state + mem)]))
+    path.write_bytes(_many_regions(base, n, repeat=499))
     with pytest.raises(Corrupt, match="region 499"):
         snapshot.verify(path)
 
@@ -320,15 +326,8 @@ def test_worst_file_cost_in_a_fresh_process(base: bytes, tmp_path: Path) -> None
 
 def test_restore_refuses_thousands_of_regions(tmp_path: Path, base: bytes) -> None:
     """Re-creating memslots costs kernel time that grows with their number: bounded."""
-    n = snapshot.ops.MAX_RESTORE_REGIONS + 1
-    _, hjson, recs = forge.parse(base)
-    h = forge.header(hjson)
-    h["vm"]["memory"] = [{"slot": k, "flags": 0, "guest_phys_addr": k * 4096, "size": 4096} for k in range(n)]
-    state = [r for r in recs if r[0] in (b"VMST", b"VCPU")]
-    mem: List[forge.Record] = [(b"MEMR", k, struct.pack("<IIQQ", k, 0, k * 4096, 4096)) for k in range(n)]
-    mem += [(b"MEMZ", k, struct.pack("<QQ", 0, 4096)) for k in range(n)]
     path = tmp_path / "regions.snap"
-    path.write_bytes(forge.build(forge.dump(h), state + mem + [forge.end_record(state + mem)]))
+    path.write_bytes(_many_regions(base, snapshot.ops.MAX_RESTORE_REGIONS + 1))
     snapshot.verify(path)
     with pytest.raises(snapshot.SnapshotIncompatible, match="at most"):
         snapshot.restore(path)
