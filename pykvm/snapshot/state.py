@@ -248,10 +248,14 @@ def lock_vcpus(vm: Vm) -> List[Any]:
 # apply
 
 def _set(what: str, fn: Callable[..., Any], *args: Any) -> None:
-    """Call a ``Vcpu``/``Vm`` setter; a KVM refusal becomes a :class:`SnapshotRestoreError`."""
+    """Call a ``Vcpu``/``Vm`` setter; a refusal becomes a :class:`SnapshotRestoreError`.
+
+    (The setters' own argument checks, ``ValueError``/``OverflowError``, count
+    as refusals too: the values come from the file.)
+    """
     try:
         fn(*args)
-    except KvmError as e:
+    except (KvmError, ValueError, OverflowError) as e:
         raise SnapshotRestoreError(f"restoring {what}: {e}") from None
 
 
@@ -267,7 +271,7 @@ def apply_vcpu(vcpu: Vcpu, items: Dict[str, bytes], tag: str) -> None:
         try:
             if khz and vcpu.get_tsc_khz() != khz:
                 vcpu.set_tsc_khz(khz)
-        except KvmError:
+        except (KvmError, ValueError):   # checked (or allowed) by compat: keep this host's rate
             pass
     # 3. Segments, control registers, EFER, APIC base.
     if "sregs2" in items:
