@@ -271,7 +271,7 @@ def _corruptions(data: bytes):
     yield "record header", lambda d: _flip(d, vcpu[0] + 8), "record header"
     yield "guest memory byte", lambda d: _flip(d, memd[-1][0] + 24 + 8 + 1000), "guest memory"
     yield "truncated", lambda d: d[:len(d) - 1000], "truncated"
-    yield "record dropped", lambda d: d[:memd[0][0]] + d[memd[0][0] + 24 + memd[0][3]:], "END record"
+    yield "record dropped", lambda d: d[:memd[0][0]] + d[memd[0][0] + 24 + memd[0][3]:], "records lost"
     yield "END record", lambda d: _flip(d, len(d) - 3), "END"
 
 
@@ -404,7 +404,7 @@ def test_save_refuses_a_running_vcpu(tmp_path) -> None:
 
 def test_unwritable_destination(tmp_path) -> None:
     with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm:
-        with pytest.raises(snapshot.SnapshotError, match="cannot write a snapshot in"):
+        with pytest.raises(snapshot.SnapshotError, match="cannot save snapshot .*no-such-dir"):
             snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
 
 
@@ -423,3 +423,29 @@ def test_guest_timeout_is_reported() -> None:
     with pykvm.Kvm() as kvm, build_counter(kvm, lines=10**6, iters=10**7) as vm:
         with pytest.raises(GuestTimeout):
             run_guest(vm.vcpus[0], bytearray(), timeout=0.2)
+
+
+def test_command_line_errors(midrun, tmp_path, capsys) -> None:
+    """One line on stderr, ``pykvm snapshot: <file>: ...``, and the documented status."""
+    from pykvm.snapshot.cli import main
+    path, _ = midrun
+    bad = tmp_path / "bad.snap"
+    bad.write_bytes(_flip(path.read_bytes(), 40))
+    for cmd in ("info", "verify", "check"):
+        assert main([cmd, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"pykvm snapshot: {bad}: the header is damaged"), err
+    assert main(["verify", str(tmp_path / "absent")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert main(["frobnicate", str(path)]) == 2
+    capsys.readouterr()
+    other = tmp_path / "other.snap"
+    other.write_bytes(_edit_header(path.read_bytes(), lambda h: h["host"].update(kvm_api=11)))
+    assert main(["verify", str(other)]) == 0
+    assert main(["check", str(other)]) == 1
+    out = capsys.readouterr().out
+    assert "cannot be restored here" in out and "KVM API version differs: 11 vs 12" in out
+    p = subprocess.run([sys.executable, "-m", "pykvm.snapshot", "verify", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr
+    assert p.stderr.startswith("pykvm snapshot: ") and p.stderr.count("\n") == 1
