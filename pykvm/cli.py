@@ -42,7 +42,7 @@ COMMANDS: Dict[str, Tuple[str, Sequence[str]]] = {
     "vmm": ("boot a multiboot kernel on /dev/kvm (like qemu -kernel)",
             ("pykvm.vmm.cli:main", "pykvm.vmm.__main__:main")),
     "snapshot": ("inspect, verify and check pykvm snapshot files",
-                 ("pykvm.snapshot.cli:main", "pykvm.snapshot:_main")),
+                 ("pykvm.snapshot.cli:main",)),
     "gdb": ("debug a guest with gdb through the GDB remote stub",
             ("pykvm.gdbstub.cli:main",)),
     "bench": ("the benchmark suite: what KVM and pykvm cost on this host",
