@@ -29,6 +29,7 @@ ARENA, ARENA_SIZE = 0x1000, 0xD000     # GDT, TSS, page tables (pykvm.x86.setup_
 DATA_VA, DATA_PA = 0x400000, 0x100000
 DATA_PA2 = 0x180000           # physical page behind virtual 0x401000
 ALIAS_VA = 0x402000           # a second virtual address of the DATA_PA page
+CODE_ALIAS = 0x403000         # a second virtual address of the code page
 STACK_TOP = 0xF000
 PORT_OUT, PORT_EXIT = 0x3F8, 0xF4
 
@@ -69,8 +70,8 @@ def build_guest(kvm: pykvm.Kvm, *, entry: int = CODE, cpl: int = 0) -> pykvm.Vm:
     """A VM (2 MiB RAM, no irqchip) whose vCPU 0 starts at *entry* at privilege level *cpl*.
 
     Long mode by :func:`pykvm.x86.setup_long_mode`: the low 2 MiB identity
-    mapped, plus three 4 KiB pages: DATA_VA -> DATA_PA, DATA_VA + 0x1000 ->
-    DATA_PA2 and ALIAS_VA -> DATA_PA again.
+    mapped, plus four 4 KiB pages: DATA_VA -> DATA_PA, DATA_VA + 0x1000 ->
+    DATA_PA2, ALIAS_VA -> DATA_PA again and CODE_ALIAS -> CODE.
     """
     vm = kvm.create_vm()
     try:
@@ -83,7 +84,8 @@ def build_guest(kvm: pykvm.Kvm, *, entry: int = CODE, cpl: int = 0) -> pykvm.Vm:
         user = cpl == 3
         lm = x86.setup_long_mode(vcpu, x86.Arena(vm, ARENA, ARENA_SIZE), entry=entry,
                                  stack=STACK_TOP, cpl=cpl, identity=(0, 0x200000), user=user)
-        for va, pa in ((DATA_VA, DATA_PA), (DATA_VA + 0x1000, DATA_PA2), (ALIAS_VA, DATA_PA)):
+        for va, pa in ((DATA_VA, DATA_PA), (DATA_VA + 0x1000, DATA_PA2), (ALIAS_VA, DATA_PA),
+                       (CODE_ALIAS, CODE)):
             lm.page_tables.map(va, pa, 0x1000, page_size=x86.PAGE_4K, user=user)
     except BaseException:
         vm.close()
