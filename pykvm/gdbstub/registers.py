@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from ..uapi import structs
 from ..uapi.enums import Cap
 from ..vcpu import Vcpu
+
+_FxContext = Union[structs.kvm_fpu, structs.kvm_xsave]
 
 __all__ = ["TARGET_XML", "REGISTERS", "REGISTER_BYTES", "RegisterFile", "TargetError"]
 
@@ -96,7 +98,7 @@ class RegisterFile:
         self.vcpu = vcpu
         self._xsave: Optional[bool] = None
 
-    def _get_fx(self) -> Tuple[bytearray, object]:
+    def _get_fx(self) -> Tuple[bytearray, _FxContext]:
         v = self.vcpu
         if self._xsave is None:
             self._xsave = bool(v.vm.check_extension(Cap.XSAVE))
@@ -112,7 +114,7 @@ class RegisterFile:
             fx[160 + 16 * i:176 + 16 * i] = bytes(f.xmm[i])
         return fx, f
 
-    def _set_fx(self, fx: bytearray, ctx: object) -> None:
+    def _set_fx(self, fx: bytearray, ctx: _FxContext) -> None:
         v = self.vcpu
         if isinstance(ctx, structs.kvm_fpu):
             f = ctx

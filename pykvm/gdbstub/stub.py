@@ -39,7 +39,7 @@ import socket
 import struct
 import tempfile
 import threading
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 from .. import exits
 from ..errors import KvmError
@@ -311,7 +311,7 @@ class GdbStub:
         self._closed = False
         self._interrupt = threading.Event()
         self.target = Target(vcpu)
-        self._gdb_features: set = set()
+        self._gdb_features: Set[str] = set()
         self._last_stop = "S05"
         self._warned_cpl3 = False
         self._running = False
@@ -586,8 +586,8 @@ class GdbStub:
             else:
                 send(target.registers.read_all()[n].hex())
         elif cmd == b"P":
-            n, _, val = pkt[1:].partition(b"=")
-            target.registers.write(parse_hex(n, "register number", len(REGISTERS) - 1), _unhex(val))
+            num, _, val = pkt[1:].partition(b"=")
+            target.registers.write(parse_hex(num, "register number", len(REGISTERS) - 1), _unhex(val))
             send("OK")
         elif cmd == b"m":
             addr, length = parse_addr_len(pkt[1:])

@@ -25,7 +25,7 @@ a PDPTE as reserved and faults.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Tuple, Union
 
 from .consts import CR0, CR4, EFER, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE
 
@@ -43,28 +43,33 @@ class GuestPhys(Protocol):
 
     def read(self, gpa: int, n: int) -> bytes: ...
 
-    def write(self, gpa: int, data) -> None: ...
+    def write(self, gpa: int, data: Any) -> None: ...
+
+
+#: Reads *n* bytes of guest physical memory at *gpa* (``Vm.read``).
+ReadPhys = Callable[[int, int], bytes]
 
 
 class _RegionAsPhys:
     """Adapter: a GuestMemory addressed by guest physical address."""
 
-    def __init__(self, mem) -> None:
+    def __init__(self, mem: Any) -> None:
         self.mem = mem
-        self.base = mem.guest_phys_addr
+        self.base: int = mem.guest_phys_addr
 
     def read(self, gpa: int, n: int) -> bytes:
-        return self.mem.read(gpa - self.base, n)
+        return bytes(self.mem.read(gpa - self.base, n))
 
-    def write(self, gpa: int, data) -> None:
+    def write(self, gpa: int, data: Any) -> None:
         self.mem.write(gpa - self.base, data)
 
 
-def as_phys(target) -> GuestPhys:
+def as_phys(target: Any) -> GuestPhys:
     """Accept a ``Vm`` or a ``GuestMemory``; return something addressed by guest physical address."""
     if hasattr(target, "guest_phys_addr"):
         return _RegionAsPhys(target)
-    return target
+    phys: GuestPhys = target
+    return phys
 
 
 class Arena:
@@ -75,7 +80,7 @@ class Arena:
     arena holds the tables of one VM set-up.
     """
 
-    def __init__(self, target, gpa: int, size: int) -> None:
+    def __init__(self, target: Any, gpa: int, size: int) -> None:
         self.phys = as_phys(target)
         self.start = gpa
         self.end = gpa + size
@@ -90,7 +95,7 @@ class Arena:
         self.phys.write(addr, bytes(size))
         return addr
 
-    def put(self, data, align: int = 16) -> int:
+    def put(self, data: Any, align: int = 16) -> int:
         """Allocate room for *data*, copy it in, and return its guest physical address."""
         data = bytes(data)
         addr = self.alloc(len(data), align)
@@ -126,7 +131,7 @@ class PageTables:
         self.cr3 = arena.alloc(PAGE_4K)
 
     def _entry(self, table: int, index: int) -> int:
-        return _q.unpack(self.phys.read(table + 8 * index, 8))[0]
+        return int(_q.unpack(self.phys.read(table + 8 * index, 8))[0])
 
     def _set(self, table: int, index: int, value: int) -> None:
         self.phys.write(table + 8 * index, _q.pack(value))
@@ -153,7 +158,7 @@ class PageTables:
             | (PTE.NX if nx else 0) | (PTE.G if global_ else 0) | (PTE.PS if leaf_level < 3 else 0)
         inter = PTE.P | PTE.RW | PTE.US
         # Cache of the table at each level for the current walk (speeds big identity maps).
-        cache: dict = {}
+        cache: Dict[Tuple[int, int], int] = {}
         for off in range(0, size, page_size):
             va = (virt + off) & ((1 << 48) - 1)
             table = self.cr3
@@ -185,7 +190,7 @@ class PageTables:
         raw = b"".join(_q.pack((base + k * child) | flags) for k in range(512))
         self.phys.write(table, raw)
 
-    def identity(self, start: int, end: int, **kw) -> "PageTables":
+    def identity(self, start: int, end: int, **kw: Any) -> "PageTables":
         """Map ``[start, end)`` onto itself (keywords as for :meth:`map`); returns self."""
         self.map(start, start, end - start, **kw)
         return self
@@ -204,7 +209,7 @@ class PageTables32:
         self.cr3 = arena.alloc(PAGE_4K)
 
     def _entry(self, table: int, index: int) -> int:
-        return _l.unpack(self.phys.read(table + 4 * index, 4))[0]
+        return int(_l.unpack(self.phys.read(table + 4 * index, 4))[0])
 
     def _set(self, table: int, index: int, value: int) -> None:
         self.phys.write(table + 4 * index, _l.pack(value))
@@ -233,7 +238,7 @@ class PageTables32:
                 self._set(self.cr3, pdi, pt | int(PTE.P | PTE.RW | PTE.US))
             self._set(pt, va >> 12 & 1023, (phys + off) | int(flags))
 
-    def identity(self, start: int, end: int, **kw) -> "PageTables32":
+    def identity(self, start: int, end: int, **kw: Any) -> "PageTables32":
         """Map ``[start, end)`` onto itself; returns self."""
         self.map(start, start, end - start, **kw)
         return self
@@ -261,7 +266,7 @@ class PageFault(LookupError):
 _U64 = (1 << 64) - 1
 
 
-def _walk_long(read, cr3: int, virt: int, levels: int) -> Optional[Tuple[int, int]]:
+def _walk_long(read: ReadPhys, cr3: int, virt: int, levels: int) -> Optional[Tuple[int, int]]:
     """4-level (``levels=4``) or 5-level (``levels=5``, ``CR4.LA57``) IA-32e walk."""
     top = 12 + 9 * levels                               # 48 or 57 bits of linear address
     high = virt >> (top - 1)
@@ -283,11 +288,11 @@ def _walk_long(read, cr3: int, virt: int, levels: int) -> Optional[Tuple[int, in
     return None  # pragma: no cover
 
 
-def _walk4(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+def _walk4(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     return _walk_long(read, cr3, virt, 4)
 
 
-def _walk_pae(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+def _walk_pae(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     pdpte = _q.unpack(read((cr3 & 0xFFFFFFE0) + 8 * (virt >> 30 & 3), 8))[0]
     if not pdpte & PTE.P:
         return None
@@ -304,7 +309,7 @@ def _walk_pae(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     return (e2 & _ADDR_MASK) | (virt & 0xFFF), e2 & (e | ~_RW_US)
 
 
-def _walk2(read, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
+def _walk2(read: ReadPhys, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
     virt &= 0xFFFFFFFF
     pde = _l.unpack(read((cr3 & 0xFFFFF000) + 4 * (virt >> 22), 4))[0]
     if not pde & PTE.P:
@@ -319,7 +324,7 @@ def _walk2(read, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
     return (pte & 0xFFFFF000) | (virt & 0xFFF), pte & (pde | ~_RW_US)
 
 
-def walk(target, sregs, virt: int) -> Optional[Tuple[int, int]]:
+def walk(target: Any, sregs: Any, virt: int) -> Optional[Tuple[int, int]]:
     """``(guest physical address, leaf flags)`` of linear *virt* under *sregs*, or None.
 
     Like :func:`translate`, plus the flags of the leaf entry (``PTE.*``; the
@@ -339,11 +344,11 @@ def walk(target, sregs, virt: int) -> Optional[Tuple[int, int]]:
         if sregs.cr4 & CR4.PAE:
             return _walk_pae(phys.read, sregs.cr3, virt & 0xFFFFFFFF)
         return _walk2(phys.read, sregs.cr3, virt, bool(sregs.cr4 & CR4.PSE))
-    except ValueError:  # a table outside the memory the host knows
+    except (ValueError, IndexError, struct.error):  # a table outside the memory the host knows
         return None
 
 
-def translate(target, sregs, virt: int) -> Optional[int]:
+def translate(target: Any, sregs: Any, virt: int) -> Optional[int]:
     """The guest physical address of linear address *virt* under *sregs* (None if unmapped).
 
     *target* is a ``Vm`` (or ``GuestMemory``) whose memory holds the tables;
