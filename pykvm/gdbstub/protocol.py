@@ -172,7 +172,11 @@ class PacketReader:
             if not self._buf:                          # between packets
                 start = data.find(b"$", i)
                 stop = n if start < 0 else start
-                for b in view[i:stop]:
+                segment = data[i:stop]
+                if b"+" not in segment and b"-" not in segment and b"\x03" not in segment:
+                    self.noise += len(segment)                 # pure noise: skip at C speed
+                    segment = b""
+                for b in segment:
                     if b == 0x2B:
                         events.append(Ack())
                     elif b == 0x2D:
