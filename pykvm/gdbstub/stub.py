@@ -39,6 +39,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from typing import Callable, List, Optional, Set, Tuple, Union
 
 from .. import exits
@@ -63,6 +64,8 @@ MAX_RETRIES = 16
 MAX_QUEUED = 32
 #: Seconds a send may block on a peer that does not read before the connection is dropped.
 SEND_TIMEOUT = 30.0
+#: Seconds an unauthenticated TCP peer may hold the (single) session before it is dropped.
+AUTH_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------
@@ -89,7 +92,8 @@ class SessionEnd:
     ``reason`` is ``"exited"`` (the guest finished; ``exit_code`` set),
     ``"killed"`` (gdb's ``kill``), ``"detached"`` (gdb's ``detach``: the vCPU
     may run on without the debugger), ``"disconnected"`` (the peer went away
-    or broke the protocol), ``"refused"`` (a wrong token) or ``"closed"``.
+    or broke the protocol), ``"refused"`` (a wrong token, or none within
+    :data:`AUTH_TIMEOUT`) or ``"closed"``.
     """
 
     reason: str
@@ -458,6 +462,9 @@ class GdbStub:
             sock.close()
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # During the session the reader turns further peers away; a non-blocking
+        # accept there can never hang on a peer that vanished after select().
+        self._listener.setblocking(False)
         self._disconnected = False
         self._authed = self.token is None
         self._interrupt.clear()
@@ -503,8 +510,16 @@ class GdbStub:
     def _session(self) -> SessionEnd:
         conn = self._conn
         assert conn is not None
+        auth_deadline = time.monotonic() + AUTH_TIMEOUT
         while True:
-            pkt = conn.packets.get()
+            if self._authed:
+                pkt = conn.packets.get()
+            else:
+                try:
+                    pkt = conn.packets.get(timeout=max(0.0, auth_deadline - time.monotonic()))
+                except queue.Empty:
+                    self._note(f"no 'monitor auth' within {AUTH_TIMEOUT:g} s: closing")
+                    return SessionEnd("refused")
             if pkt is None:
                 return SessionEnd("closed" if self._closed else "disconnected")
             try:

@@ -202,3 +202,15 @@ def test_cli_help_and_probe() -> None:
     p = subprocess.run([sys.executable, "-m", "pykvm.gdbstub", "probe"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "single step of CPL3 code" in p.stdout, p.stderr
+
+
+def test_unauthenticated_peer_cannot_hold_the_stub(kvm, monkeypatch) -> None:
+    from pykvm.gdbstub import stub as stub_module
+
+    monkeypatch.setattr(stub_module, "AUTH_TIMEOUT", 0.2)
+    with build_guest(kvm) as vm, ServedGuest(vm, port=0) as g:
+        c = Client(g.address)
+        assert c.cmd(b"?") == b"S05"                           # then it just sits there
+        assert wait_closed(c) == b""
+        assert g.join() == SessionEnd("refused")
+        c.close()
