@@ -52,17 +52,18 @@ def _gdb(gdb: str, address, *commands: str, timeout: float = 60) -> str:
 
 
 def _run_plain(kvm: pykvm.Kvm, vm: pykvm.Vm) -> bytes:
-    """Run the guest without a debugger (the reference output)."""
+    """Run the guest without a debugger (the reference output), under a watchdog."""
     out = bytearray()
     vcpu = vm.vcpus[0]
-    for _ in range(1000):
-        ex = vcpu.run()
-        if isinstance(ex, pykvm.IoOut) and ex.port == PORT_OUT:
-            out += ex.data
-        elif isinstance(ex, pykvm.IoOut) and ex.port == PORT_EXIT:
-            return bytes(out)
-        else:
-            raise AssertionError(ex)
+    with vcpu.kick_after(30):                                  # a hung guest ends as Interrupted
+        for _ in range(1000):
+            ex = vcpu.run()
+            if isinstance(ex, pykvm.IoOut) and ex.port == PORT_OUT:
+                out += ex.data
+            elif isinstance(ex, pykvm.IoOut) and ex.port == PORT_EXIT:
+                return bytes(out)
+            else:
+                raise AssertionError(ex)
     raise AssertionError("guest did not finish")
 
 
