@@ -7,9 +7,12 @@
   or 4 MiB pages with ``CR4.PSE``).  Both map any range to any range with
   chosen user/supervisor, writable and no-execute bits, and ``identity()``
   maps a range onto itself.
-* :func:`translate` walks the tables of any paging mode the way the CPU does,
-  reading guest memory from the host (used by the run loop's report to show
-  the bytes at RIP).
+* :func:`translate` (and :func:`walk`, which adds the leaf flags) walks the
+  tables of every paging mode the way the CPU does — 32-bit (4 KiB / 4 MiB
+  pages), PAE, 4-level and 5-level long mode — reading guest memory from the
+  host.  It is the project's one page walker: the run loop's report shows the
+  bytes at RIP with it, the GDB stub reads and writes guest virtual memory
+  with it.
 
 Intermediate entries are always present, writable and user-accessible, so
 the leaf entry alone decides the permissions of a page.
@@ -22,11 +25,12 @@ a PDPTE as reserved and faults.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Tuple, Union
 
 from .consts import CR0, CR4, EFER, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE
 
-__all__ = ["Arena", "PageTables", "PageTables32", "translate", "GuestPhys", "PageFault"]
+__all__ = ["Arena", "PageTables", "PageTables32", "translate", "walk", "GuestPhys", "as_phys",
+           "iter_mappings"]
 
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 of an entry
 _RW_US = 0x6
@@ -39,28 +43,33 @@ class GuestPhys(Protocol):
 
     def read(self, gpa: int, n: int) -> bytes: ...
 
-    def write(self, gpa: int, data) -> None: ...
+    def write(self, gpa: int, data: Any) -> None: ...
+
+
+#: Reads *n* bytes of guest physical memory at *gpa* (``Vm.read``).
+ReadPhys = Callable[[int, int], bytes]
 
 
 class _RegionAsPhys:
     """Adapter: a GuestMemory addressed by guest physical address."""
 
-    def __init__(self, mem) -> None:
+    def __init__(self, mem: Any) -> None:
         self.mem = mem
-        self.base = mem.guest_phys_addr
+        self.base: int = mem.guest_phys_addr
 
     def read(self, gpa: int, n: int) -> bytes:
-        return self.mem.read(gpa - self.base, n)
+        return bytes(self.mem.read(gpa - self.base, n))
 
-    def write(self, gpa: int, data) -> None:
+    def write(self, gpa: int, data: Any) -> None:
         self.mem.write(gpa - self.base, data)
 
 
-def as_phys(target) -> GuestPhys:
+def as_phys(target: Any) -> GuestPhys:
     """Accept a ``Vm`` or a ``GuestMemory``; return something addressed by guest physical address."""
     if hasattr(target, "guest_phys_addr"):
         return _RegionAsPhys(target)
-    return target
+    phys: GuestPhys = target
+    return phys
 
 
 class Arena:
@@ -71,7 +80,7 @@ class Arena:
     arena holds the tables of one VM set-up.
     """
 
-    def __init__(self, target, gpa: int, size: int) -> None:
+    def __init__(self, target: Any, gpa: int, size: int) -> None:
         self.phys = as_phys(target)
         self.start = gpa
         self.end = gpa + size
@@ -86,7 +95,7 @@ class Arena:
         self.phys.write(addr, bytes(size))
         return addr
 
-    def put(self, data, align: int = 16) -> int:
+    def put(self, data: Any, align: int = 16) -> int:
         """Allocate room for *data*, copy it in, and return its guest physical address."""
         data = bytes(data)
         addr = self.alloc(len(data), align)
@@ -122,7 +131,7 @@ class PageTables:
         self.cr3 = arena.alloc(PAGE_4K)
 
     def _entry(self, table: int, index: int) -> int:
-        return _q.unpack(self.phys.read(table + 8 * index, 8))[0]
+        return int(_q.unpack(self.phys.read(table + 8 * index, 8))[0])
 
     def _set(self, table: int, index: int, value: int) -> None:
         self.phys.write(table + 8 * index, _q.pack(value))
@@ -149,7 +158,7 @@ class PageTables:
             | (PTE.NX if nx else 0) | (PTE.G if global_ else 0) | (PTE.PS if leaf_level < 3 else 0)
         inter = PTE.P | PTE.RW | PTE.US
         # Cache of the table at each level for the current walk (speeds big identity maps).
-        cache: dict = {}
+        cache: Dict[Tuple[int, int], int] = {}
         for off in range(0, size, page_size):
             va = (virt + off) & ((1 << 48) - 1)
             table = self.cr3
@@ -181,7 +190,7 @@ class PageTables:
         raw = b"".join(_q.pack((base + k * child) | flags) for k in range(512))
         self.phys.write(table, raw)
 
-    def identity(self, start: int, end: int, **kw) -> "PageTables":
+    def identity(self, start: int, end: int, **kw: Any) -> "PageTables":
         """Map ``[start, end)`` onto itself (keywords as for :meth:`map`); returns self."""
         self.map(start, start, end - start, **kw)
         return self
@@ -200,7 +209,7 @@ class PageTables32:
         self.cr3 = arena.alloc(PAGE_4K)
 
     def _entry(self, table: int, index: int) -> int:
-        return _l.unpack(self.phys.read(table + 4 * index, 4))[0]
+        return int(_l.unpack(self.phys.read(table + 4 * index, 4))[0])
 
     def _set(self, table: int, index: int, value: int) -> None:
         self.phys.write(table + 4 * index, _l.pack(value))
@@ -229,7 +238,7 @@ class PageTables32:
                 self._set(self.cr3, pdi, pt | int(PTE.P | PTE.RW | PTE.US))
             self._set(pt, va >> 12 & 1023, (phys + off) | int(flags))
 
-    def identity(self, start: int, end: int, **kw) -> "PageTables32":
+    def identity(self, start: int, end: int, **kw: Any) -> "PageTables32":
         """Map ``[start, end)`` onto itself; returns self."""
         self.map(start, start, end - start, **kw)
         return self
@@ -240,22 +249,38 @@ class PageTables32:
 
 
 # ---------------------------------------------------------------------------
-# The walker
+# The walker: the one software page walker of the project (the run loop's
+# report, the GDB stub and the tests all use it).  Entries come from guest
+# memory, which the guest controls: the walk is bounded (at most 5 reads),
+# never follows anything but the address bits of an entry, and counts an
+# entry outside the memory the host knows as "not mapped".
 
 
 class PageFault(LookupError):
-    """The software walk found a non-present entry."""
+    """Deprecated, never raised: :func:`translate` returns None for an unmapped address.
+
+    Kept for one release so that ``from pykvm.x86.paging import PageFault`` still works.
+    """
 
 
-def _walk4(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+_U64 = (1 << 64) - 1
+
+
+def _walk_long(read: ReadPhys, cr3: int, virt: int, levels: int) -> Optional[Tuple[int, int]]:
+    """4-level (``levels=4``) or 5-level (``levels=5``, ``CR4.LA57``) IA-32e walk."""
+    top = 12 + 9 * levels                               # 48 or 57 bits of linear address
+    high = virt >> (top - 1)
+    if high not in (0, (1 << (64 - top + 1)) - 1):
+        return None                                     # not canonical: #GP, never a walk
     table = cr3 & _ADDR_MASK
     flags = _RW_US
-    for level, shift in enumerate(PageTables.LEVEL_SHIFTS):
+    for level in range(levels, 0, -1):                  # level 1 holds the 4 KiB PTEs
+        shift = 12 + 9 * (level - 1)
         e = _q.unpack(read(table + 8 * (virt >> shift & 511), 8))[0]
-        if not e & 1:
+        if not e & PTE.P:
             return None
         flags &= e
-        if level == 3 or (level in (1, 2) and e & 0x80):
+        if level == 1 or (level in (2, 3) and e & PTE.PS):   # 4 KiB, 2 MiB or 1 GiB page
             page = 1 << shift
             leaf = (e & ~_RW_US) | flags
             return (e & _ADDR_MASK & ~(page - 1)) | (virt & (page - 1)), leaf
@@ -263,7 +288,11 @@ def _walk4(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     return None  # pragma: no cover
 
 
-def _walk_pae(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+def _walk4(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+    return _walk_long(read, cr3, virt, 4)
+
+
+def _walk_pae(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     pdpte = _q.unpack(read((cr3 & 0xFFFFFFE0) + 8 * (virt >> 30 & 3), 8))[0]
     if not pdpte & PTE.P:
         return None
@@ -280,38 +309,63 @@ def _walk_pae(read, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     return (e2 & _ADDR_MASK) | (virt & 0xFFF), e2 & (e | ~_RW_US)
 
 
-def _walk2(read, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
+def _walk2(read: ReadPhys, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
     virt &= 0xFFFFFFFF
     pde = _l.unpack(read((cr3 & 0xFFFFF000) + 4 * (virt >> 22), 4))[0]
     if not pde & PTE.P:
         return None
     if pse and pde & PTE.PS:
-        return (pde & 0xFFC00000) | (virt & (PAGE_4M - 1)), pde
+        # 4 MiB page; PSE-36 puts physical address bits 39:32 in PDE bits 20:13.
+        high = ((pde >> 13) & 0xFF) << 32
+        return high | (pde & 0xFFC00000) | (virt & (PAGE_4M - 1)), pde
     pte = _l.unpack(read((pde & 0xFFFFF000) + 4 * (virt >> 12 & 1023), 4))[0]
     if not pte & PTE.P:
         return None
     return (pte & 0xFFFFF000) | (virt & 0xFFF), pte & (pde | ~_RW_US)
 
 
-def translate(target, sregs, virt: int) -> Optional[int]:
-    """The guest physical address of linear address *virt* under *sregs* (None if unmapped).
+def walk(target: Any, sregs: Any, virt: int) -> Optional[Tuple[int, int]]:
+    """``(guest physical address, leaf flags)`` of linear *virt* under *sregs*, or None.
 
-    *target* is a ``Vm`` (or ``GuestMemory``); *sregs* a ``kvm_sregs``.
-    Without ``CR0.PG`` the linear address is the physical one.  Entries in
-    memory the host cannot read count as not mapped.
+    Like :func:`translate`, plus the flags of the leaf entry (``PTE.*``; the
+    U/S and R/W bits are the AND over every level, as the CPU combines them).
+    Without paging the flags are ``PTE.P | PTE.RW | PTE.US``.
     """
+    if isinstance(virt, bool) or not isinstance(virt, int):
+        raise TypeError(f"virt must be an int, not {type(virt).__name__}")
+    if not 0 <= virt <= _U64:
+        raise ValueError(f"virt={virt:#x} is not a 64-bit linear address")
     phys = as_phys(target)
     if not sregs.cr0 & CR0.PG:
-        return virt & 0xFFFFFFFF
+        return virt & 0xFFFFFFFF, int(PTE.P | PTE.RW | PTE.US)
     try:
         if sregs.efer & EFER.LMA:
-            r = _walk4(phys.read, sregs.cr3, virt)
-        elif sregs.cr4 & CR4.PAE:
-            r = _walk_pae(phys.read, sregs.cr3, virt)
-        else:
-            r = _walk2(phys.read, sregs.cr3, virt, bool(sregs.cr4 & CR4.PSE))
-    except ValueError:  # table outside the memory the host knows
+            return _walk_long(phys.read, sregs.cr3, virt, 5 if sregs.cr4 & CR4.LA57 else 4)
+        if sregs.cr4 & CR4.PAE:
+            return _walk_pae(phys.read, sregs.cr3, virt & 0xFFFFFFFF)
+        return _walk2(phys.read, sregs.cr3, virt, bool(sregs.cr4 & CR4.PSE))
+    except (ValueError, IndexError, struct.error):  # a table outside the memory the host knows
         return None
+
+
+def translate(target: Any, sregs: Any, virt: int) -> Optional[int]:
+    """The guest physical address of linear address *virt* under *sregs* (None if unmapped).
+
+    *target* is a ``Vm`` (or ``GuestMemory``) whose memory holds the tables;
+    *sregs* a ``kvm_sregs`` (only ``cr0``, ``cr3``, ``cr4`` and ``efer`` are
+    read).  Walks the tables the way the CPU does, for every paging mode:
+
+    * no paging (``CR0.PG`` clear): the low 32 bits are the physical address;
+    * 32-bit paging: 4 KiB pages, 4 MiB pages with ``CR4.PSE`` (PSE-36 bits);
+    * PAE: 4 KiB and 2 MiB pages;
+    * long mode (``EFER.LMA``): 4-level, or 5-level with ``CR4.LA57``;
+      4 KiB, 2 MiB and 1 GiB pages; a non-canonical address is not mapped.
+
+    Permissions are not checked (a debugger may read supervisor pages; use
+    :func:`walk` for the flags).  Entries in memory the host cannot read
+    count as not mapped.  *virt* outside ``[0, 2**64)`` raises ValueError.
+    """
+    r = walk(target, sregs, virt)
     return None if r is None else r[0]
 
 

@@ -4,7 +4,8 @@ The guest runs in 64-bit mode at CPL0 (the test debugs code that KVM's
 instruction emulator runs on PVM hosts, where CPL3 code cannot be stepped).
 It prints ``"hello gdb: "`` (a string at guest *virtual* 0x400000, which the
 page tables map to guest physical 0x100000; virtual 0x401000 maps to
-physical 0x180000), then the digit ``'0' + rbx``
+physical 0x180000; virtual 0x402000 is a second name of physical 0x100000),
+then the digit ``'0' + rbx``
 (rbx = 5), then ``" and bye\\n"`` (virtual 0x400010), and writes 0 to port
 0xf4.  A debugger that sets ``rbx`` at ``BP_HERE`` changes the digit; one that
 writes guest memory at 0x400011 changes the second string.  ``SPIN`` is an
@@ -16,18 +17,20 @@ instruction.
 
 from __future__ import annotations
 
-import struct
 import threading
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import pykvm
+from pykvm import x86
 from pykvm.gdbstub import Exited, GdbStub, SessionEnd
 
 CODE = 0x10000
-PML4, PDPT, PD, PT = 0x1000, 0x2000, 0x3000, 0x4000
+ARENA, ARENA_SIZE = 0x1000, 0xD000     # GDT, TSS, page tables (pykvm.x86.setup_long_mode)
 DATA_VA, DATA_PA = 0x400000, 0x100000
 DATA_PA2 = 0x180000           # physical page behind virtual 0x401000
-STACK_TOP = 0x8000
+ALIAS_VA = 0x402000           # a second virtual address of the DATA_PA page
+CODE_ALIAS = 0x403000         # a second virtual address of the code page
+STACK_TOP = 0xF000
 PORT_OUT, PORT_EXIT = 0x3F8, 0xF4
 
 _LISTING = [
@@ -64,33 +67,26 @@ EXPECTED = b"hello gdb: 5 and bye\n"
 
 
 def build_guest(kvm: pykvm.Kvm, *, entry: int = CODE, cpl: int = 0) -> pykvm.Vm:
-    """A VM (2 MiB RAM, no irqchip) whose vCPU 0 starts at *entry* at privilege level *cpl*."""
+    """A VM (2 MiB RAM, no irqchip) whose vCPU 0 starts at *entry* at privilege level *cpl*.
+
+    Long mode by :func:`pykvm.x86.setup_long_mode`: the low 2 MiB identity
+    mapped, plus four 4 KiB pages: DATA_VA -> DATA_PA, DATA_VA + 0x1000 ->
+    DATA_PA2, ALIAS_VA -> DATA_PA again and CODE_ALIAS -> CODE.
+    """
     vm = kvm.create_vm()
     try:
-        mem = vm.add_memory(0, 0x200000)
-        u = 4 if cpl == 3 else 0
-        mem.write(PML4, struct.pack("<Q", PDPT | 3 | u))
-        mem.write(PDPT, struct.pack("<Q", PD | 3 | u))
-        mem.write(PD, struct.pack("<QQQ", 0x83 | u, 0, PT | 3 | u))   # 0-2M: 2 MiB page; 4M-6M: PT
-        mem.write(PT, struct.pack("<QQ", DATA_PA | 3 | u, DATA_PA2 | 3 | u))
-        mem.write(CODE, GUEST_CODE)
-        mem.write(DATA_PA, b"hello gdb: \0")
-        mem.write(DATA_PA + 0x10, b" and bye\n\0")
+        vm.add_memory(0, 0x200000)
+        vm.write(CODE, GUEST_CODE)
+        vm.write(DATA_PA, b"hello gdb: \0")
+        vm.write(DATA_PA + 0x10, b" and bye\n\0")
         vcpu = vm.create_vcpu()
-        vcpu.set_cpuid2(kvm.supported_cpuid())
-        s = vcpu.get_sregs()
-        s.cr3, s.cr4, s.cr0, s.efer = PML4, 0x620, 0x80000033, 0x500
-        for name, idx, typ in (("cs", 1, 11), ("ds", 2, 3), ("es", 2, 3), ("fs", 2, 3),
-                               ("gs", 2, 3), ("ss", 2, 3)):
-            sg = getattr(s, name)
-            sg.base, sg.limit, sg.type = 0, 0xFFFFFFFF, typ
-            sg.selector = (idx + (2 if cpl else 0)) << 3 | cpl
-            sg.present, sg.dpl, sg.s, sg.g = 1, cpl, 1, 1
-            sg.l, sg.db = (1, 0) if name == "cs" else (0, 1)
-        vcpu.set_sregs(s)
-        r = vcpu.get_regs()
-        r.rip, r.rsp, r.rflags = entry, STACK_TOP, 0x3002 if cpl == 3 else 0x2
-        vcpu.set_regs(r)
+        x86.setup_cpuid(kvm, vcpu)
+        user = cpl == 3
+        lm = x86.setup_long_mode(vcpu, x86.Arena(vm, ARENA, ARENA_SIZE), entry=entry,
+                                 stack=STACK_TOP, cpl=cpl, identity=(0, 0x200000), user=user)
+        for va, pa in ((DATA_VA, DATA_PA), (DATA_VA + 0x1000, DATA_PA2), (ALIAS_VA, DATA_PA),
+                       (CODE_ALIAS, CODE)):
+            lm.page_tables.map(va, pa, 0x1000, page_size=x86.PAGE_4K, user=user)
     except BaseException:
         vm.close()
         raise
@@ -100,24 +96,33 @@ def build_guest(kvm: pykvm.Kvm, *, entry: int = CODE, cpl: int = 0) -> pykvm.Vm:
 class ServedGuest:
     """Serve *vm*'s vCPU 0 with a :class:`GdbStub` from a background thread.
 
-    ``output`` collects what the guest prints; ``result`` is the
-    :class:`SessionEnd` once ``serve()`` returned (``join()`` waits for it).
-    A watchdog closes the stub (and so kicks the vCPU) after *timeout* seconds.
+    ``output`` collects what the guest prints; ``results`` the
+    :class:`SessionEnd` of each session (``join()`` waits for the last one).
+    The thread serves up to *sessions* sessions, one after the other.
+    *stub_args* go to :class:`GdbStub` (``port=``, ``token=``, ``path=``);
+    ``address`` is where to connect.  A watchdog closes the stub (which ends
+    a session and kicks a running vCPU) after *timeout* seconds.
     """
 
-    def __init__(self, vm: pykvm.Vm, timeout: float = 30.0, log: Optional[List[str]] = None) -> None:
+    def __init__(self, vm: pykvm.Vm, timeout: float = 30.0, log: Optional[List[str]] = None,
+                 sessions: int = 1, **stub_args: Any) -> None:
         self.vm = vm
         self.output = bytearray()
-        self.result: Optional[SessionEnd] = None
+        self.results: List[SessionEnd] = []
         self.error: Optional[BaseException] = None
+        self.sessions = sessions
         self.stub = GdbStub(vm.vcpus[0], on_exit=self._on_exit,
-                            log=(log.append if log is not None else None))
-        self.port = self.stub.port
+                            log=(log.append if log is not None else None), **stub_args)
+        self.address = self.stub.address
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._watchdog = threading.Timer(timeout, self.stub.close)
         self._watchdog.daemon = True
 
-    def _on_exit(self, ex):
+    @property
+    def result(self) -> Optional[SessionEnd]:
+        return self.results[-1] if self.results else None
+
+    def _on_exit(self, ex: pykvm.Exit) -> Optional[Exited]:
         if isinstance(ex, pykvm.IoOut) and ex.port == PORT_OUT:
             self.output += ex.data
             return None
@@ -127,7 +132,11 @@ class ServedGuest:
 
     def _serve(self) -> None:
         try:
-            self.result = self.stub.serve(accept_timeout=30)
+            for _ in range(self.sessions):
+                end = self.stub.serve(accept_timeout=30)
+                self.results.append(end)
+                if end.reason == "closed":
+                    break
         except BaseException as e:  # reported by join()
             self.error = e
 
@@ -142,10 +151,15 @@ class ServedGuest:
             raise AssertionError("the stub did not finish")
         if self.error is not None:
             raise self.error
-        assert self.result is not None
-        return self.result
+        assert self.results
+        return self.results[-1]
 
-    def __exit__(self, *exc) -> None:
+    @property
+    def alive(self) -> bool:
+        """The serving thread still runs (no exception escaped the stub)."""
+        return self._thread.is_alive()
+
+    def __exit__(self, *exc: object) -> None:
         self._watchdog.cancel()
         self.stub.close()
         self._thread.join(10)

@@ -1,0 +1,73 @@
+"""Just enough of gdb's side of the remote protocol to test the stub directly."""
+
+from __future__ import annotations
+
+import socket
+from typing import List, Tuple, Union
+
+from pykvm.gdbstub import REGISTERS
+
+
+class Client:
+    """Just enough of gdb's side of the protocol (ack mode) to test the stub directly."""
+
+    def __init__(self, address: Union[str, Tuple[str, int]], timeout: float = 20) -> None:
+        if isinstance(address, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
+        else:
+            self.sock = socket.create_connection(address, timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.console: List[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _byte(self) -> int:
+        while not self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("stub closed the connection")
+            self.buf += chunk
+        b, self.buf = self.buf[0], self.buf[1:]
+        return b
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, payload: bytes) -> None:
+        self.send_raw(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
+        assert self._byte() == ord("+")
+
+    def recv(self) -> bytes:
+        while True:
+            while self._byte() != ord("$"):
+                pass
+            body = bytearray()
+            while (c := self._byte()) != ord("#"):
+                body.append(c)
+            cs = bytes([self._byte(), self._byte()])
+            assert int(cs, 16) == sum(body) & 0xFF, "bad checksum from the stub"
+            try:
+                self.send_raw(b"+")
+            except OSError:                    # the stub may close right after its last reply
+                pass
+            if body.startswith(b"O") and body != b"OK":
+                self.console.append(bytes.fromhex(body[1:].decode()).decode())
+                continue
+            return bytes(body)
+
+    def cmd(self, payload: bytes) -> bytes:
+        self.send(payload)
+        return self.recv()
+
+    def reg(self, name: str) -> int:
+        n = [r for r, _ in REGISTERS].index(name)
+        return int.from_bytes(bytes.fromhex(self.cmd(b"p%x" % n).decode()), "little")
+
+    def set_reg(self, name: str, value: int) -> None:
+        n = [r for r, _ in REGISTERS].index(name)
+        size = REGISTERS[n][1]
+        assert self.cmd(b"P%x=" % n + value.to_bytes(size, "little").hex().encode()) == b"OK"
