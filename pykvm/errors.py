@@ -54,13 +54,13 @@ class KvmClosedError(KvmError, ValueError):
 class KvmInheritedError(KvmClosedError):
     """The object was inherited across ``fork()``: it belongs to the parent process.
 
-    Its ioctls are refused before any syscall (KVM would answer EIO: a VM
+    Its ioctls are refused with EIO before any syscall (what KVM answers: a VM
     serves only the process that created it); ``close()`` gives up the child's
     copy of the fd number and nothing else.
     """
 
     def __init__(self, what: str, ioctl: str = "operation") -> None:
-        KvmError.__init__(self, _errno.EBADF, ioctl,
+        KvmError.__init__(self, _errno.EIO, ioctl,
                           f"the {what} was inherited across fork(): it belongs to the parent process "
                           f"(create a new VM in the child; close() here only drops the inherited fd)")
 
