@@ -296,8 +296,6 @@ class DirtyRing(SingleOwner):
             raise KvmError(e.errno, "mmap(vcpu fd, KVM_DIRTY_LOG_PAGE_OFFSET)",
                            "the dirty ring is not enabled on this VM, or the size is wrong") from None
         self._mm = mm
-        self._u32 = memoryview(mm).cast("I")   # 4 words per entry: flags, slot, offset lo/hi
-        self._u64 = memoryview(mm).cast("Q")   # 2 words per entry: (flags, slot), offset
 
     def __repr__(self) -> str:
         state = "closed" if self._mm is None else f"{self.entries} entries, next={self._next}"
@@ -309,15 +307,16 @@ class DirtyRing(SingleOwner):
         return self._mm is None
 
     def _count(self, limit: int) -> int:
-        """How many entries from ``_next`` on are DIRTY (at most *limit*): flags only."""
-        if self._mm is None:
+        """How many entries from ``_next`` on are DIRTY (at most *limit*): reads flags only."""
+        mm = self._mm
+        if mm is None:
             raise KvmClosedError("dirty ring", "harvest")
-        u32, mask, n = self._u32, self._mask, 0
-        chunk = 256
+        mask, n, chunk = self._mask, 0, 256
         while n < limit:
             i = (self._next + n) & mask
             k = min(chunk, limit - n, self.entries - i)  # never across the ring's end
-            lows = u32[4 * i:4 * (i + k):4].tobytes()[0::4].translate(_DIRTY_BIT)
+            # One contiguous copy; byte 0 of each 16-byte entry is the flags' low byte.
+            lows = mm[_GFN_SIZE * i:_GFN_SIZE * (i + k):_GFN_SIZE].translate(_DIRTY_BIT)
             j = lows.find(0)
             if j >= 0:
                 return n + j
@@ -339,17 +338,22 @@ class DirtyRing(SingleOwner):
         them again.  Call ``vm.reset_dirty_rings()`` afterwards so KVM can
         reuse the entries.
         """
-        n = self._count(self.entries)   # flags first (acquire: x86 loads are ordered)
+        n = self._count(self.entries)   # flags first (acquire: x86 loads are not reordered)
+        mm = self._mm
+        assert mm is not None
         slots, offsets = array.array("I"), array.array("Q")
-        u32, u64, mask = self._u32, self._u64, self._mask
         done = 0
         while done < n:
-            i = (self._next + done) & mask
+            i = (self._next + done) & self._mask
             k = min(n - done, self.entries - i)
-            slots.frombytes(u32[4 * i + 1:4 * (i + k):4].tobytes())
-            offsets.frombytes(u64[2 * i + 1:2 * (i + k):2].tobytes())
-            if reset:   # release: after the reads above (x86 stores are not reordered with older loads)
-                u32[4 * i:4 * (i + k):4] = array.array("I", (_F_RESET,)) * k
+            lo, hi = _GFN_SIZE * i, _GFN_SIZE * (i + k)
+            raw = mm[lo:hi]            # read after the flags above: their data is complete
+            words = array.array("I", raw)
+            slots.extend(words[1::4])
+            offsets.frombytes(array.array("Q", raw)[1::2].tobytes())
+            if reset:   # release: after every read above (x86 keeps stores after older loads)
+                words[0::4] = array.array("I", (_F_RESET,)) * k
+                mm[lo:hi] = words.tobytes()   # these entries are ours until KVM_RESET_DIRTY_RINGS
             done += k
         if reset:
             self._next += n
@@ -359,8 +363,6 @@ class DirtyRing(SingleOwner):
         """Unmap the ring (idempotent)."""
         mm, self._mm = self._mm, None
         if mm is not None:
-            self._u32.release()
-            self._u64.release()
             mm.close()
 
     def __enter__(self) -> "DirtyRing":
