@@ -74,6 +74,8 @@ _BIT_OFFSETS = tuple(tuple(i for i in range(8) if b >> i & 1) for b in range(256
 
 def _trim(data: bytes, npages: Optional[int]) -> Tuple[bytes, int]:
     """*data* cut to the bytes of *npages* bits, bits beyond it cleared; and the bit count."""
+    if npages is not None:
+        _uint("npages", npages, KVM_MEM_MAX_NR_PAGES)
     total = len(data) * 8 if npages is None else min(npages, len(data) * 8)
     data = data[:(total + 7) // 8]
     if total % 8:
