@@ -22,17 +22,17 @@ A guest in a few lines::
 """
 
 from . import exits, uapi
-from .errors import KvmClosedError, KvmError, KvmUnavailable
+from .errors import KvmClosedError, KvmError, KvmInheritedError, KvmUnavailable
 from .exits import (
     Debug, Exit, FailEntry, Hlt, Hypercall, InternalError, Interrupted, IoIn, IoOut,
     IrqWindowOpen, MemoryFault, MmioRead, MmioWrite, Shutdown, SystemEvent, TprAccess, Unknown,
     X86Rdmsr, X86Wrmsr,
 )
-from .memory import GuestMemory
 from .system import Kvm
 from .uapi.enums import Cap, ExitReason
 from .vcpu import Vcpu
 from .vm import Vm
+from .vm.memory import GuestMemory
 
 __version__ = "0.1.0"
 
@@ -41,13 +41,13 @@ _LAZY = ("probe", "stats", "x86", "device", "dirty", "snapshot", "gdbstub")
 
 
 _LAZY_NAMES = {
-    "EventFd": "eventfd", "Device": "device", "DeviceType": "device", "GuestMemfd": "gmem",
-    "DirtyRing": "dirty", "CoalescedRing": "coalesced", "MsrFilterRange": "vm",
-    "Stats": "stats",
+    "EventFd": "vm.eventfd", "Device": "device", "DeviceType": "device", "GuestMemfd": "vm.memory",
+    "DirtyRing": "vm.dirty", "DirtyPages": "vm.dirty", "CoalescedRing": "vm.coalesced",
+    "MsrFilterRange": "vm.msr_filter", "Stats": "stats",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     import importlib
 
     if name in _LAZY:
@@ -58,7 +58,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Kvm", "Vm", "Vcpu", "GuestMemory", "Cap", "ExitReason",
-    "KvmError", "KvmUnavailable", "KvmClosedError",
+    "KvmError", "KvmUnavailable", "KvmClosedError", "KvmInheritedError",
     "Exit", "IoOut", "IoIn", "MmioWrite", "MmioRead", "Hlt", "Shutdown", "FailEntry",
     "InternalError", "SystemEvent", "Hypercall", "Debug", "Interrupted", "X86Rdmsr",
     "X86Wrmsr", "MemoryFault", "IrqWindowOpen", "TprAccess", "Unknown", "exits", "uapi",

@@ -8,6 +8,8 @@ argument, before any ioctl is issued.
 
 from __future__ import annotations
 
+import ctypes
+
 U8 = 0xFF
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
@@ -33,3 +35,19 @@ def expect(obj: object, cls: type) -> None:
     """Raise TypeError unless *obj* is a *cls* (a ctypes struct, usually)."""
     if not isinstance(obj, cls):
         raise TypeError(f"expected {cls.__name__}, got {type(obj).__name__}")
+
+
+def flex_fits(buf: ctypes.Structure, count_field: str, array_field: str) -> None:
+    """Raise ValueError unless ``buf.<count_field>`` entries of ``buf.<array_field>`` lie inside *buf*.
+
+    For structures that end in a flexible array (``kvm_cpuid2.nent``,
+    ``kvm_msrs.nmsrs``, ``kvm_irq_routing.nr`` ...): the kernel trusts the
+    count and reads or writes that many entries, so a count larger than the
+    buffer would make it touch the host heap beyond the Python object.
+    """
+    n = getattr(buf, count_field)
+    field = getattr(type(buf), array_field)
+    entry = ctypes.sizeof(getattr(buf, array_field)._type_)
+    room = (ctypes.sizeof(buf) - field.offset) // entry
+    if not 0 <= n <= room:
+        raise ValueError(f"{type(buf).__name__}.{count_field}={n} but the buffer holds {room} entries")

@@ -6,7 +6,8 @@ attributes*: ``(group, attr)`` pairs whose meaning is defined per device type
 (``Documentation/virt/kvm/devices/*.rst``); ``addr`` points to user memory
 holding the value (usually a ``__u64``, for VFIO an ``__s32`` fd).
 
-With ``test=True`` (``KVM_CREATE_DEVICE_TEST``) KVM only says whether it could
+``DeviceAttrs`` (the attribute ioctls) lives in :mod:`pykvm.fd` and is
+re-exported here.  With ``test=True`` (``KVM_CREATE_DEVICE_TEST``) KVM only says whether it could
 create the type, and creates nothing.
 
 On x86 the only device type is ``KVM_DEV_TYPE_VFIO`` (present when the kernel
@@ -15,15 +16,10 @@ has ``CONFIG_KVM_VFIO``); the others belong to other architectures.
 
 from __future__ import annotations
 
-import ctypes
 import enum
-import errno
-from typing import Union
+from typing import Optional
 
-from ._check import U32 as _U32, U64 as _U64, uint as _u
-from .fd import FdObject
-from .errors import KvmError
-from .uapi import ioctls as I
+from .fd import DeviceAttrs, FdObject
 from .uapi import structs as S
 
 __all__ = ["Device", "DeviceAttrs", "DeviceType", "device_type_name", "KVM_DEV_VFIO_FILE", "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL"]
@@ -61,72 +57,6 @@ def device_type_name(t: int) -> str:
         return f"KVM_DEV_TYPE_{t}?"
 
 
-class DeviceAttrs:
-    """``KVM_{HAS,SET,GET}_DEVICE_ATTR``, shared by every fd kind that has attributes.
-
-    Device fds, vCPU fds (``KVM_CAP_VCPU_ATTRIBUTES``: TSC control on x86) and
-    the system fd (``KVM_CAP_SYS_ATTRIBUTES``) take the same ``kvm_device_attr``;
-    the meaning of *(group, attr)* depends on the fd.  Subclasses provide
-    ``_ioctl`` (:class:`~pykvm.fd.FdObject`).
-    """
-
-    #: errnos for which ``has_device_attr`` answers False instead of raising
-    _ATTR_ABSENT: tuple = (errno.ENXIO,)
-
-    def _attr(self, group: int, attr: int, addr: int = 0, flags: int = 0) -> S.kvm_device_attr:
-        return S.kvm_device_attr(flags=_u("flags", flags, _U32), group=_u("group", group, _U32),
-                                 attr=_u("attr", attr, _U64), addr=addr)
-
-    def has_device_attr(self, group: int, attr: int) -> bool:
-        """``KVM_HAS_DEVICE_ATTR``: does the device know attribute *(group, attr)*?
-
-        KVM answers 0 (yes) or ENXIO (no); any other error is raised.
-        """
-        try:
-            self._ioctl(I.KVM_HAS_DEVICE_ATTR, self._attr(group, attr))
-            return True
-        except KvmError as e:
-            if e.errno in self._ATTR_ABSENT:
-                return False
-            raise
-
-    def set_device_attr(self, group: int, attr: int,
-                        value: Union[int, bytes, bytearray, ctypes._SimpleCData, ctypes.Structure, None] = None,
-                        *, flags: int = 0) -> None:
-        """``KVM_SET_DEVICE_ATTR``: write attribute *(group, attr)*.
-
-        *value* is what ``addr`` points to: an int is passed as a ``__u64``,
-        ``bytes``/ctypes objects as they are (e.g. ``ctypes.c_int32(fd)`` for
-        ``KVM_DEV_VFIO_FILE_ADD``), ``None`` passes ``addr = 0``.  KVM refuses
-        with ENXIO an attribute the device does not know, EPERM one it cannot set.
-        """
-        keep, addr = _buffer(value)
-        self._ioctl(I.KVM_SET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
-        del keep
-
-    def get_device_attr(self, group: int, attr: int,
-                        value: Union[ctypes._SimpleCData, ctypes.Structure, bytearray, None] = None,
-                        *, flags: int = 0) -> Union[int, ctypes._SimpleCData, ctypes.Structure, bytearray]:
-        """``KVM_GET_DEVICE_ATTR``: read attribute *(group, attr)*.
-
-        KVM writes the value to ``addr``: by default into a ``__u64`` whose
-        value is returned as an int; pass a ctypes object or ``bytearray`` of
-        the attribute's size to get it filled and returned instead.  Devices
-        without a read accessor (VFIO) answer EPERM, unknown attributes ENXIO.
-        """
-        if value is None:
-            out = ctypes.c_uint64()
-            self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, ctypes.addressof(out), flags))
-            return out.value
-        if isinstance(value, (bytes, int)):
-            raise TypeError("get_device_attr needs a writable buffer (ctypes object or bytearray), not "
-                            f"{type(value).__name__}")
-        keep, addr = _buffer(value)
-        self._ioctl(I.KVM_GET_DEVICE_ATTR, self._attr(group, attr, addr, flags))
-        del keep
-        return value
-
-
 class Device(DeviceAttrs, FdObject):
     """An in-kernel device: the fd returned by ``KVM_CREATE_DEVICE``.
 
@@ -136,7 +66,7 @@ class Device(DeviceAttrs, FdObject):
 
     _what = "device"
 
-    def __init__(self, fd: int, dev_type: int, vm=None) -> None:
+    def __init__(self, fd: int, dev_type: int, vm: Optional[object] = None) -> None:
         super().__init__(fd)
         self.type = dev_type
         self.vm = vm
@@ -148,25 +78,3 @@ class Device(DeviceAttrs, FdObject):
     has_attr = DeviceAttrs.has_device_attr
     set_attr = DeviceAttrs.set_device_attr
     get_attr = DeviceAttrs.get_device_attr
-
-
-def _buffer(value) -> tuple:
-    """(object to keep alive, address) for a device attribute value."""
-    if value is None:
-        return None, 0
-    if isinstance(value, bool):
-        raise TypeError("attribute value must be an int, bytes or a ctypes object, not bool")
-    if isinstance(value, int):
-        buf = ctypes.c_uint64(_u("value", value, _U64))
-        return buf, ctypes.addressof(buf)
-    if isinstance(value, bytes):
-        buf = ctypes.create_string_buffer(value, len(value))
-        return buf, ctypes.addressof(buf)
-    if isinstance(value, bytearray):
-        buf = (ctypes.c_char * len(value)).from_buffer(value)
-        return buf, ctypes.addressof(buf)
-    if isinstance(value, (ctypes._SimpleCData, ctypes.Structure, ctypes.Union, ctypes.Array)):
-        return value, ctypes.addressof(value)
-    raise TypeError(f"attribute value must be an int, bytes, bytearray or a ctypes object, "
-                    f"not {type(value).__name__}")
-

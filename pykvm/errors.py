@@ -10,7 +10,7 @@ import errno as _errno
 import os
 from typing import Optional
 
-__all__ = ["KvmError", "KvmUnavailable", "KvmClosedError", "hint_for"]
+__all__ = ["KvmError", "KvmUnavailable", "KvmClosedError", "KvmInheritedError", "hint_for", "HINTS"]
 
 
 class KvmError(OSError):
@@ -51,8 +51,25 @@ class KvmClosedError(KvmError, ValueError):
         super().__init__(_errno.EBADF, ioctl, f"the {what} is closed")
 
 
-# (ioctl, errno) -> hint; None as ioctl means "any ioctl".
-_HINTS = {
+class KvmInheritedError(KvmClosedError):
+    """The object was inherited across ``fork()``: it belongs to the parent process.
+
+    Its ioctls are refused with EIO before any syscall (what KVM answers: a VM
+    serves only the process that created it); ``close()`` gives up the child's
+    copy of the fd number and nothing else.
+    """
+
+    def __init__(self, what: str, ioctl: str = "operation") -> None:
+        KvmError.__init__(self, _errno.EIO, ioctl,
+                          f"the {what} was inherited across fork(): it belongs to the parent process "
+                          f"(create a new VM in the child; close() here only drops the inherited fd)")
+
+
+_NO_LAPIC = "this vCPU has no in-kernel LAPIC: call vm.create_irq_chip() before creating vCPUs"
+
+#: The one table of likely causes: (ioctl name, errno) -> hint; ``None`` as the
+#: name means "any ioctl".  A specific entry wins over the generic one.
+HINTS = {
     (None, _errno.ENOTTY): "this kernel or this fd kind does not know the ioctl (check the capability)",
     (None, _errno.EBADF): "the fd is not open (was the object closed?)",
     (None, _errno.EFAULT): "the kernel could not read or write the argument buffer",
@@ -101,9 +118,59 @@ _HINTS = {
     ("KVM_REINJECT_CONTROL", _errno.ENXIO): "the VM has no in-kernel PIT (create_pit2 first)",
     ("KVM_CREATE_DEVICE", _errno.ENODEV): "this host's KVM does not know that device type",
     ("KVM_SET_BOOT_CPU_ID", _errno.EBUSY): "set the boot CPU before creating any vCPU",
+    ("KVM_X86_SET_MSR_FILTER", _errno.EINVAL): "bad flags, an empty range, or a range's bitmap too large",
+    ("KVM_SET_GSI_ROUTING", _errno.EINVAL): "more entries than KVM_CAP_IRQ_ROUTING, or a bad entry (type, pin, flags)",
+    ("KVM_CLEAR_DIRTY_LOG", _errno.EINVAL): "first_page/num_pages not multiples of 64 or outside the slot",
+    ("KVM_CLEAR_DIRTY_LOG", _errno.ENOENT): "the slot was not created with KVM_MEM_LOG_DIRTY_PAGES",
+    # vCPU ioctls (formerly pykvm.vcpu._VCPU_HINTS, keyed by request number)
+    ("KVM_GET_LAPIC", _errno.EINVAL): _NO_LAPIC,
+    ("KVM_SET_LAPIC", _errno.EINVAL): _NO_LAPIC,
+    ("KVM_SET_VAPIC_ADDR", _errno.EINVAL): _NO_LAPIC,
+    ("KVM_SET_MP_STATE", _errno.EINVAL):
+        "unknown state, or no in-kernel irqchip (then only KVM_MP_STATE_RUNNABLE is accepted)",
+    ("KVM_INTERRUPT", _errno.ENXIO):
+        "the VM has an in-kernel irqchip: raise interrupts through it (IRQ lines, MSIs), not KVM_INTERRUPT",
+    ("KVM_PRE_FAULT_MEMORY", _errno.EOPNOTSUPP):
+        "KVM uses shadow paging here (no EPT/NPT): nothing to pre-fault (KVM_CAP_PRE_FAULT_MEMORY is 0)",
+    ("KVM_GET_NESTED_STATE", _errno.EINVAL):
+        "no nested virtualization on this host (KVM_CAP_NESTED_STATE is 0), or the buffer is too small",
+    ("KVM_SET_NESTED_STATE", _errno.EINVAL):
+        "no nested virtualization on this host (KVM_CAP_NESTED_STATE is 0), or an inconsistent state",
+    ("KVM_SMI", _errno.ENOTTY): "this KVM has no SMM support (KVM_CAP_X86_SMM is 0)",
+    ("KVM_SET_TSC_KHZ", _errno.EINVAL):
+        "without TSC scaling (KVM_CAP_TSC_CONTROL) the guest rate cannot be below the host's",
+    ("KVM_SET_XCRS", _errno.EINVAL):
+        "XCR0 needs bit 0 (x87) and only components the guest's CPUID leaf 0xD allows (set_cpuid2 first)",
+    ("KVM_SET_CPUID2", _errno.EINVAL): "bad entries, or the vCPU has run already (its CPUID is then fixed)",
+    ("KVM_SET_CPUID", _errno.EINVAL): "bad entries, or the vCPU has run already (its CPUID is then fixed)",
+    ("KVM_GET_ONE_REG", _errno.EINVAL):
+        "unknown register id (x86: KVM_X86_REG_MSR(index) of an MSR KVM handles, 64-bit size)",
+    ("KVM_SET_ONE_REG", _errno.EINVAL):
+        "unknown register id or value refused (x86: KVM_X86_REG_MSR(index), 64-bit size)",
+    ("KVM_X86_SETUP_MCE", _errno.EINVAL):
+        "bank count must be 1..32 and the other bits within Kvm.mce_cap_supported()",
+    ("KVM_X86_SET_MCE", _errno.EINVAL):
+        "bank beyond setup_mce's count (or no setup_mce yet), or MCi_STATUS.VAL (bit 63) clear",
+    ("KVM_SET_SREGS2", _errno.EINVAL):
+        "PDPTRS_VALID outside PAE paging, unknown flags, or inconsistent control registers",
+    ("KVM_SET_GUEST_DEBUG", _errno.EBUSY): "an exception is already pending: run the vCPU first",
+    ("KVM_GET_SUPPORTED_HV_CPUID", _errno.EINVAL):
+        "KVM was built without Hyper-V emulation (KVM_CAP_HYPERV_CPUID is 0)",
+    ("KVM_XEN_VCPU_GET_ATTR", _errno.EINVAL):
+        "no Xen emulation (KVM_CAP_XEN_HVM is 0) or Xen not configured on the VM",
+    ("KVM_XEN_VCPU_SET_ATTR", _errno.EINVAL):
+        "no Xen emulation (KVM_CAP_XEN_HVM is 0) or Xen not configured on the VM",
+    ("KVM_GET_DEVICE_ATTR", _errno.ENXIO):
+        "unknown attribute of this fd (x86 vCPU: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+    ("KVM_SET_DEVICE_ATTR", _errno.ENXIO):
+        "unknown attribute of this fd (x86 vCPU: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+    ("KVM_GET_XSAVE", _errno.EINVAL): "the guest's XSAVE state is larger than 4 KiB: use get_xsave2()",
+    ("KVM_SET_VCPU_EVENTS", _errno.EINVAL):
+        "invalid event state (an exception vector above 31, SMM fields without SMM support ...)",
 }
+_HINTS = HINTS  # old private name
 
 
 def hint_for(ioctl: str, err: int) -> Optional[str]:
     """The likely cause of *err* from *ioctl*, if pykvm knows one."""
-    return _HINTS.get((ioctl, err)) or _HINTS.get((None, err))
+    return HINTS.get((ioctl, err)) or HINTS.get((None, err))

@@ -31,7 +31,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .fd import FdObject, ioctl
 from .errors import KvmError
@@ -154,6 +154,12 @@ class Stats(FdObject):
         self.descriptors: Tuple[StatDesc, ...] = tuple(descs)
         self._by_name: Dict[str, StatDesc] = {d.name: d for d in descs}
         self.data_size: int = max((d.offset + 8 * d.size for d in descs), default=0)
+        if any(d.offset % 8 for d in descs):
+            raise KvmError(errno.EINVAL, "KVM_GET_STATS_FD", "a statistic's offset is not a multiple of 8")
+        self._words = struct.Struct(f"={self.data_size // 8}Q")
+        # name, first word, word count (None: a plain counter) -- decoded once, used by every read()
+        self._layout: Tuple[Tuple[str, int, Optional[int]], ...] = tuple(
+            (d.name, d.offset // 8, None if d.size == 1 and not d.is_histogram else d.size) for d in descs)
 
     def __repr__(self) -> str:
         ident = getattr(self, "id", "?")
@@ -184,7 +190,7 @@ class Stats(FdObject):
         n = self.data_size
         if n == 0:
             return ()
-        return struct.unpack(f"={n // 8}Q", self._pread(n, self.header.data_offset))
+        return self._words.unpack(self._pread(n, self.header.data_offset))
 
     @staticmethod
     def _value(d: StatDesc, words: Sequence[int], base: int = 0) -> Union[int, List[int]]:
@@ -197,7 +203,8 @@ class Stats(FdObject):
         """All values now: ``{name: int}``, or ``{name: [buckets...]}`` for histograms
         (and any statistic whose ``size`` is not 1)."""
         words = self.read_raw()
-        return {d.name: self._value(d, words) for d in self.descriptors}
+        return {name: words[i] if size is None else list(words[i:i + size])
+                for name, i, size in self._layout}
 
     def __getitem__(self, name: str) -> Union[int, List[int]]:
         """The value of one statistic, read now (a list for histograms)."""

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
 from .host import diagnose
 from ._check import U32 as _U32, uint as _uint
-from .fd import FdObject, ioctl
-from .device import DeviceAttrs
+from .fd import CheckExtension, DeviceAttrs, FdObject, grow_on_e2big, ioctl
+from ._check import flex_fits
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
 from .uapi.enums import Cap
@@ -29,9 +29,19 @@ __all__ = ["Kvm", "KVM_API_VERSION"]
 
 KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
+_MAX_MSR_LIST = 1 << 16
 
 
-class Kvm(DeviceAttrs, FdObject):
+def _msrs_buffer(indices: List[int]) -> S.kvm_msrs:
+    # A local builder until the vCPU layer offers a public one (pykvm.vcpu
+    # owns the kvm_msrs helpers); *indices* are already checked u32 values.
+    buf = S.flex(S.kvm_msrs, len(indices))
+    for k, i in enumerate(indices):
+        buf.entries[k].index = i
+    return buf
+
+
+class Kvm(CheckExtension, DeviceAttrs, FdObject):
     """An open ``/dev/kvm`` (``O_RDWR | O_CLOEXEC``).
 
     Raises :class:`~pykvm.errors.KvmUnavailable` with a hint when the path is
@@ -97,10 +107,6 @@ class Kvm(DeviceAttrs, FdObject):
         """``KVM_GET_API_VERSION``: always 12 on any kernel pykvm accepts."""
         return self._ioctl(I.KVM_GET_API_VERSION)
 
-    def check_extension(self, cap: int) -> int:
-        """``KVM_CHECK_EXTENSION``: 0 if *cap* is absent, else a cap-specific value."""
-        return self._ioctl(I.KVM_CHECK_EXTENSION, _uint("cap", cap, _U32))
-
     @property
     def vcpu_mmap_size(self) -> int:
         """``KVM_GET_VCPU_MMAP_SIZE``: bytes to map from each vCPU fd."""
@@ -133,17 +139,13 @@ class Kvm(DeviceAttrs, FdObject):
 
     # -- CPUID -------------------------------------------------------------------
     def _get_cpuid(self, request: int) -> List[S.kvm_cpuid_entry2]:
-        n = 128
-        while True:
+        def attempt(n: int) -> List[S.kvm_cpuid_entry2]:
             buf = S.flex(S.kvm_cpuid2, n)
-            try:
-                self._ioctl(request, buf)
-            except KvmError as e:
-                if e.errno == errno.E2BIG and n < _MAX_CPUID_ENTRIES:
-                    n *= 2
-                    continue
-                raise
+            self._ioctl(request, buf)
+            flex_fits(buf, "nent", "entries")  # KVM never raises nent; check before reading
             return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+        return grow_on_e2big(attempt, 128, _MAX_CPUID_ENTRIES)
 
     def supported_cpuid(self) -> List[S.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can give a guest.
@@ -163,24 +165,22 @@ class Kvm(DeviceAttrs, FdObject):
 
     # -- MSRs ----------------------------------------------------------------------
     def _msr_list(self, request: int) -> List[int]:
-        probe = S.flex(S.kvm_msr_list, 0)
-        try:
-            self._ioctl(request, probe)
-            n = probe.nmsrs
-        except KvmError as e:
-            if e.errno != errno.E2BIG:
-                raise
-            n = probe.nmsrs
-        while True:
+        # KVM answers E2BIG with the count it needs in nmsrs; the list may also
+        # grow between calls, so the buffer grows until it fits.
+        needed = [0]
+
+        def attempt(n: int) -> List[int]:
             buf = S.flex(S.kvm_msr_list, n)
             try:
                 self._ioctl(request, buf)
-            except KvmError as e:  # list grew in between: retry bigger
-                if e.errno == errno.E2BIG and n < 1 << 16:
-                    n = max(buf.nmsrs, n * 2)
-                    continue
+            except KvmError:
+                needed[0] = buf.nmsrs
                 raise
+            flex_fits(buf, "nmsrs", "indices")
             return list(buf.indices[: buf.nmsrs])
+
+        return grow_on_e2big(attempt, 0, _MAX_MSR_LIST,
+                             lambda n: min(max(needed[0], n * 2, 1), _MAX_MSR_LIST))
 
     def msr_index_list(self) -> List[int]:
         """``KVM_GET_MSR_INDEX_LIST``: MSRs a VMM can save/restore with GET/SET_MSRS."""
@@ -196,11 +196,11 @@ class Kvm(DeviceAttrs, FdObject):
         Returns ``{index: value}`` for the MSRs the kernel read; it stops at the
         first one it cannot read, so missing keys were not readable.
         """
-        from .vcpu import _msrs_buffer
-
         indices = [_uint("MSR index", i, _U32) for i in indices]
         buf = _msrs_buffer(indices)
         n = self._ioctl(I.KVM_GET_MSRS, buf)
+        if not 0 <= n <= len(indices):  # KVM returns how many it read
+            raise KvmError(errno.EIO, "KVM_GET_MSRS", f"KVM reported {n} MSRs read of {len(indices)}")
         return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
     def mce_cap_supported(self) -> int:

@@ -17,7 +17,7 @@ def _pytest(env_extra: dict) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_system.py::test_api_version_matches_plain_ioctl"],
+         "tests/system/test_system.py::test_api_version_matches_plain_ioctl"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -13,9 +13,13 @@ The table is derived from the code, so it cannot drift:
   public functions/methods of the same module that call it (``self._name(...)``
   or ``_name(...)``), transitively.
 
-Scanned: the top-level modules of the ``pykvm`` package, except private
-modules (``_*.py``) and the consumers listed in ``SKIP_MODULES`` (they issue
-ioctls to *use* KVM, not to wrap it).
+Scanned: the top-level modules of the ``pykvm`` package and the modules of
+the fd-kind packages in ``PACKAGES`` (``pykvm/vm/*.py`` count as module
+``vm``), except private modules (``_*.py``) and the consumers listed in
+``SKIP_MODULES`` (they issue ioctls to *use* KVM, not to wrap it).  A method
+of a mixin class (``MemorySlots``, ``Capabilities``, ``DeviceAttrs`` ...) is
+credited to every scanned class that inherits it, and the mixin itself is
+not listed.
 
 Usage::
 
@@ -38,6 +42,9 @@ DOC = ROOT / "docs" / "api-coverage.md"
 
 #: Top-level modules that call ioctls as clients, not as the API's wrappers.
 SKIP_MODULES = {"demo", "cli", "snapshot", "__main__"}
+
+#: Packages whose modules together form one fd kind's API (reported under the package name).
+PACKAGES = ("vm", "vcpu")
 
 #: Why an ioctl has no wrapper (shown in the table when nothing wraps it).
 NOTES = {
@@ -141,15 +148,29 @@ def _module_aliases(tree: ast.Module, ioctls: Set[str]) -> Dict[str, str]:
     return aliases
 
 
-def _imports(tree: ast.Module, level: int = 1) -> Dict[str, Tuple[str, str]]:
-    """Local name -> (module, name) for every ``from .module import name`` in the file
-    (``from ..module`` for files one package down: *level* 2)."""
+def _imports(tree: ast.Module, package: str = "") -> Dict[str, Tuple[str, str]]:
+    """Local name -> (module, name) for every ``from .module import name`` in the file.
+
+    In a module of *package*, ``from .x import`` names the package itself and
+    ``from ..x import`` a top-level module.
+    """
     out = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == level and node.module and "." not in node.module:
+        if not isinstance(node, ast.ImportFrom) or not node.module or "." in node.module:
+            continue
+        if package:
+            target = package if node.level == 1 else node.module if node.level == 2 else None
+        else:
+            target = node.module if node.level == 1 else None
+        if target is not None:
             for a in node.names:
-                out[a.asname or a.name] = (node.module, a.name)
+                out[a.asname or a.name] = (target, a.name)
     return out
+
+
+def _class_bases(tree: ast.Module) -> Dict[str, List[str]]:
+    return {node.name: [b.id for b in node.bases if isinstance(b, ast.Name)]
+            for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 def scan() -> Dict[str, List[str]]:
@@ -161,21 +182,19 @@ def scan() -> Dict[str, List[str]]:
         sys.path.pop(0)
     ioctls = set(IOCTLS)
     scanned = []
-    # The vcpu package composes Vcpu from mixins, one file per concern: scanned as module
-    # "vcpu", each mixin class reported as Vcpu.
-    for path in sorted(PACKAGE.glob("*.py")) + sorted(PACKAGE.glob("vcpu/*.py")):
-        in_vcpu = path.parent.name == "vcpu"
-        module = "vcpu" if in_vcpu else path.stem
-        if path.stem.startswith("_") or module in SKIP_MODULES:
+    bases: Dict[Tuple[str, str], List[str]] = {}   # (module, class) -> base class names
+    files = [(p.stem, p, "") for p in sorted(PACKAGE.glob("*.py"))]
+    for pkg in PACKAGES:
+        files += [(pkg, p, pkg) for p in sorted((PACKAGE / pkg).glob("*.py"))]
+    for module, path, pkg in files:
+        if (path.stem.startswith("_") and path.stem != "__init__") or module in SKIP_MODULES:
             continue
         tree = ast.parse(path.read_text(), str(path))
-        if in_vcpu:
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ClassDef) and (node.name.endswith("Mixin") or node.name == "RunEngine"):
-                    node.name = "Vcpu"
         sc = _Scanner(module, ioctls, _module_aliases(tree, ioctls))
         sc.visit(tree)
-        scanned.append((module, sc, _imports(tree, 2 if in_vcpu else 1)))
+        scanned.append((module, sc, _imports(tree, pkg)))
+        for cls, bs in _class_bases(tree).items():
+            bases[(module, cls)] = bs
     effective: Dict[Tuple[str, str], Set[str]] = {}
     for module, sc, _ in scanned:
         for q, u in sc.uses.items():
@@ -198,8 +217,31 @@ def scan() -> Dict[str, List[str]]:
                     if name in imports and _is_public(imports[name][1]):
                         mine |= effective.get(imports[name], set())
                 changed |= len(mine) != before
+    # Mixins: credit each inherited method to the inheriting class (by class name).
+    where = {cls: module for (module, cls) in bases}
+    mixins = {b for bs in bases.values() for b in bs if b in where}
+
+    def _mro(module: str, cls: str) -> List[Tuple[str, str]]:
+        out = [(module, cls)]
+        for b in bases.get((module, cls), []):
+            if b in where:
+                out += [x for x in _mro(where[b], b) if x not in out]
+        return out
+
+    for (module, cls) in list(bases):
+        if cls in mixins:
+            continue
+        for (bmod, bcls) in _mro(module, cls)[1:]:
+            for (m, q), used in list(effective.items()):
+                if m == bmod and q.startswith(bcls + ".") and q.count(".") == 1:
+                    name = q.split(".", 1)[1]
+                    own = (module, f"{cls}.{name}")
+                    if own not in effective:
+                        effective[own] = set(used)
     wrappers: Dict[str, Set[str]] = {name: set() for name in IOCTLS}
     for (module, q), used in effective.items():
+        if q.split(".")[0] in mixins:
+            continue
         if used and all(_is_public(part) for part in q.split(".")):
             for name in used:
                 wrappers[name].add(f"{module}.{q}")

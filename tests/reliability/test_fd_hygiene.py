@@ -17,6 +17,7 @@ from pykvm import uapi
 from . import _util as U
 from ._util import build_zoo
 from . import _x86 as X
+from ..guests import REAL_MODE_HELLO, real_mode
 
 
 def test_every_pykvm_fd_is_close_on_exec_through_an_execd_child(kvm):
@@ -193,3 +194,41 @@ def test_a_child_that_fails_to_close_keeps_guest_memory_mapped(kvm, monkeypatch)
     del vm, vcpu
     gc.collect()
     assert not U.mapped(addr)
+
+
+# Folded in from tests/test_fds.py.
+def test_dropped_running_guest_objects_are_reclaimed(kvm):
+    before = U.fds()
+    for _ in range(20):
+        vm = kvm.create_vm()
+        vcpu = real_mode(vm, REAL_MODE_HELLO, rax=1, rbx=1)
+        assert isinstance(vcpu.run(), pykvm.IoOut)
+        run_view = vcpu.kvm_run  # a live ctypes view into the run page
+        del vm, vcpu
+        del run_view
+    gc.collect()
+    assert U.fds() == before
+    assert not [t for t in U.fds().values() if "kvm-v" in t]
+
+
+def test_vcpu_fd_names_and_close_order(kvm):
+    vm = kvm.create_vm()
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    names = [os.readlink(f"/proc/self/fd/{v.fileno()}") for v in vcpus]
+    assert names == ["anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"]
+    vcpus[0].close()
+    # The number may now be reused by anything; the closed object must not touch it.
+    r, w = os.pipe()
+    try:
+        try:
+            vcpus[0].get_regs()
+        except pykvm.KvmClosedError:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError("closed vCPU issued an ioctl")
+        os.write(w, b"x")
+        assert os.read(r, 1) == b"x"  # the pipe (maybe on fd0's old number) is untouched
+    finally:
+        os.close(r)
+        os.close(w)
+    vm.close()

@@ -63,7 +63,7 @@ print(json.dumps({"numbers": numbers, "outcomes": outcomes}))
 # cached values, zero-length requests, and fields of the run page (it stays mapped
 # while a view of it is alive, and is then inert).  The strace check above is what
 # proves they reached no fd.
-ALLOWED_OK = {"close", "closed", "id", "vm", "path", "memory", "vcpus", "names", "descriptors",
+ALLOWED_OK = {"close", "closed", "inherited", "id", "vm", "path", "memory", "vcpus", "names", "descriptors",
               "header", "name_size", "data_size", "as_dict", "vcpu_mmap_size", "max_memslots",
               "read", "immediate_exit", "if_flag", "ready_for_interrupt_injection",
               "request_interrupt_window", "pre_fault_memory", "size", "flags", "dev_type",

@@ -12,7 +12,7 @@ import pykvm
 from pykvm.errors import KvmClosedError, KvmError
 from pykvm.stats import STAT_TYPES, STAT_UNITS, Stats, open_stats
 
-from .guests import REAL_MODE_HELLO, real_mode
+from ..guests import REAL_MODE_HELLO, real_mode
 
 
 def raw_read(fd: int):
