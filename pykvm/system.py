@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 from .host import diagnose
 from ._check import U32 as _U32, uint as _uint
 from .fd import CheckExtension, DeviceAttrs, FdObject, grow_on_e2big, ioctl
+from .vcpu.msrs import msrs_buffer
 from ._check import flex_fits
 from .errors import KvmError, KvmUnavailable
 from .uapi import ioctls as I
@@ -30,15 +31,6 @@ __all__ = ["Kvm", "KVM_API_VERSION"]
 KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
 _MAX_MSR_LIST = 1 << 16
-
-
-def _msrs_buffer(indices: List[int]) -> S.kvm_msrs:
-    # A local builder until the vCPU layer offers a public one (pykvm.vcpu
-    # owns the kvm_msrs helpers); *indices* are already checked u32 values.
-    buf = S.flex(S.kvm_msrs, len(indices))
-    for k, i in enumerate(indices):
-        buf.entries[k].index = i
-    return buf
 
 
 class Kvm(CheckExtension, DeviceAttrs, FdObject):
@@ -197,7 +189,7 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         first one it cannot read, so missing keys were not readable.
         """
         indices = [_uint("MSR index", i, _U32) for i in indices]
-        buf = _msrs_buffer(indices)
+        buf = msrs_buffer(indices)
         n = self._ioctl(I.KVM_GET_MSRS, buf)
         if not 0 <= n <= len(indices):  # KVM returns how many it read
             raise KvmError(errno.EIO, "KVM_GET_MSRS", f"KVM reported {n} MSRs read of {len(indices)}")

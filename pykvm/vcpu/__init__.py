@@ -27,7 +27,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Dict
 
-from ..device import DeviceAttrs
+from ..fd import DeviceAttrs, EnableCap
 from .control import ControlMixin
 from .cpuid import CpuidMixin
 from .debug import DebugMixin
@@ -37,14 +37,13 @@ from .msrs import MsrsMixin, msrs_buffer
 from .regs import RegsMixin
 from .run import RunEngine, Watchdog, ensure_kick_handler
 
-_msrs_buffer = msrs_buffer  # old private name, used by system.py until it switches to msrs_buffer
 
 __all__ = ["Vcpu", "Watchdog", "lapic_get_reg", "lapic_set_reg", "msrs_buffer",
            "ensure_kick_handler", "create_vcpu"]
 
 
 class Vcpu(RegsMixin, MsrsMixin, CpuidMixin, LapicMixin, EventsMixin, DebugMixin, ControlMixin,
-           DeviceAttrs, RunEngine):
+           EnableCap, DeviceAttrs, RunEngine):
     """A virtual CPU of a :class:`~pykvm.vm.Vm` (create with ``vm.create_vcpu``).
 
     vCPU device attributes (``has/get/set_device_attr``, ``KVM_CAP_VCPU_ATTRIBUTES``):

@@ -79,17 +79,6 @@ class ControlMixin:
 
 
     # -- capabilities and attributes -----------------------------------------------------
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on the vCPU fd.  x86 vCPU capabilities:
-        ``Cap.ENFORCE_PV_FEATURE_CPUID`` and the Hyper-V ones (``HYPERV_SYNIC``,
-        ``HYPERV_SYNIC2``, ``HYPERV_ENLIGHTENED_VMCS``, ``HYPERV_DIRECT_TLBFLUSH``)."""
-        if len(args) > 4:
-            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
-        ec = S.kvm_enable_cap(cap=_uint("cap", cap, _U32), flags=_uint("flags", flags, _U32))
-        for i, a in enumerate(args):
-            ec.args[i] = _uint(f"args[{i}]", a)
-        self._ioctl(I.KVM_ENABLE_CAP, ec)
-
     # -- Xen ------------------------------------------------------------------------------------
     def xen_vcpu_get_attr(self, type_: int) -> S.kvm_xen_vcpu_attr:
         """``KVM_XEN_VCPU_GET_ATTR`` (``KVM_CAP_XEN_HVM``; EINVAL when KVM has no Xen support)."""

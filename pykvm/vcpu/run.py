@@ -33,7 +33,6 @@ import os
 import signal
 import sys
 import threading
-import weakref
 from typing import Optional
 
 from .. import _kick, _sys
@@ -63,18 +62,6 @@ _EAGAIN = errno.EAGAIN
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, getattr(errno, "EHWPOISON", 133))
 _EXIT_MEMORY_FAULT = 39
 _get_ident = threading.get_ident
-
-# Every live vCPU, for the fork hook below (weak: the set never keeps one alive).
-_live: "weakref.WeakSet[RunEngine]" = weakref.WeakSet()
-
-
-def _mark_children_inert() -> None:
-    for vcpu in list(_live):
-        vcpu._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_mark_children_inert)
-
 
 class RunEngine(FdObject):
     """The fd, the run page and the run protocol of a vCPU (base of :class:`~pykvm.vcpu.Vcpu`)."""
@@ -109,7 +96,6 @@ class RunEngine(FdObject):
         self._lock = threading.Lock()       # held by run(); refuses a second runner
         self._tid_lock = threading.Lock()   # guards _thread between run() and kick()
         self._thread = None
-        _live.add(self)
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {self._state()}>"
@@ -345,7 +331,6 @@ class RunEngine(FdObject):
         # The mapping keeps the kernel's vCPU alive, not our fd number, so
         # unmapping late is safe; unmap now unless someone holds a view.
         self._run_struct = None
-        _live.discard(self)
         try:
             self._u32.release()
             self._mv.release()

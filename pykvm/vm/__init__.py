@@ -20,7 +20,7 @@ from ..errors import KvmClosedError, KvmError
 from ..fd import Capabilities, FdObject
 from ..uapi import ioctls
 from ..uapi import structs
-from ..vcpu import Vcpu
+from ..vcpu import Vcpu, create_vcpu
 from .coalesced import CoalescedIo, CoalescedRing
 from .dirty import DirtyLog, DirtyRing
 from .eventfd import EventFd, IoEvents, fd_of
@@ -77,12 +77,10 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
             raise KvmClosedError(self._what, "KVM_CREATE_VCPU")
         if vcpu_id in self._vcpus:
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vCPU {vcpu_id} already exists")
-        fd = self._ioctl(ioctls.KVM_CREATE_VCPU, vcpu_id)
-        try:
-            vcpu = Vcpu(fd, vcpu_id, self._vcpu_mmap_size, self)
-        except BaseException:
-            os.close(fd)
-            raise
+        # A set-up failure after KVM_CREATE_VCPU keeps the fd parked for a retry:
+        # KVM frees a vCPU only with the VM, so a closed fd would lose the id for good.
+        vcpu = create_vcpu(self, vcpu_id, self._vcpu_mmap_size,
+                           lambda: self._ioctl(ioctls.KVM_CREATE_VCPU, vcpu_id))
         self._vcpus[vcpu_id] = vcpu
         return vcpu
 

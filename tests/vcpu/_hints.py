@@ -53,9 +53,9 @@ VCPU_HINTS = {
     ("KVM_XEN_VCPU_SET_ATTR", errno.EINVAL):
         "no Xen emulation (KVM_CAP_XEN_HVM is 0) or Xen not configured on the VM",
     ("KVM_GET_DEVICE_ATTR", errno.ENXIO):
-        "unknown vCPU attribute (x86: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+        "unknown attribute of this fd (x86 vCPU: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
     ("KVM_SET_DEVICE_ATTR", errno.ENXIO):
-        "unknown vCPU attribute (x86: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
+        "unknown attribute of this fd (x86 vCPU: group 0 KVM_VCPU_TSC_CTRL, attribute 0 KVM_VCPU_TSC_OFFSET)",
     ("KVM_GET_XSAVE", errno.EINVAL): "the guest's XSAVE state is larger than 4 KiB: use get_xsave2()",
     ("KVM_SET_VCPU_EVENTS", errno.EINVAL):
         "invalid event state (an exception vector above 31, SMM fields without SMM support ...)",

@@ -1,4 +1,5 @@
-"""Every hint the vCPU wrappers used to add is in pykvm.errors' one table, word for word."""
+"""Every hint the vCPU wrappers used to add is in pykvm.errors' one table, word for word.
+The device-attribute hints were widened to every fd kind that takes them (one table, one text)."""
 
 from __future__ import annotations
 
