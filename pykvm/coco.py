@@ -38,7 +38,7 @@ import errno
 from typing import Dict, Optional, Protocol, Set, Tuple, Union, cast
 
 from . import fd as _fd
-from .errors import KvmError
+from .errors import KvmError, hint_for
 from .uapi import consts, ioctls
 from .uapi import kvm as uapi_kvm
 from .uapi import x86 as uapi_x86
@@ -112,22 +112,9 @@ TDX_COMMANDS: Dict[int, Tuple[str, Optional[type]]] = {
     consts.KVM_TDX_GET_CPUID: ("vcpu", _S.kvm_cpuid2),
 }
 
-#: Hints for the errors a host without SEV/TDX gives (ioctl, errno) -> text.
-#: Passed to KvmError directly; the lead may merge them into pykvm.errors.
+#: Hints that say more than pykvm.errors' general table in this module's context
+#: (ioctl, errno) -> text; everything else comes from :data:`pykvm.errors.HINTS`.
 HINTS: Dict[Tuple[str, int], str] = {
-    ("KVM_MEMORY_ENCRYPT_OP", errno.ENOTTY):
-        "this host's KVM has no memory encryption (the vendor module offers neither SEV nor TDX)",
-    ("KVM_MEMORY_ENCRYPT_OP", errno.EINVAL):
-        "the VM is not a confidential VM of this kind (create it with KVM_X86_SEV_VM, "
-        "KVM_X86_SNP_VM or KVM_X86_TDX_VM on a host with SEV/TDX), or the command is unknown",
-    ("KVM_MEMORY_ENCRYPT_REG_REGION", errno.ENOTTY):
-        "this host's KVM has no memory encryption (no SEV): there is nothing to pin",
-    ("KVM_MEMORY_ENCRYPT_UNREG_REGION", errno.ENOTTY):
-        "this host's KVM has no memory encryption (no SEV): there is nothing to unpin",
-    ("KVM_MEMORY_ENCRYPT_REG_REGION", errno.EINVAL):
-        "the VM is not an SEV guest, or the range is not page-aligned user memory",
-    ("KVM_MEMORY_ENCRYPT_UNREG_REGION", errno.EINVAL):
-        "no region with exactly this address and size is registered",
     ("KVM_GET_DEVICE_ATTR", errno.ENXIO):
         "this host's KVM does not have this x86 attribute group/attribute "
         "(KVM_X86_GRP_SEV exists only where SEV is enabled)",
@@ -138,7 +125,7 @@ HINTS: Dict[Tuple[str, int], str] = {
 
 def _raise(err: int, request: int, extra: str = "") -> KvmError:
     name = ioctls.ioctl_name(request)
-    hint = HINTS.get((name, err))
+    hint = HINTS.get((name, err)) or hint_for(name, err)
     if extra:
         hint = f"{hint}; {extra}" if hint else extra
     return _fd.raise_error(err, request, hint)

@@ -167,6 +167,19 @@ HINTS = {
     ("KVM_GET_XSAVE", _errno.EINVAL): "the guest's XSAVE state is larger than 4 KiB: use get_xsave2()",
     ("KVM_SET_VCPU_EVENTS", _errno.EINVAL):
         "invalid event state (an exception vector above 31, SMM fields without SMM support ...)",
+    ("KVM_MEMORY_ENCRYPT_OP", _errno.ENOTTY):
+        "this host's KVM has no memory encryption (the vendor module offers neither SEV nor TDX)",
+    ("KVM_MEMORY_ENCRYPT_OP", _errno.EINVAL):
+        "the VM is not a confidential VM of this kind (create it with KVM_X86_SEV_VM, "
+        "KVM_X86_SNP_VM or KVM_X86_TDX_VM on a host with SEV/TDX), or the command is unknown",
+    ("KVM_MEMORY_ENCRYPT_REG_REGION", _errno.ENOTTY):
+        "this host's KVM has no memory encryption (no SEV): there is nothing to pin",
+    ("KVM_MEMORY_ENCRYPT_UNREG_REGION", _errno.ENOTTY):
+        "this host's KVM has no memory encryption (no SEV): there is nothing to unpin",
+    ("KVM_MEMORY_ENCRYPT_REG_REGION", _errno.EINVAL):
+        "the VM is not an SEV guest, or the range is not page-aligned user memory",
+    ("KVM_MEMORY_ENCRYPT_UNREG_REGION", _errno.EINVAL):
+        "no region with exactly this address and size is registered",
 }
 _HINTS = HINTS  # old private name
 

@@ -38,16 +38,9 @@ def struct_bytes(obj: Any) -> bytes:
 
 
 def foreign_slots(vm: Vm) -> List[int]:
-    """Memory slots registered with ``set_user_memory_region`` (not ``add_memory``).
-
-    ``Vm`` has no public list of its slots yet; until it has, this reads its
-    slot table (the one place in the snapshot package that does).
-    """
+    """Memory slots registered with ``set_user_memory_region`` (not ``add_memory``)."""
     known = {m.slot for m in vm.memory}
-    table = getattr(vm, "memslots", None)
-    if table is None:
-        table = getattr(vm, "_slots", {})
-    return sorted(s for s in table if s not in known)
+    return sorted(s for s in vm.memslots if s not in known)
 
 
 # ---------------------------------------------------------------------------

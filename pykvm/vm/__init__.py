@@ -238,13 +238,25 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
 
     def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
         """``KVM_MEMORY_ENCRYPT_REG_REGION``: pin host range ``[addr, addr+size)`` for an encrypted guest."""
-        self._ioctl(ioctls.KVM_MEMORY_ENCRYPT_REG_REGION,
-                    structs.kvm_enc_region(addr=_uint("addr", addr), size=_uint("size", size)))
+        from .. import coco
+        coco.register_region(self, addr, size)
 
     def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
         """``KVM_MEMORY_ENCRYPT_UNREG_REGION``: undo :meth:`memory_encrypt_reg_region`."""
-        self._ioctl(ioctls.KVM_MEMORY_ENCRYPT_UNREG_REGION,
-                    structs.kvm_enc_region(addr=_uint("addr", addr), size=_uint("size", size)))
+        from .. import coco
+        coco.unregister_region(self, addr, size)
+
+    def sev_command(self, cmd_id: int, data: Optional[ctypes.Structure] = None,
+                    sev_fd: int = 0) -> structs.kvm_sev_cmd:
+        """``KVM_MEMORY_ENCRYPT_OP`` with SEV command *cmd_id*; see :func:`pykvm.coco.sev_command`."""
+        from .. import coco
+        return coco.sev_command(self, cmd_id, data, sev_fd)
+
+    def tdx_command(self, cmd_id: int, data: Union[None, int, ctypes.Structure] = None,
+                    flags: int = 0) -> structs.kvm_tdx_cmd:
+        """``KVM_MEMORY_ENCRYPT_OP`` with TDX command *cmd_id*; see :func:`pykvm.coco.tdx_command`."""
+        from .. import coco
+        return coco.tdx_command(self, cmd_id, data, flags)
 
     # -- closing ------------------------------------------------------------------------------
     def _close_children(self) -> None:

@@ -361,6 +361,15 @@ class MemorySlots:
             self._max_slots = self.check_extension(Cap.NR_MEMSLOTS) or 32
         return self._max_slots
 
+    @property
+    def memslots(self) -> Dict[int, Tuple[int, int, int, int]]:
+        """Every registered memory slot: ``{slot: (guest_phys_addr, size, userspace_addr, flags)}``.
+
+        A copy of pykvm's table of what it told KVM (``add_memory`` and
+        ``set_user_memory_region``); KVM has no ioctl to read its own back.
+        """
+        return dict(self._slots)
+
     def _free_slot(self) -> int:
         for slot in range(self.max_memslots):
             if slot not in self._slots:
