@@ -7,7 +7,7 @@ page, PIO data page, coalesced MMIO ring ...) with the size
 and returns a typed exit from :mod:`pykvm.vcpu.exits`; :meth:`RunEngine.run_raw`
 returns just the exit reason number for the tightest loops.
 
-Guarantees (each held by a test, see ``docs/_safety_vcpu.md``):
+Guarantees (each held by a test, see ``docs/safety.md``):
 
 * one runner: a second thread calling ``run()`` gets ``KvmError`` (EBUSY),
   never a second ``KVM_RUN`` on the same vCPU;
