@@ -30,8 +30,9 @@ def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable =
                 ) -> List[kvm_cpuid_entry2]:
     """Give *vcpu* the CPUID the host supports and return the table set.
 
-    * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]`` and the
-      x2APIC id of leaves 0xB / 0x1F, so each vCPU reads its own;
+    * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]``, the
+      x2APIC id of leaves 0xB / 0x1F and AMD's extended APIC id
+      (``0x8000001E:EAX``), so each vCPU reads its own;
     * *disable* / *enable* are :class:`~pykvm.x86.consts.Feature` bits to
       clear or set (setting one KVM cannot provide is the caller's risk);
     * *entries* replaces ``kvm.supported_cpuid()`` as the starting table
@@ -45,6 +46,12 @@ def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable =
             e.ebx = (e.ebx & 0x00FFFFFF) | (aid & 0xFF) << 24
         elif e.function in (0xB, 0x1F):
             e.edx = aid
+        elif e.function == 0x8000001E:
+            # AMD's extended APIC id.  KVM_GET_SUPPORTED_CPUID reports this leaf with
+            # zeros (KVM does not pass host topology), QEMU fills EAX with the vCPU's
+            # APIC id, and Linux reads it as the initial APIC id when TOPOEXT is set:
+            # left at zero, every vCPU would claim APIC id 0.
+            e.eax = aid
     for feat, on in [(f, False) for f in disable] + [(f, True) for f in enable]:
         e = find_leaf(table, feat.leaf, feat.subleaf)
         if e is None:
