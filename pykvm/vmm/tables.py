@@ -22,12 +22,10 @@ from __future__ import annotations
 import struct
 from typing import List
 
+from .layout import IOAPIC_ADDR, LAPIC_ADDR, MP_ADDR, RSDP_ADDR
+
 __all__ = ["MP_ADDR", "RSDP_ADDR", "mp_table", "acpi_tables", "checksum"]
 
-MP_ADDR = 0xF0000          # MP floating pointer; the configuration table follows at +16
-RSDP_ADDR = 0xF8000        # RSDP; RSDT and MADT follow (room for 255 CPUs in the MP table)
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
 IOAPIC_ID = 0              # the in-kernel IOAPIC's ID register after reset (QEMU's MADT says 0 too)
 _OEM = b"PYKVM "
 

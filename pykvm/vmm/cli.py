@@ -1,0 +1,204 @@
+"""``pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE] [--module FILE ...] [--timeout S]``
+
+(also ``python -m pykvm.vmm``.)  The command line is parsed by hand: the
+VMM's start-up is part of what it offers, and argparse costs milliseconds to
+import.  Every bad argument ends in one line ``pykvm vmm: ...`` and status 2
+(:data:`~pykvm.vmm.status.LOAD_ERROR`, the same as :data:`pykvm.command.EXIT_USAGE`).
+Arguments that are not valid UTF-8 (file names, ``--append``) reach the guest
+byte for byte (Python's ``surrogateescape``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from typing import Any, Dict, List, Optional
+
+from ..command import UsageError, error, run_command
+from .status import LOAD_ERROR
+
+__all__ = ["main", "parse_args", "UsageError", "USAGE"]
+
+PROG = "vmm"
+
+USAGE = """\
+usage: pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE]
+                 [--module FILE ...] [--timeout S]
+
+Boot a multiboot (v1) kernel on /dev/kvm, like `qemu -kernel`.
+
+  KERNEL            32-bit ELF multiboot kernel (or any image with the a.out kludge)
+  --smp N           number of CPUs, 1..255 (default 1); APs wait for INIT/SIPI
+  --memory MiB      RAM size in MiB, suffixes K/M/G/T accepted, 2 MiB .. 1 TiB
+                    (default 128); the kernel and modules together must fit in it
+  --append CMDLINE  kernel command line (the kernel sees "KERNEL CMDLINE")
+  --module FILE     a multiboot module ("FILE ARGS" sets its string); repeatable,
+                    and several files may follow one --module
+  --timeout S       stop the guest after S seconds (a positive finite number;
+                    exit status 124)
+
+The serial port (COM1) is stdin/stdout.  Exit status: (v << 1) | 1 for a
+write of v to port 0xf4; 0 guest reset; 2 usage or load error; 4 triple
+fault; 6 emulation failure; 8 other internal error; 10 VMM error;
+124 timeout; 130 interrupted.
+"""
+
+
+class _Help(Exception):
+    pass
+
+
+def _memory(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
+    try:
+        if t and t[-1] in mult:
+            v = float(t[:-1]) * mult[t[-1]]
+        elif t.endswith("B") and t[-2:-1] in mult:
+            v = float(t[:-2]) * mult[t[-2]]
+        else:
+            v = float(t)
+    except ValueError:
+        raise UsageError(f"--memory {text!r}: not a size") from None
+    if not math.isfinite(v) or v != int(v) or v <= 0:
+        raise UsageError(f"--memory {text!r}: want a whole, positive number of MiB")
+    return int(v)
+
+
+def _smp(text: str) -> int:
+    first = text.split(",")[0]
+    if first.startswith("cpus="):
+        first = first[5:]
+    try:
+        n = int(first, 10)
+    except ValueError:
+        raise UsageError(f"--smp {text!r}: not a number") from None
+    if not 1 <= n <= 255:
+        raise UsageError(f"--smp {text!r}: want 1..255 CPUs")
+    return n
+
+
+def _timeout(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError(f"--timeout {text!r}: not a number of seconds") from None
+    if not (math.isfinite(v) and 0 < v <= threading.TIMEOUT_MAX):
+        raise UsageError(f"--timeout {text!r}: want a positive, finite number of seconds")
+    return v
+
+
+def parse_args(argv: List[str]) -> Dict[str, Any]:
+    """The options as a dict of :class:`~pykvm.vmm.machine.Machine` arguments (raises UsageError)."""
+    opts: Dict[str, Any] = {"smp": 1, "memory_mib": 128, "append": "", "modules": [],
+                            "timeout": None}
+    kernel = None
+    i = 0
+    taking_modules = False
+
+    def value(name: str) -> str:
+        nonlocal i
+        if "=" in argv[i]:
+            return argv[i].split("=", 1)[1]
+        i += 1
+        if i >= len(argv):
+            raise UsageError(f"{name} needs a value")
+        return argv[i]
+
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0] if a.startswith("--") else a
+        if name in ("-h", "--help"):
+            raise _Help()
+        if name == "--smp":
+            opts["smp"] = _smp(value(name))
+            taking_modules = False
+        elif name in ("--memory", "-m"):
+            opts["memory_mib"] = _memory(value(name))
+            taking_modules = False
+        elif name == "--append":
+            opts["append"] = value(name)
+            taking_modules = False
+        elif name == "--module":
+            opts["modules"].append(value(name))
+            taking_modules = True
+        elif name == "--timeout":
+            opts["timeout"] = _timeout(value(name))
+            taking_modules = False
+        elif a == "--":
+            rest = argv[i + 1:]
+            if kernel is None and rest:
+                kernel, rest = rest[0], rest[1:]
+            if rest:
+                raise UsageError(f"unexpected arguments: {' '.join(rest)!r}")
+            break
+        elif a.startswith("-") and a != "-":
+            raise UsageError(f"unknown option {a!r}")
+        elif kernel is None and not taking_modules:
+            kernel = a
+        elif taking_modules:
+            opts["modules"].append(a)
+        else:
+            raise UsageError(f"unexpected argument {a!r} (one KERNEL only)")
+        i += 1
+    if kernel is None:
+        raise UsageError("no KERNEL given")
+    if opts["memory_mib"] < 2 or opts["memory_mib"] > 1 << 20:
+        raise UsageError(f"--memory {opts['memory_mib']} MiB: want 2 MiB .. 1 TiB")
+    opts["kernel"] = kernel
+    return opts
+
+
+_machine: Any = None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the VMM with *argv* (default ``sys.argv[1:]``); return the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+
+    def body() -> int:
+        global _machine
+        try:
+            opts = parse_args(args)
+        except _Help:
+            sys.stdout.write(USAGE)
+            return 0
+        except UsageError as e:
+            error(PROG, f"{e} (see --help)")
+            return LOAD_ERROR
+        from .errors import MachineError
+        from .machine import Machine
+        from .status import VMM_ERROR
+
+        kernel = opts.pop("kernel")
+        try:
+            _machine = Machine(kernel, **opts)
+            return _machine.run()
+        except MachineError as e:
+            error(PROG, str(e))
+            return e.status
+        except Exception as e:          # a VMM bug: the VMM's own status, not command's 3
+            if os.environ.get("PYKVM_DEBUG"):
+                raise
+            error(PROG, f"internal error: {type(e).__name__}: {e} "
+                        "(set PYKVM_DEBUG=1 for the traceback)")
+            return VMM_ERROR
+
+    return run_command(PROG, body)
+
+
+def run_as_program() -> None:
+    """``python -m pykvm.vmm``: run :func:`main`, flush, and leave without teardown.
+
+    The process exits through ``os._exit``: the VM's fds close with the process
+    (the kernel tears the VM down as the fds go), and no interpreter teardown
+    runs while vCPU threads may still sit in ``KVM_RUN``.
+    """
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
