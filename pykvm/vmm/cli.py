@@ -192,13 +192,56 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_as_program() -> None:
     """``python -m pykvm.vmm``: run :func:`main`, flush, and leave without teardown.
 
-    The process exits through ``os._exit``: the VM's fds close with the process
-    (the kernel tears the VM down as the fds go), and no interpreter teardown
-    runs while vCPU threads may still sit in ``KVM_RUN``.
+    The process exits through ``os._exit``: no interpreter teardown runs while
+    vCPU threads may still sit in ``KVM_RUN``, and the VM's destruction (KVM
+    waits for RCU/SRCU grace periods, tens of milliseconds on a busy host) is
+    handed to a helper process (:func:`hand_over_teardown`), so whoever waits
+    for our exit status does not wait for it.
     """
     status = main()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if not os.environ.get("PYKVM_VMM_SYNC_TEARDOWN"):
+            hand_over_teardown(_machine)
     finally:
         os._exit(status)
+
+
+_CAT = ("/bin/cat", "/usr/bin/cat")
+
+
+def hand_over_teardown(machine: Any) -> Optional[int]:
+    """Give the last references to the VM to a helper that outlives us; return its pid.
+
+    KVM destroys a VM when the last reference goes: its fd, its vCPU fds (and
+    their mappings).  ``posix_spawn`` starts ``cat`` with copies of those fds
+    and a pipe as stdin whose other end only this process holds; stdout and
+    stderr go to ``/dev/null``, so a reader of our output sees end of file as
+    we exit.  When we exit, ``cat`` reads end of file, exits, and pays for the
+    destruction.  Unlike ``fork()`` this is safe in a threaded process (Python
+    3.12+ warns about ``fork`` there).  Returns None (the caller then destroys
+    the VM itself) when there is nothing to hand over or no ``cat``.
+    """
+    vm = getattr(machine, "vm", None)
+    if vm is None or vm.closed:
+        return None
+    cat = next((p for p in _CAT if os.access(p, os.X_OK)), None)
+    if cat is None:
+        return None
+    fds = [vm.fileno()] + [v.fileno() for v in getattr(machine, "vcpus", []) if not v.closed]
+    try:
+        r, w = os.pipe()                # both close-on-exec: w stays ours alone
+    except OSError:
+        return None
+    actions: List[Any] = [(os.POSIX_SPAWN_DUP2, r, 0),
+                          (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                          (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + k) for k, fd in enumerate(fds)]
+    try:
+        return os.posix_spawn(cat, [cat], {}, file_actions=actions)
+    except OSError:
+        os.close(w)
+        return None
+    finally:
+        os.close(r)                     # w stays open until we exit

@@ -32,7 +32,6 @@ from ..x86.consts import CR0
 from ..x86.cpu import prepare_vm, setup_cpuid
 from ..x86.descriptors import Gdt, dtable
 from ..x86.devices.uart16550 import Uart16550
-from ..x86.report import describe_vcpu
 from . import layout
 from . import multiboot
 from . import tables
@@ -328,6 +327,8 @@ class Machine:
             mp = None
         if mp in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED):
             return "  waiting for INIT/SIPI (never started)"
+        from ..x86.report import describe_vcpu     # only for reports: keeps start-up light
+
         return describe_vcpu(vcpu, title=f"vCPU {vcpu.id}")
 
     def run(self) -> int:

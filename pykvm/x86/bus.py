@@ -39,12 +39,10 @@ import contextlib
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..exits import Exit, decode
 from ..uapi.enums import ExitReason
-from .report import describe_vcpu
 
 __all__ = ["RunLoop", "Bus", "RunResult", "GuestError", "PortSpec", "OutHandler", "InHandler",
            "MmioReadHandler", "MmioWriteHandler", "UnhandledHook"]
@@ -84,7 +82,6 @@ class GuestError(RuntimeError):
         self.stop = stop
 
 
-@dataclass
 class RunResult:
     """Why :meth:`RunLoop.run` returned.
 
@@ -92,14 +89,19 @@ class RunResult:
     ``"shutdown"``, ``"internal-error"``, ``"fail-entry"``, ``"unhandled-io"``,
     ``"unhandled-mmio"``, ``"unhandled-exit"``.  ``exit`` is the last exit (typed),
     ``value`` what was passed to ``stop()``, ``report`` a description of the vCPU
-    (empty for normal stops unless asked for with :meth:`describe`).
+    (empty for normal stops).
     """
 
-    reason: str
-    exit: Optional[Exit] = None
-    value: Any = None
-    exits: int = 0
-    report: str = ""
+    __slots__ = ("reason", "exit", "value", "exits", "report")
+
+    def __init__(self, reason: str, exit: Optional[Exit] = None, value: Any = None,
+                 exits: int = 0, report: str = "") -> None:
+        self.reason, self.exit, self.value, self.exits, self.report = (
+            reason, exit, value, exits, report)
+
+    def __repr__(self) -> str:
+        return (f"RunResult(reason={self.reason!r}, exit={self.exit!r}, value={self.value!r}, "
+                f"exits={self.exits})")
 
     @property
     def ok(self) -> bool:
@@ -276,6 +278,8 @@ class RunLoop:
             if watchdog is not None:
                 watchdog.cancel()
         if not stop.ok:
+            from .report import describe_vcpu   # only when a guest died: keeps start-up light
+
             stop.report = describe_vcpu(self.vcpu, stop.exit)
             if check:
                 raise GuestError(stop)

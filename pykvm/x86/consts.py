@@ -14,8 +14,7 @@ their members::
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, NamedTuple, Optional
 
 __all__ = [
     "CR0", "CR4", "EFER", "RFLAGS", "PTE", "MSR", "Vector", "SegType", "Feature",
@@ -239,9 +238,12 @@ class SegType(enum.IntEnum):
 # CPUID features
 
 
-@dataclass(frozen=True)
-class Feature:
-    """One CPUID feature bit: ``CPUID(leaf, subleaf).reg[bit]``."""
+class Feature(NamedTuple):
+    """One CPUID feature bit: ``CPUID(leaf, subleaf).reg[bit]``.
+
+    (A NamedTuple rather than a dataclass: ``dataclasses`` imports ``inspect``,
+    which would cost every ``pykvm.x86`` user, the VMM's start-up included.)
+    """
 
     name: str
     leaf: int

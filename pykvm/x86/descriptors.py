@@ -20,8 +20,7 @@ Layouts (Intel SDM vol. 3, 3.4.5 and 7.2.3, 6.14.1):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ..uapi.structs import kvm_dtable, kvm_segment
 from .consts import SegType
@@ -37,9 +36,11 @@ def selector(index: int, rpl: int = 0, ldt: bool = False) -> int:
     return index << 3 | (4 if ldt else 0) | rpl
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One segment: base, limit (in bytes, ``0xFFFFFFFF`` for flat) and attributes.
+
+    Immutable (a NamedTuple: ``seg._replace(dpl=3)``; no ``dataclasses``, which
+    imports ``inspect`` and would slow every start-up that uses ``pykvm.x86``).
 
     ``code``/``data`` build the usual ones; ``system=True`` (``s=0``) is a
     TSS or LDT.  ``limit`` is the byte limit; the descriptor's 20-bit field
@@ -123,7 +124,7 @@ class Segment:
                            l=self.long, g=self.granularity, avl=self.avl, unusable=0)
 
     def with_dpl(self, dpl: int) -> "Segment":
-        return replace(self, dpl=dpl)
+        return self._replace(dpl=dpl)
 
 
 def decode_descriptor(raw: bytes) -> Segment:
@@ -180,7 +181,7 @@ class Gdt:
         """Point the TSS descriptor *sel* at *base* (used once its address is known)."""
         for k, (index, seg) in enumerate(self.entries):
             if index == sel >> 3 and seg is not None:
-                self.entries[k] = (index, replace(seg, base=base))
+                self.entries[k] = (index, seg._replace(base=base))
                 return
         raise KeyError(f"no descriptor for selector {sel:#x}")
 
@@ -302,7 +303,6 @@ class Idt:
         return self.gate_size * self.size
 
 
-@dataclass
 class Tss64:
     """The 104-byte long-mode task-state segment.
 
@@ -312,28 +312,39 @@ class Tss64:
     user-mode port I/O is then governed by RFLAGS.IOPL alone.
     """
 
-    rsp0: int = 0
-    rsp1: int = 0
-    rsp2: int = 0
-    ist: List[int] = field(default_factory=lambda: [0] * 8)  # ist[0] unused
-    iomap_base: int = 104
-
     SIZE = 104
+
+    def __init__(self, rsp0: int = 0, rsp1: int = 0, rsp2: int = 0,
+                 ist: Optional[List[int]] = None, iomap_base: int = 104) -> None:
+        self.rsp0, self.rsp1, self.rsp2 = rsp0, rsp1, rsp2
+        self.ist: List[int] = list(ist) if ist is not None else [0] * 8  # ist[0] unused
+        self.iomap_base = iomap_base
+
+    def __repr__(self) -> str:
+        return (f"Tss64(rsp0={self.rsp0:#x}, rsp1={self.rsp1:#x}, rsp2={self.rsp2:#x}, "
+                f"ist={self.ist!r}, iomap_base={self.iomap_base})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tss64) and bytes(self) == bytes(other)
 
     def __bytes__(self) -> bytes:
         return struct.pack("<IQQQQ7QQHH", 0, self.rsp0, self.rsp1, self.rsp2, 0,
                            *self.ist[1:8], 0, 0, self.iomap_base)
 
 
-@dataclass
 class Tss32:
     """The 104-byte 32-bit task-state segment (only ``esp0``/``ss0`` matter here)."""
 
-    esp0: int = 0
-    ss0: int = 0x10
-    iomap_base: int = 104
-
     SIZE = 104
+
+    def __init__(self, esp0: int = 0, ss0: int = 0x10, iomap_base: int = 104) -> None:
+        self.esp0, self.ss0, self.iomap_base = esp0, ss0, iomap_base
+
+    def __repr__(self) -> str:
+        return f"Tss32(esp0={self.esp0:#x}, ss0={self.ss0:#x}, iomap_base={self.iomap_base})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tss32) and bytes(self) == bytes(other)
 
     def __bytes__(self) -> bytes:
         raw = bytearray(104)
