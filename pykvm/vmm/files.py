@@ -21,7 +21,7 @@ _CHUNK = 1 << 20
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.4g} MiB"
+    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
 def read_image(path: str, what: str, cap: int) -> bytes:
