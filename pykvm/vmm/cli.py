@@ -1,4 +1,4 @@
-"""``pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE] [--module FILE ...] [--timeout S]``
+"""``pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE] [--module FILE ...] [--timeout S] [--gdb[=PORT]]``
 
 (also ``python -m pykvm.vmm``.)  The command line is parsed by hand: the
 VMM's start-up is part of what it offers, and argparse costs milliseconds to
@@ -25,7 +25,7 @@ PROG = "vmm"
 
 USAGE = """\
 usage: pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE]
-                 [--module FILE ...] [--timeout S]
+                 [--module FILE ...] [--timeout S] [--gdb[=PORT]]
 
 Boot a multiboot (v1) kernel on /dev/kvm, like `qemu -kernel`.
 
@@ -38,6 +38,8 @@ Boot a multiboot (v1) kernel on /dev/kvm, like `qemu -kernel`.
                     and several files may follow one --module
   --timeout S       stop the guest after S seconds (a positive finite number;
                     exit status 124)
+  --gdb[=PORT]      like qemu -s -S: wait for gdb on 127.0.0.1:PORT (default 1234,
+                    0 picks a free port), the kernel stopped at its entry; one CPU
 
 The serial port (COM1) is stdin/stdout.  Exit status: (v << 1) | 1 for a
 write of v to port 0xf4; 0 guest reset; 2 usage or load error; 4 triple
@@ -90,10 +92,23 @@ def _timeout(text: str) -> float:
     return v
 
 
+GDB_PORT = 1234                     #: QEMU's -s port
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise UsageError(f"--gdb={text!r}: not a port number") from None
+    if not 0 <= n <= 0xFFFF:
+        raise UsageError(f"--gdb={text!r}: want a port 0..65535")
+    return n
+
+
 def parse_args(argv: List[str]) -> Dict[str, Any]:
     """The options as a dict of :class:`~pykvm.vmm.machine.Machine` arguments (raises UsageError)."""
     opts: Dict[str, Any] = {"smp": 1, "memory_mib": 128, "append": "", "modules": [],
-                            "timeout": None}
+                            "timeout": None, "gdb": None}
     kernel = None
     i = 0
     taking_modules = False
@@ -127,6 +142,9 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
         elif name == "--timeout":
             opts["timeout"] = _timeout(value(name))
             taking_modules = False
+        elif name == "--gdb":
+            opts["gdb"] = _port(a.split("=", 1)[1]) if "=" in a else GDB_PORT
+            taking_modules = False
         elif a == "--":
             rest = argv[i + 1:]
             if kernel is None and rest:
@@ -147,6 +165,8 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
         raise UsageError("no KERNEL given")
     if opts["memory_mib"] < 2 or opts["memory_mib"] > 1 << 20:
         raise UsageError(f"--memory {opts['memory_mib']} MiB: want 2 MiB .. 1 TiB")
+    if opts["gdb"] is not None and opts["smp"] != 1:
+        raise UsageError("--gdb debugs one CPU: use --smp 1")
     opts["kernel"] = kernel
     return opts
 

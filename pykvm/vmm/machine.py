@@ -72,13 +72,20 @@ class Machine:
 
     def __init__(self, kernel: str, *, smp: int = 1, memory_mib: int = 128, append: str = "",
                  modules: Sequence[str] = (), timeout: Optional[float] = None,
-                 stdout: int = 1, stdin: Optional[int] = 0, stderr: int = 2) -> None:
+                 stdout: int = 1, stdin: Optional[int] = 0, stderr: int = 2,
+                 gdb: Optional[int] = None) -> None:
         _check_number("--smp", smp, 1, MAX_CPUS, True)
         _check_number("--memory", memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, True)
         if timeout is not None:
             _check_number("--timeout", timeout, 0, threading.TIMEOUT_MAX, False)
             if timeout <= 0:
                 raise MachineError(f"--timeout {timeout!r}: want a positive number of seconds")
+        if gdb is not None:
+            _check_number("--gdb", gdb, 0, 0xFFFF, True)
+            if smp != 1:
+                raise MachineError("--gdb debugs one CPU: use --smp 1")
+        self.gdb_port = gdb
+        self.gdb_address: Optional[Tuple[str, int]] = None
         self.kernel, self.smp, self.memory = kernel, smp, memory_mib * layout.MiB
         self.append, self.modules, self.timeout = append, list(modules), timeout
         self.out_fd, self.in_fd, self.err_fd = stdout, stdin, stderr
@@ -94,6 +101,7 @@ class Machine:
         self.vm: Any = None
         self.vcpus: list = []
         self.loops: List[RunLoop] = []
+        self._stop_hooks: list = []
         self.threads: List[threading.Thread] = []
         self.low_end, self.high_size = layout.split_ram(self.memory)
 
@@ -344,11 +352,19 @@ class Machine:
             self.log(f"setting up the VM failed: {e}")
             self.close()
             return VMM_ERROR
-        for vcpu, loop in zip(self.vcpus, self.loops):
-            t = threading.Thread(target=self._vcpu_thread, args=(vcpu, loop),
-                                 name=f"vcpu{vcpu.id}", daemon=True)
-            self.threads.append(t)
-            t.start()
+        if self.gdb_port is not None:
+            try:
+                self._start_gdb()
+            except OSError as e:
+                self.log(f"--gdb {self.gdb_port}: cannot listen: {e.strerror}")
+                self.close()
+                return VMM_ERROR
+        else:
+            for vcpu, loop in zip(self.vcpus, self.loops):
+                t = threading.Thread(target=self._vcpu_thread, args=(vcpu, loop),
+                                     name=f"vcpu{vcpu.id}", daemon=True)
+                self.threads.append(t)
+                t.start()
         try:
             # The main thread is the timer: no watchdog thread that could die unseen.
             if not self._done.wait(self.timeout):
@@ -363,7 +379,57 @@ class Machine:
                     self.log(f"vCPU {v.id}:\n{self._vcpu_state(v)}")
         return self.status if self.status is not None else VMM_ERROR
 
+    # -- under gdb ---------------------------------------------------------------------------------
+    def _start_gdb(self) -> None:
+        """Serve vCPU 0 to gdb (like ``qemu -s -S``): it stays at the kernel's entry
+        until gdb continues or steps it; port and MMIO exits go to the bus."""
+        from ..gdbstub import GdbStub
+
+        stub = self._stub = GdbStub(self.vcpus[0], port=self.gdb_port, on_exit=self._gdb_exit)
+        host, port = self.gdb_address = stub.address[:2]
+        self.log(f"waiting for gdb on {host}:{port} (the kernel is stopped at its entry): "
+                 f"gdb -ex 'target remote {host}:{port}'")
+        t = threading.Thread(target=self._gdb_thread, name="vcpu0-gdb", daemon=True)
+        self.threads.append(t)
+        t.start()
+        self._stop_hooks.append(stub.close)
+
+    def _gdb_thread(self) -> None:
+        try:
+            end = self._stub.serve()
+            if end.reason == "detached" and not self._stop:
+                self._vcpu_thread(self.vcpus[0], self.loops[0])    # runs on without gdb
+            elif not self._stop:
+                self.finish(INTERRUPTED, f"the gdb session ended ({end.reason})")
+        except BaseException as e:
+            self.finish(VMM_ERROR, f"gdb: {type(e).__name__}: {e}")
+            self.log(f"gdb stub: internal error: {type(e).__name__}: {e}")
+
+    def _gdb_exit(self, ex: Any) -> Any:
+        from ..exits import Interrupted
+        from ..gdbstub import Exited
+
+        if not self.bus.dispatch(ex, self._unhandled) and not isinstance(ex, Interrupted):
+            from ..x86.report import describe_vcpu
+
+            vcpu = self.vcpus[0]
+            reason = "shutdown" if type(ex).__name__ == "Shutdown" else "unhandled-exit"
+            self._fatal(vcpu, RunResult(reason, ex, report=describe_vcpu(vcpu, ex)))
+        if self._stop:
+            return Exited(self.status if self.status is not None else VMM_ERROR)
+        return None
+
     def _stop_threads(self) -> None:
+        if self._stop_hooks:
+            # Under gdb the stub thread sends gdb the exit packet itself when the
+            # guest ended the run; give it a moment before closing its connection.
+            for t in self.threads:
+                t.join(_STOP_GRACE / 4)
+        for hook in self._stop_hooks:
+            try:
+                hook()
+            except Exception:
+                pass
         deadline = time.monotonic() + _STOP_GRACE
         for t in self.threads:
             while t.is_alive() and time.monotonic() < deadline:

@@ -163,6 +163,65 @@ class Bus:
         self._mmio.sort(key=lambda t: t[0])
         self._starts = [t[0] for t in self._mmio]
 
+    def dispatch(self, exit: Exit, unhandled: Optional[UnhandledHook] = None) -> bool:
+        """Handle a typed port or MMIO exit (``IoOut``, ``IoIn``, ``MmioWrite``, ``MmioRead``
+        from :mod:`pykvm.exits`) with this bus's handlers; False for any other exit.
+
+        For code that receives typed exits from elsewhere (a GDB stub's ``on_exit``);
+        :class:`RunLoop` does the same from the raw run page.  Accesses nobody
+        handles go to *unhandled*; their reads return all ones.
+        """
+        from ..exits import IoIn, IoOut, MmioRead, MmioWrite
+
+        lock = self.lock if self.lock is not None else contextlib.nullcontext()
+        if isinstance(exit, IoOut):
+            h = self.outs.get(exit.port)
+            if h is None:
+                if unhandled is not None:
+                    unhandled("out", exit.port, exit.size, bytes(exit.data))
+            else:
+                with lock:
+                    h(exit.port, bytes(exit.data))
+        elif isinstance(exit, IoIn):
+            hin = self.ins.get(exit.port)
+            if hin is None:
+                if unhandled is not None:
+                    unhandled("in", exit.port, exit.size, None)
+                exit.set_data(b"\xff" * len(exit.data))
+            else:
+                mask = (1 << (8 * exit.size)) - 1
+                out = bytearray()
+                with lock:
+                    for _ in range(exit.count):
+                        v = hin(exit.port, exit.size)
+                        out += ((v & mask).to_bytes(exit.size, "little") if isinstance(v, int)
+                                else bytes(v)[:exit.size].ljust(exit.size, b"\0"))
+                exit.set_data(bytes(out))
+        elif isinstance(exit, (MmioRead, MmioWrite)):
+            t = self.find_mmio(exit.address)
+            is_write = isinstance(exit, MmioWrite)
+            fn = None if t is None else (t[3] if is_write else t[2])
+            if isinstance(exit, MmioWrite):
+                if fn is None:
+                    if unhandled is not None:
+                        unhandled("mmio-write", exit.address, len(exit.data), bytes(exit.data))
+                else:
+                    with lock:
+                        fn(exit.address, bytes(exit.data))
+            elif fn is None:
+                if unhandled is not None:
+                    unhandled("mmio-read", exit.address, exit.length, None)
+                exit.set_data(b"\xff" * exit.length)
+            else:
+                with lock:
+                    v = fn(exit.address, exit.length)
+                n = exit.length
+                exit.set_data((v & ((1 << (8 * n)) - 1)).to_bytes(n, "little") if isinstance(v, int)
+                              else bytes(v)[:n].ljust(n, b"\0"))
+        else:
+            return False
+        return True
+
     def find_mmio(self, addr: int):
         """The ``(start, end, read, write)`` entry holding *addr*, or None."""
         i = bisect.bisect_right(self._starts, addr) - 1

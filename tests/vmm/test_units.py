@@ -371,7 +371,7 @@ def test_parse_args():
     o = parse_args(["k.elf", "--smp", "4", "--memory", "1G", "--append", "a b",
                     "--module", "m1 args", "m2", "--module=m3", "--timeout", "2.5"])
     assert o == {"kernel": "k.elf", "smp": 4, "memory_mib": 1024, "append": "a b",
-                 "modules": ["m1 args", "m2", "m3"], "timeout": 2.5}
+                 "modules": ["m1 args", "m2", "m3"], "timeout": 2.5, "gdb": None}
     assert parse_args(["--smp=2", "k"])["smp"] == 2
     assert parse_args(["k", "-m", "512M"])["memory_mib"] == 512
     for bad in (["--smp", "x", "k"], [], ["k", "--bogus"], ["k", "j"], ["k", "--timeout", "0"],
