@@ -334,10 +334,10 @@ class Machine:
         except KvmError:
             mp = None
         if mp in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED):
-            return "  waiting for INIT/SIPI (never started)"
+            return f"vCPU {vcpu.id}: waiting for INIT/SIPI (never started)"
         from ..x86.report import describe_vcpu     # only for reports: keeps start-up light
 
-        return describe_vcpu(vcpu, title=f"vCPU {vcpu.id}")
+        return describe_vcpu(vcpu)
 
     def run(self) -> int:
         """Set up (unless done), run until an exit condition, stop the vCPUs; return the status."""
@@ -376,7 +376,7 @@ class Machine:
             self.log(f"timeout: no exit after {self.timeout:g} s; stopped the guest")
             for v, t in zip(self.vcpus, self.threads):
                 if not t.is_alive():
-                    self.log(f"vCPU {v.id}:\n{self._vcpu_state(v)}")
+                    self.log(self._vcpu_state(v))
         return self.status if self.status is not None else VMM_ERROR
 
     # -- under gdb ---------------------------------------------------------------------------------
