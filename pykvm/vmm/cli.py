@@ -69,17 +69,19 @@ def _memory(text: str) -> int:
     return int(v)
 
 
+def _decimal(option: str, text: str, low: int, high: int, what: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: not a number") from None
+    if not low <= n <= high:
+        raise UsageError(f"{option} {text!r}: want {what} {low}..{high}")
+    return n
+
+
 def _smp(text: str) -> int:
     first = text.split(",")[0]
-    if first.startswith("cpus="):
-        first = first[5:]
-    try:
-        n = int(first, 10)
-    except ValueError:
-        raise UsageError(f"--smp {text!r}: not a number") from None
-    if not 1 <= n <= 255:
-        raise UsageError(f"--smp {text!r}: want 1..255 CPUs")
-    return n
+    return _decimal("--smp", first[5:] if first.startswith("cpus=") else first, 1, 255, "CPUs")
 
 
 def _timeout(text: str) -> float:
@@ -96,13 +98,7 @@ GDB_PORT = 1234                     #: QEMU's -s port
 
 
 def _port(text: str) -> int:
-    try:
-        n = int(text, 10)
-    except ValueError:
-        raise UsageError(f"--gdb={text!r}: not a port number") from None
-    if not 0 <= n <= 0xFFFF:
-        raise UsageError(f"--gdb={text!r}: want a port 0..65535")
-    return n
+    return _decimal("--gdb", text, 0, 0xFFFF, "a port")
 
 
 def parse_args(argv: List[str]) -> Dict[str, Any]:

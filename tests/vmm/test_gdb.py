@@ -69,7 +69,7 @@ def test_gdb_needs_one_cpu(kernels, vmm):
 
 def test_gdb_port_must_be_a_port(kernels, vmm):
     r = vmm(kernels["tiny"], "--gdb=70000")
-    assert r.status == 2 and "want a port" in r.err, r
+    assert r.status == 2 and "want a port 0..65535" in r.err, r
 
 
 def test_timeout_ends_a_run_nobody_debugs(kernels, vmm):
