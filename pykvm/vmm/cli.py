@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         kernel = opts.pop("kernel")
         try:
             _machine = Machine(kernel, **opts)
-            return _machine.run()
+            return int(_machine.run())
         except MachineError as e:
             error(PROG, str(e))
             return e.status

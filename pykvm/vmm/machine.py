@@ -21,10 +21,12 @@ import math
 import os
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 from .. import Kvm, KvmError, KvmUnavailable
-from .. import uapi
+from ..uapi.structs import (KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_INIT_RECEIVED,
+                           KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET,
+                           KVM_SYSTEM_EVENT_SHUTDOWN)
 from ..irq import IOAPIC, PIC_MASTER, PIC_SLAVE, irqchip_route
 from ..vcpu import lapic_set_reg
 from ..x86.bus import Bus, RunLoop, RunResult
@@ -99,9 +101,9 @@ class Machine:
         self._log_count = 0
         self.kvm: Optional[Kvm] = None
         self.vm: Any = None
-        self.vcpus: list = []
+        self.vcpus: List[Any] = []
         self.loops: List[RunLoop] = []
-        self._stop_hooks: list = []
+        self._stop_hooks: List[Callable[[], None]] = []
         self.threads: List[threading.Thread] = []
         self.low_end, self.high_size = layout.split_ram(self.memory)
 
@@ -222,7 +224,7 @@ class Machine:
             self.loops.append(RunLoop(vcpu, self.bus, strict=False, on_unhandled=self._unhandled))
         self._boot_cpu(self.vcpus[0])
         for ap in self.vcpus[1:]:
-            ap.set_mp_state(uapi.KVM_MP_STATE_UNINITIALIZED)   # KVM's default for APs too
+            ap.set_mp_state(KVM_MP_STATE_UNINITIALIZED)   # KVM's default for APs too
 
     def _set_gsi_routing(self) -> None:
         # As QEMU's pc: GSI 0-15 to the PICs (not 2, the cascade), GSI 0-23 to
@@ -311,15 +313,15 @@ class Machine:
         from ..exits import InternalError, Shutdown, SystemEvent
 
         ex = result.exit
-        if isinstance(ex, SystemEvent) and ex.type in (uapi.KVM_SYSTEM_EVENT_SHUTDOWN,
-                                                       uapi.KVM_SYSTEM_EVENT_RESET):
-            kind = "shutdown" if ex.type == uapi.KVM_SYSTEM_EVENT_SHUTDOWN else "reset"
+        if isinstance(ex, SystemEvent) and ex.type in (KVM_SYSTEM_EVENT_SHUTDOWN,
+                                                       KVM_SYSTEM_EVENT_RESET):
+            kind = "shutdown" if ex.type == KVM_SYSTEM_EVENT_SHUTDOWN else "reset"
             self._reset(f"guest {kind} (KVM_EXIT_SYSTEM_EVENT)")
             return
         if isinstance(ex, Shutdown):
             status, what = TRIPLE_FAULT, "triple fault (KVM_EXIT_SHUTDOWN)"
         elif isinstance(ex, InternalError):
-            emulation = ex.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION
+            emulation = ex.suberror == KVM_INTERNAL_ERROR_EMULATION
             status = EMULATION_FAILURE if emulation else INTERNAL_ERROR
             what = (f"KVM internal error: {ex.description} (KVM_EXIT_INTERNAL_ERROR, "
                     f"suberror {ex.suberror})")
@@ -333,7 +335,7 @@ class Machine:
             mp = vcpu.get_mp_state()
         except KvmError:
             mp = None
-        if mp in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED):
+        if mp in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
             return f"vCPU {vcpu.id}: waiting for INIT/SIPI (never started)"
         from ..x86.report import describe_vcpu     # only for reports: keeps start-up light
 
@@ -385,7 +387,7 @@ class Machine:
         until gdb continues or steps it; port and MMIO exits go to the bus."""
         from ..gdbstub import GdbStub
 
-        stub = self._stub = GdbStub(self.vcpus[0], port=self.gdb_port, on_exit=self._gdb_exit)
+        stub = self._stub = GdbStub(self.vcpus[0], port=self.gdb_port or 0, on_exit=self._gdb_exit)
         host, port = self.gdb_address = stub.address[:2]
         self.log(f"waiting for gdb on {host}:{port} (the kernel is stopped at its entry): "
                  f"gdb -ex 'target remote {host}:{port}'")

@@ -22,7 +22,7 @@ the file's real size before use, and every malformed file raises
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 from .layout import HIGH_MEMORY, INFO_ADDR, INFO_AREA_END, MMAP_ADDR
 
@@ -51,6 +51,12 @@ PAGE = 0x1000
 
 # Memory map types
 RAM, RESERVED = 1, 2
+
+
+class GuestRam(Protocol):
+    """Where the loader writes: ``write(gpa, data)`` (a :class:`~pykvm.vm.Vm` will do)."""
+
+    def write(self, gpa: int, data: bytes) -> object: ...
 
 
 class MultibootError(ValueError):
@@ -134,7 +140,7 @@ def _check_ram(ram_regions: Sequence[Region], start: int, end: int, what: str) -
                          f"(try a larger --memory)")
 
 
-def _load_aout(ram, data: bytes, h: Header, ram_regions) -> Image:
+def _load_aout(ram: GuestRam, data: bytes, h: Header, ram_regions: Sequence[Region]) -> Image:
     if h.header_addr < h.load_addr:
         raise MultibootError(f"header_addr {h.header_addr:#x} is below load_addr {h.load_addr:#x}")
     file_off = h.offset - (h.header_addr - h.load_addr)
@@ -167,7 +173,7 @@ _EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")
 _PHDR32 = struct.Struct("<8I")
 
 
-def _load_elf32(ram, data: bytes, ram_regions) -> Image:
+def _load_elf32(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Image:
     if len(data) < _EHDR32.size or data[:4] != b"\x7fELF":
         raise MultibootError("not an ELF file, and the multiboot header has no address "
                              "fields (flag 16, the a.out kludge)")
@@ -214,7 +220,7 @@ def _load_elf32(ram, data: bytes, ram_regions) -> Image:
     return Image(entry, low, high, "ELF32", [(p, f, m) for p, _, f, m in segs])
 
 
-def load_kernel(ram, data: bytes, ram_regions: Sequence[Region]) -> Tuple[Header, Image]:
+def load_kernel(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Tuple[Header, Image]:
     """Parse the header and load *data* into guest RAM; return both descriptions."""
     h = find_header(data)
     if h.aout_kludge:
@@ -226,7 +232,7 @@ def _align(x: int, a: int = PAGE) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def build_info(ram, *, image_end: int, cmdline: str, modules: Sequence[Tuple[bytes, str]],
+def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence[Tuple[bytes, str]],
                memory_map: Sequence[Region], ram_regions: Sequence[Region],
                loader_name: str = "pykvm") -> Tuple[int, List[Tuple[int, int, str]]]:
     """Write modules and the boot information; return (info address, [(start, end, string)]).

@@ -55,6 +55,8 @@ MmioWriteHandler = Callable[[int, bytes], Any]
 #: ``fn(kind, address, size, data)`` told of an access nobody handles (non-strict loops):
 #: kind is ``"in"``, ``"out"``, ``"mmio-read"`` or ``"mmio-write"``; data is None for reads.
 UnhandledHook = Callable[[str, int, int, Optional[bytes]], Any]
+#: ``(start, end, read, write)`` of one MMIO range
+MmioEntry = Tuple[int, int, Optional[MmioReadHandler], Optional[MmioWriteHandler]]
 
 _IO = int(ExitReason.IO)
 _MMIO = int(ExitReason.MMIO)
@@ -70,7 +72,7 @@ _ERRORS = {
 }
 
 
-def _decode(mm) -> Exit:
+def _decode(mm: Any) -> Exit:
     return decode(mm, memoryview(mm))
 
 
@@ -199,22 +201,23 @@ class Bus:
                 exit.set_data(bytes(out))
         elif isinstance(exit, (MmioRead, MmioWrite)):
             t = self.find_mmio(exit.address)
-            is_write = isinstance(exit, MmioWrite)
-            fn = None if t is None else (t[3] if is_write else t[2])
             if isinstance(exit, MmioWrite):
-                if fn is None:
+                wfn = None if t is None else t[3]
+                if wfn is None:
                     if unhandled is not None:
                         unhandled("mmio-write", exit.address, len(exit.data), bytes(exit.data))
                 else:
                     with lock:
-                        fn(exit.address, bytes(exit.data))
-            elif fn is None:
+                        wfn(exit.address, bytes(exit.data))
+                return True
+            rfn = None if t is None else t[2]
+            if rfn is None:
                 if unhandled is not None:
                     unhandled("mmio-read", exit.address, exit.length, None)
                 exit.set_data(b"\xff" * exit.length)
             else:
                 with lock:
-                    v = fn(exit.address, exit.length)
+                    v = rfn(exit.address, exit.length)
                 n = exit.length
                 exit.set_data((v & ((1 << (8 * n)) - 1)).to_bytes(n, "little") if isinstance(v, int)
                               else bytes(v)[:n].ljust(n, b"\0"))
@@ -222,7 +225,7 @@ class Bus:
             return False
         return True
 
-    def find_mmio(self, addr: int):
+    def find_mmio(self, addr: int) -> Optional[MmioEntry]:
         """The ``(start, end, read, write)`` entry holding *addr*, or None."""
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
@@ -241,7 +244,7 @@ class RunLoop:
     given) is told of each such access.
     """
 
-    def __init__(self, vcpu, bus: Optional[Bus] = None, *, strict: bool = True,
+    def __init__(self, vcpu: Any, bus: Optional[Bus] = None, *, strict: bool = True,
                  on_unhandled: Optional[UnhandledHook] = None) -> None:
         self.vcpu = vcpu
         self.bus = bus if bus is not None else Bus()
@@ -256,17 +259,23 @@ class RunLoop:
         self.exits = 0  #: exits handled by the last run()
 
     # -- registration ---------------------------------------------------------
-    def on_out(self, ports: PortSpec, fn: Optional[OutHandler] = None):
+    def on_out(self, ports: PortSpec, fn: Optional[OutHandler] = None) -> Any:
         """Handle ``out`` to *ports* with ``fn(port, data)`` (usable as a decorator)."""
         if fn is None:
-            return lambda f: (self.bus.on_out(ports, f), f)[1]
+            def register(f: OutHandler) -> OutHandler:
+                self.bus.on_out(ports, f)
+                return f
+            return register
         self.bus.on_out(ports, fn)
         return fn
 
-    def on_in(self, ports: PortSpec, fn: Optional[InHandler] = None):
+    def on_in(self, ports: PortSpec, fn: Optional[InHandler] = None) -> Any:
         """Handle ``in`` from *ports* with ``fn(port, size) -> int | bytes`` (usable as a decorator)."""
         if fn is None:
-            return lambda f: (self.bus.on_in(ports, f), f)[1]
+            def register(f: InHandler) -> InHandler:
+                self.bus.on_in(ports, f)
+                return f
+            return register
         self.bus.on_in(ports, fn)
         return fn
 
@@ -294,7 +303,7 @@ class RunLoop:
         """
         self.exit_handlers[int(reason)] = fn
 
-    def add(self, device) -> Any:
+    def add(self, device: Any) -> Any:
         """Attach a device object: calls ``device.attach(self)``; returns the device."""
         device.attach(self)
         return device
@@ -374,8 +383,8 @@ class RunLoop:
                             with lock:
                                 h(port, mm[off:off + size * count])
                     else:
-                        h = ins.get(port)
-                        if h is None:
+                        hin = ins.get(port)
+                        if hin is None:
                             if strict:
                                 return RunResult("unhandled-io", _decode(mm), exits=n)
                             if unhandled is not None:
@@ -385,7 +394,7 @@ class RunLoop:
                             mask = (1 << (8 * size)) - 1
                             with lock:
                                 for k in range(count):
-                                    v = h(port, size)
+                                    v = hin(port, size)
                                     o = off + k * size
                                     if isinstance(v, int):
                                         mm[o:o + size] = (v & mask).to_bytes(size, "little")
@@ -428,8 +437,8 @@ class RunLoop:
                     return RunResult("hlt", _decode(mm), exits=n)
                 else:
                     ex = _decode(mm)
-                    h = self.exit_handlers.get(reason)
-                    if h is not None and h(ex) is not False:
+                    hx = self.exit_handlers.get(reason)
+                    if hx is not None and hx(ex) is not False:
                         if self._stopping:
                             return self._stopped(mm, n, ex)
                         continue
@@ -437,7 +446,7 @@ class RunLoop:
         finally:
             self.exits = n
 
-    def _stopped(self, mm, n: int, ex: Optional[Exit] = None) -> RunResult:
+    def _stopped(self, mm: Any, n: int, ex: Optional[Exit] = None) -> RunResult:
         if ex is None:
             ex = _decode(mm)
         if self._timed_out:

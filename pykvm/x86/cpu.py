@@ -10,11 +10,14 @@ features you remove or add.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from ..errors import KvmError
 from ..uapi.structs import kvm_cpuid_entry2
 from .consts import find_leaf
+
+if TYPE_CHECKING:
+    from .consts import Feature
 
 __all__ = ["setup_cpuid", "prepare_vm", "cpuid_has", "TSS_ADDRESS", "IDENTITY_MAP_ADDRESS"]
 
@@ -25,8 +28,9 @@ TSS_ADDRESS = 0xFFFBD000
 IDENTITY_MAP_ADDRESS = 0xFFFBC000
 
 
-def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable = (),
-                enable: Iterable = (), entries: Optional[List[kvm_cpuid_entry2]] = None
+def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: Optional[int] = None,
+                disable: Iterable["Feature"] = (), enable: Iterable["Feature"] = (),
+                entries: Optional[Sequence[kvm_cpuid_entry2]] = None
                 ) -> List[kvm_cpuid_entry2]:
     """Give *vcpu* the CPUID the host supports and return the table set.
 
@@ -38,7 +42,7 @@ def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable =
     * *entries* replaces ``kvm.supported_cpuid()`` as the starting table
       (fetch it once when setting up many vCPUs).
     """
-    table = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
+    table: List[kvm_cpuid_entry2] = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
              (entries if entries is not None else kvm.supported_cpuid())]
     aid = vcpu.id if apic_id is None else apic_id
     for e in table:
@@ -53,23 +57,23 @@ def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable =
             # left at zero, every vCPU would claim APIC id 0.
             e.eax = aid
     for feat, on in [(f, False) for f in disable] + [(f, True) for f in enable]:
-        e = find_leaf(table, feat.leaf, feat.subleaf)
-        if e is None:
+        leaf = find_leaf(table, feat.leaf, feat.subleaf)
+        if leaf is None:
             if not on:
                 continue
             raise ValueError(f"{feat!r}: leaf {feat.leaf:#x} is not in the CPUID table")
-        v = getattr(e, feat.reg)
-        setattr(e, feat.reg, (v | 1 << feat.bit) if on else (v & ~(1 << feat.bit)))
+        v = getattr(leaf, feat.reg)
+        setattr(leaf, feat.reg, (v | 1 << feat.bit) if on else (v & ~(1 << feat.bit)))
     vcpu.set_cpuid2(table)
     return table
 
 
-def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature) -> bool:
+def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature: "Feature") -> bool:
     """True if *feature* is set in a CPUID entry list (e.g. ``kvm.supported_cpuid()``)."""
-    return feature.in_entries(entries)
+    return bool(feature.in_entries(entries))
 
 
-def prepare_vm(vm, *, tss_address: int = TSS_ADDRESS,
+def prepare_vm(vm: Any, *, tss_address: int = TSS_ADDRESS,
                identity_map_address: Optional[int] = IDENTITY_MAP_ADDRESS) -> None:
     """The VM-wide x86 set-up KVM expects before the first vCPU runs.
 
