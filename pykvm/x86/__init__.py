@@ -90,7 +90,8 @@ _SUBMODULE_OF: Dict[str, str] = {
     **dict.fromkeys(['cpu_mode', 'describe_vcpu', 'disassemble'], 'report'),
     **dict.fromkeys(['Bus', 'GuestError', 'RunLoop', 'RunResult'], 'bus'),
 }
-_SUBMODULES = frozenset({'asm', 'bus', 'consts', 'cpu', 'descriptors', 'devices', 'loader',
+_SUBMODULES = frozenset({'asm', 'bus', 'consts', 'cpu', 'descriptors', 'devices', 'features',
+                         'loader', 'msr', 'vectors',
                          'modes', 'paging', 'quirks', 'report', 'runloop'})
 
 __all__ = sorted([*_SUBMODULE_OF, "quirks"])
