@@ -10,11 +10,10 @@ byte for byte (Python's ``surrogateescape``).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..command import UsageError, error, run_command
 from .status import LOAD_ERROR
@@ -52,6 +51,10 @@ class _Help(Exception):
     pass
 
 
+def _finite(v: float) -> bool:
+    return v - v == 0.0             # False for nan and +-inf (and no `math` import)
+
+
 def _memory(text: str) -> int:
     t = text.strip().upper()
     mult = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
@@ -64,7 +67,7 @@ def _memory(text: str) -> int:
             v = float(t)
     except ValueError:
         raise UsageError(f"--memory {text!r}: not a size") from None
-    if not math.isfinite(v) or v != int(v) or v <= 0:
+    if not _finite(v) or v != int(v) or v <= 0:
         raise UsageError(f"--memory {text!r}: want a whole, positive number of MiB")
     return int(v)
 
@@ -89,7 +92,7 @@ def _timeout(text: str) -> float:
         v = float(text)
     except ValueError:
         raise UsageError(f"--timeout {text!r}: not a number of seconds") from None
-    if not (math.isfinite(v) and 0 < v <= threading.TIMEOUT_MAX):
+    if not (_finite(v) and 0 < v <= threading.TIMEOUT_MAX):
         raise UsageError(f"--timeout {text!r}: want a positive, finite number of seconds")
     return v
 
@@ -170,8 +173,12 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
 _machine: Any = None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the VMM with *argv* (default ``sys.argv[1:]``); return the exit status."""
+def main(argv: Optional[List[str]] = None,
+         ready: Optional[Callable[[Any], None]] = None) -> int:
+    """Run the VMM with *argv* (default ``sys.argv[1:]``); return the exit status.
+
+    *ready(machine)* is called once the VM is set up, before the guest runs.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
 
     def body() -> int:
@@ -191,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         kernel = opts.pop("kernel")
         try:
             _machine = Machine(kernel, **opts)
-            return int(_machine.run())
+            return int(_machine.run(ready))
         except MachineError as e:
             error(PROG, str(e))
             return e.status
@@ -212,7 +219,9 @@ def run_as_program() -> None:
     vCPU threads may still sit in ``KVM_RUN``, and the VM's destruction (KVM
     waits for RCU/SRCU grace periods, tens of milliseconds on a busy host) is
     handed to a helper process (:func:`hand_over_teardown`), so whoever waits
-    for our exit status does not wait for it.
+    for our exit status does not wait for it.  The helper is started after the
+    run and holds ``/dev/kvm`` as well: on some hosts (PVM) dropping that fd,
+    or state the run created, costs as much as the VM itself.
     """
     status = main()
     try:
@@ -231,7 +240,8 @@ def hand_over_teardown(machine: Any) -> Optional[int]:
     """Give the last references to the VM to a helper that outlives us; return its pid.
 
     KVM destroys a VM when the last reference goes: its fd, its vCPU fds (and
-    their mappings).  ``posix_spawn`` starts ``cat`` with copies of those fds
+    their mappings); closing ``/dev/kvm`` can cost as much on some hosts (PVM).
+    ``posix_spawn`` starts ``cat`` with copies of those fds
     and a pipe as stdin whose other end only this process holds; stdout and
     stderr go to ``/dev/null``, so a reader of our output sees end of file as
     we exit.  When we exit, ``cat`` reads end of file, exits, and pays for the
@@ -245,7 +255,10 @@ def hand_over_teardown(machine: Any) -> Optional[int]:
     cat = next((p for p in _CAT if os.access(p, os.X_OK)), None)
     if cat is None:
         return None
+    kvm = getattr(machine, "kvm", None)
     fds = [vm.fileno()] + [v.fileno() for v in getattr(machine, "vcpus", []) if not v.closed]
+    if kvm is not None and not kvm.closed:
+        fds.append(kvm.fileno())
     try:
         r, w = os.pipe()                # both close-on-exec: w stays ours alone
     except OSError:

@@ -17,7 +17,6 @@ from the boot CPU's local APIC, as on real hardware.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -56,7 +55,7 @@ def _check_number(name: str, value: Any, low: float, high: float, integer: bool)
     ok_type = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_type):
         raise MachineError(f"{name} {value!r}: want a {'whole ' if integer else ''}number")
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and value - value != 0.0:      # nan, +-inf
         raise MachineError(f"{name} {value!r}: want a finite number")
     if not low <= value <= high:
         raise MachineError(f"{name} {value!r}: want {low:g} .. {high:g}")
@@ -341,8 +340,11 @@ class Machine:
 
         return describe_vcpu(vcpu)
 
-    def run(self) -> int:
-        """Set up (unless done), run until an exit condition, stop the vCPUs; return the status."""
+    def run(self, ready: Optional[Callable[["Machine"], None]] = None) -> int:
+        """Set up (unless done), run until an exit condition, stop the vCPUs; return the status.
+
+        *ready(machine)*, if given, is called once the VM is set up, before any vCPU runs.
+        """
         try:
             if self.vm is None:
                 self.setup()
@@ -354,6 +356,8 @@ class Machine:
             self.log(f"setting up the VM failed: {e}")
             self.close()
             return VMM_ERROR
+        if ready is not None:
+            ready(self)
         if self.gdb_port is not None:
             try:
                 self._start_gdb()

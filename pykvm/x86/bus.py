@@ -34,7 +34,6 @@ and one dict lookup per exit (see ``examples/measure_runloop.py``).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import struct
 import threading
@@ -70,6 +69,10 @@ _ERRORS = {
     int(ExitReason.FAIL_ENTRY): "fail-entry",
     int(ExitReason.UNKNOWN): "unknown-exit",
 }
+
+
+def _no_bisect(starts: List[int], addr: int) -> int:
+    return 0                                    # no MMIO range registered yet
 
 
 def _decode(mm: Any) -> Exit:
@@ -124,6 +127,7 @@ class Bus:
         self.ins: Dict[int, InHandler] = {}
         self._mmio: List[Tuple[int, int, Optional[MmioReadHandler], Optional[MmioWriteHandler]]] = []
         self._starts: List[int] = []
+        self._bisect: Callable[[List[int], int], int] = _no_bisect
 
     @staticmethod
     def _ports(ports: PortSpec) -> Iterable[int]:
@@ -161,6 +165,10 @@ class Bus:
         for s, e, _, _ in self._mmio:
             if start < e and s < end:
                 raise ValueError(f"MMIO range [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x})")
+        if self._bisect is _no_bisect:
+            from bisect import bisect_right     # only buses with MMIO ranges need it
+
+            self._bisect = bisect_right
         self._mmio.append((start, end, read, write))
         self._mmio.sort(key=lambda t: t[0])
         self._starts = [t[0] for t in self._mmio]
@@ -227,7 +235,7 @@ class Bus:
 
     def find_mmio(self, addr: int) -> Optional[MmioEntry]:
         """The ``(start, end, read, write)`` entry holding *addr*, or None."""
-        i = bisect.bisect_right(self._starts, addr) - 1
+        i = self._bisect(self._starts, addr) - 1
         if i >= 0:
             t = self._mmio[i]
             if addr < t[1]:
