@@ -298,6 +298,6 @@ def _mem_lower_upper(memory_map: Sequence[Region]) -> Tuple[int, int]:
     for r in memory_map:
         if r.type == RAM and r.base == 0:
             lower = min(r.length, 0xA0000) // 1024
-        if r.type == RAM and r.base == 0x100000:
+        if r.type == RAM and r.base == HIGH_MEMORY:
             upper = r.length // 1024
     return lower, upper
