@@ -2,22 +2,27 @@
 
 The values are architectural (Intel SDM vol. 3 / AMD APM vol. 2); the names
 follow the Linux kernel's where it has one (``X86_CR0_PG`` is ``CR0.PG``).
-Flag groups are :class:`enum.IntFlag`, so they combine with ``|`` and print
-their members.  MSR indices (:mod:`.msr`), exception vectors (:mod:`.vectors`)
+Flag groups (``CR0``, ``CR4``, ``EFER``, ``RFLAGS``, ``PTE``, ``SegType``) are
+namespaces of plain ``int`` bits: they combine with ``|`` and ``&`` and
+``decode()`` names the bits of a value.  They are not :mod:`enum` classes on
+purpose: creating enum classes costs start-up time in every program that
+imports them (the VMM's included), and these bits are only ever combined
+and tested as ints.  MSR indices (:mod:`.msr`), exception vectors (:mod:`.vectors`)
 and CPUID features (:mod:`.features`) live in their own modules and are
 re-exported here on first use: creating enum classes costs start-up time,
 and a VMM that needs ``CR0`` should not pay for 90 CPUID features::
 
     >>> CR0.PE | CR0.PG
-    <CR0.PG|PE: 2147483649>
+    2147483649
+    >>> CR0.decode(CR0.PE | CR0.PG)
+    'PG|PE'
     >>> RFLAGS.decode(0x202)
-    'IF'
+    'IF|FIXED'
 """
 
 from __future__ import annotations
 
-import enum
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, Optional
 
 if TYPE_CHECKING:  # defined in their own modules, loaded on first use (see __getattr__)
     from .features import FEATURES, Feature, features_in
@@ -35,21 +40,41 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE_4K, PAGE_2M, PAGE_4M, PAGE_1G = 4 * KiB, 2 * MiB, 4 * MiB, GiB
 
 
-def decode_flags(flag_type: type, value: int) -> str:
-    """``"PG|WP|PE"``-style text of the set bits of *value* (unknown bits in hex)."""
+def decode_flags(flag_type: Any, value: int) -> str:
+    """``"PG|WP|PE"``-style text of the set bits of *value* (unknown bits in hex).
+
+    *flag_type* is one of the flag groups here, or any :class:`enum.Flag`."""
+    members = getattr(flag_type, "members", None)
+    pairs = members().items() if callable(members) else [(m.name, m.value) for m in flag_type]
     names = []
     rest = value
-    for member in sorted(flag_type, key=lambda m: -m.value):
-        v = member.value
+    for name, v in sorted(pairs, key=lambda p: -p[1]):
         if v and v & (v - 1) == 0 and value & v:
-            names.append(member.name)
+            names.append(name)
             rest &= ~v
     if rest:
         names.append(hex(rest))
     return "|".join(names) or "0"
 
 
-class _Flags(enum.IntFlag):
+class _Flags:
+    """A namespace of named bits (upper-case ``int`` class attributes)."""
+
+    _members: ClassVar[Dict[str, int]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._members = {k: v for k, v in vars(cls).items()
+                        if k.isupper() and isinstance(v, int)}
+
+    def __new__(cls, *args: object, **kwargs: object) -> "_Flags":
+        raise TypeError(f"{cls.__name__} is a namespace of constants, not a type to instantiate")
+
+    @classmethod
+    def members(cls) -> Dict[str, int]:
+        """``{name: value}`` of every constant in the group."""
+        return dict(cls._members)
+
     @classmethod
     def decode(cls, value: int) -> str:
         """The set bits of *value* by name, e.g. ``"PG|PE"``."""
@@ -166,7 +191,7 @@ APIC_DEFAULT_BASE = 0xFEE00000
 IOAPIC_DEFAULT_BASE = 0xFEC00000
 
 
-class SegType(enum.IntEnum):
+class SegType(_Flags):
     """The 4-bit type field of a segment descriptor."""
 
     # code/data (S=1): bit 0 accessed, data: bit1 writable, bit2 expand-down;
