@@ -20,7 +20,7 @@ Layouts (Intel SDM vol. 3, 3.4.5 and 7.2.3, 6.14.1):
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..uapi.structs import kvm_dtable, kvm_segment
 from .consts import SegType
@@ -36,26 +36,58 @@ def selector(index: int, rpl: int = 0, ldt: bool = False) -> int:
     return index << 3 | (4 if ldt else 0) | rpl
 
 
-class Segment(NamedTuple):
+class Segment:
     """One segment: base, limit (in bytes, ``0xFFFFFFFF`` for flat) and attributes.
 
-    Immutable (a NamedTuple: ``seg._replace(dpl=3)``; no ``dataclasses``, which
-    imports ``inspect`` and would slow every start-up that uses ``pykvm.x86``).
+    Immutable: ``seg._replace(dpl=3)`` makes a changed copy.  (A plain class:
+    ``dataclasses`` imports ``inspect`` and a NamedTuple compiles code at import,
+    both start-up time for every user of ``pykvm.x86``, the VMM included.)
 
     ``code``/``data`` build the usual ones; ``system=True`` (``s=0``) is a
     TSS or LDT.  ``limit`` is the byte limit; the descriptor's 20-bit field
     and its G bit are derived from it.
     """
 
-    base: int = 0
-    limit: int = 0xFFFFFFFF
-    type: int = SegType.DATA_RW_ACCESSED
-    s: int = 1          #: 1 code/data, 0 system
-    dpl: int = 0
-    present: int = 1
-    long: int = 0       #: L bit: 64-bit code segment
-    db: int = 1         #: D/B bit: 32-bit default operand size
-    avl: int = 0
+    __slots__ = ("base", "limit", "type", "s", "dpl", "present", "long", "db", "avl")
+    _fields = __slots__
+
+    base: int
+    limit: int
+    type: int
+    s: int          #: 1 code/data, 0 system
+    dpl: int
+    present: int
+    long: int       #: L bit: 64-bit code segment
+    db: int         #: D/B bit: 32-bit default operand size
+    avl: int
+
+    def __init__(self, base: int = 0, limit: int = 0xFFFFFFFF,
+                 type: int = SegType.DATA_RW_ACCESSED, s: int = 1, dpl: int = 0,
+                 present: int = 1, long: int = 0, db: int = 1, avl: int = 0) -> None:
+        for name, value in zip(self._fields, (base, limit, type, s, dpl, present, long, db, avl)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Segment is immutable: use seg._replace({name}=...)")
+
+    def _astuple(self) -> Tuple[int, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def _replace(self, **changes: int) -> "Segment":
+        """A copy with *changes* applied."""
+        values = dict(zip(self._fields, self._astuple()))
+        values.update(changes)
+        return Segment(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Segment) and self._astuple() == other._astuple()
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        return "Segment(" + ", ".join(f"{f}={getattr(self, f):#x}" if f in ("base", "limit")
+                                      else f"{f}={getattr(self, f)}" for f in self._fields) + ")"
 
     @classmethod
     def code64(cls, dpl: int = 0) -> "Segment":
