@@ -246,7 +246,9 @@ def hand_over_teardown(machine: Any) -> Optional[int]:
     stderr go to ``/dev/null``, so a reader of our output sees end of file as
     we exit.  When we exit, ``cat`` reads end of file, exits, and pays for the
     destruction.  Unlike ``fork()`` this is safe in a threaded process (Python
-    3.12+ warns about ``fork`` there).  Returns None (the caller then destroys
+    3.12+ warns about ``fork`` there); when no other thread is left (the usual
+    case: the vCPU threads are gone and stdin is not a terminal still being
+    read) a forked child does the same job for less.  Returns None (the caller then destroys
     the VM itself) when there is nothing to hand over or no ``cat``.
     """
     vm = getattr(machine, "vm", None)
@@ -263,6 +265,24 @@ def hand_over_teardown(machine: Any) -> Optional[int]:
         r, w = os.pipe()                # both close-on-exec: w stays ours alone
     except OSError:
         return None
+    if threading.active_count() == 1:
+        # No other thread (the vCPU threads are gone, stdin is at its end): fork is
+        # safe here and cheaper than starting a program.  The child keeps copies of
+        # every fd, closes stdio so readers of our output see its end, and waits.
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            try:
+                os.closerange(0, 3)
+                os.close(w)
+                os.read(r, 1)           # end of file: we have exited
+            finally:
+                os._exit(0)
+        if pid > 0:
+            os.close(r)
+            return pid
     actions: List[Any] = [(os.POSIX_SPAWN_DUP2, r, 0),
                           (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                           (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]

@@ -282,3 +282,28 @@ def test_machine_in_process(kernels, tmp_path):
     finally:
         os.close(fd)
     assert out.read_text().endswith("smp: all 2 cpus online\n")
+
+
+@pytest.mark.parametrize("stdin_open", [False, True])
+def test_teardown_helper_keeps_no_output_open(kernels, stdin_open):
+    """The VMM hands the VM's teardown to a helper (a forked child when no other
+    thread is left, else a spawned `cat`).  Whoever reads our output must see its
+    end when we exit, and no warning may appear (Python 3.12+ warns about fork()
+    in a threaded process; run with -W error)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-W", "error", "-m", "pykvm.vmm", kernels["tiny"], "--timeout", "20"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin_open else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = p.stdout.read()          # returns at EOF: nothing else holds the pipe
+        err = p.stderr.read()
+        status = p.wait(timeout=30)
+    finally:
+        if p.stdin:
+            p.stdin.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert (status, out, err) == (1, b"hello from a multiboot kernel\n", b"")
