@@ -212,8 +212,9 @@ def main(argv: Optional[List[str]] = None,
     return run_command(PROG, body)
 
 
-def run_as_program() -> None:
-    """``python -m pykvm.vmm``: run :func:`main`, flush, and leave without teardown.
+def run_as_program(argv: Optional[List[str]] = None) -> None:
+    """``python -m pykvm.vmm`` (and ``pykvm vmm``, given *argv*): run :func:`main`,
+    flush, and leave without teardown.  Never returns.
 
     The process exits through ``os._exit``: no interpreter teardown runs while
     vCPU threads may still sit in ``KVM_RUN``, and the VM's destruction (KVM
@@ -223,7 +224,7 @@ def run_as_program() -> None:
     run and holds ``/dev/kvm`` as well: on some hosts (PVM) dropping that fd,
     or state the run created, costs as much as the VM itself.
     """
-    status = main()
+    status = main(argv)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
