@@ -93,7 +93,7 @@ def main() -> None:
         loop = x86.RunLoop(vcpu)
         uart = loop.add(x86.Uart16550(on_output=lambda b: print(b.decode(), end="", flush=True)))
         uart.feed(name.encode() + b"\n")      # what the guest's getc will read
-        stop = loop.run(timeout=10)
+        stop = loop.run(timeout=60)          # a watchdog, never reached normally
         print(f"[host] guest stopped: {stop.reason} after {stop.exits} exits")
 
 

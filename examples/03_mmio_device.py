@@ -145,7 +145,7 @@ def main() -> None:
         loop = x86.RunLoop(vcpu)
         loop.add(x86.Uart16550(on_output=lambda b: print(b.decode(), end="", flush=True)))
         dev = loop.add(Calculator(DEV_BASE))
-        loop.run(timeout=10)
+        loop.run(timeout=60)          # a watchdog, never reached normally
         print(f"[host] the device served {dev.accesses} MMIO accesses")
 
 

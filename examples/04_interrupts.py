@@ -14,8 +14,12 @@ What it shows
 
 Guest steps: mask the legacy 8259 PIC (so line 5 reaches only the IOAPIC),
 enable the LAPIC, start its timer, wait for 10 ticks; stop the timer, program
-IOAPIC pin 5, tell the host it is ready (port 0xf0), wait for 3 interrupts
-that a host thread sends through the irqfd, then report and leave (port 0xf4).
+IOAPIC pin 5, then 3 times: ask the host for an interrupt (port 0xf0), wait
+until a host thread has sent it through the irqfd; then report and leave
+(port 0xf4).  Waiting is ``cli; check; sti; hlt``: ``sti`` holds interrupts
+off for one more instruction, so an interrupt that arrives after the check
+wakes the ``hlt`` instead of being missed -- the run does not depend on how
+fast the host or the guest is.
 
 Needs GNU binutils.   Run:  python examples/04_interrupts.py
 """
@@ -61,13 +65,16 @@ _start:
     mov  dword ptr [rcx + 0x10], {DEVICE_VECTOR}         # IOWIN: vector, fixed, edge, unmasked
     mov  dword ptr [rcx], 0x10 + 2 * {IRQ_LINE} + 1      # high half
     mov  dword ptr [rcx + 0x10], 0                       # destination: APIC id 0
-    out  0xf0, al                       # tell the host: ready for device interrupts
-
     xor  r12d, r12d                     # interrupts reported so far
-2:  hlt
+2:  out  0xf0, al                       # ask the host for one device interrupt
+3:  cli
     mov  eax, [rip + irqs]
     cmp  eax, r12d
-    je   2b
+    jne  4f
+    sti                                 # interrupts on after the next instruction ...
+    hlt                                 # ... so none slips in between
+    jmp  3b
+4:  sti
     inc  r12d
     lea  rdi, [rip + s_irq]
     call serial_puts
@@ -120,16 +127,15 @@ def main() -> None:
         vm.register_irqfd(efd, IRQ_LINE)      # KVM_IRQFD: writing efd raises GSI 5
 
         def device_thread() -> None:          # an "interrupting device" on the host side
-            for _ in range(DEVICE_IRQS):
-                time.sleep(0.01)
-                os.eventfd_write(efd, 1)      # -> interrupt, without touching the vCPU
+            time.sleep(0.01)                  # some device latency
+            os.eventfd_write(efd, 1)          # -> interrupt, without touching the vCPU
 
         loop = x86.RunLoop(vcpu)
         loop.add(x86.Uart16550(on_output=lambda b: print(b.decode(), end="", flush=True)))
         loop.on_out(0xF0, lambda port, data: threading.Thread(target=device_thread, daemon=True).start())
         loop.on_out(0xF4, lambda port, data: loop.stop(int.from_bytes(data, "little")))
         t0 = time.perf_counter()
-        stop = loop.run(timeout=10)
+        stop = loop.run(timeout=120)          # a watchdog only: the guest ends by itself
         print(f"[host] guest done after {time.perf_counter() - t0:.3f} s: {stop.value} ticks, "
               f"{DEVICE_IRQS} irqfd interrupts, {stop.exits} exits to Python")
         os.close(efd)

@@ -196,7 +196,7 @@ def main() -> None:
         stops = [None, None]
 
         def run(i: int) -> None:
-            stops[i] = loops[i].run(timeout=20)
+            stops[i] = loops[i].run(timeout=60)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
         for t in threads:

@@ -258,7 +258,7 @@ def main() -> None:
             return False                          # a real triple fault: report it
 
         loop.on_exit(pykvm.ExitReason.SHUTDOWN, on_shutdown)
-        stop = loop.run(timeout=20)
+        stop = loop.run(timeout=60)
         how = (f"{completed_by_vmm} SYSCALLs finished by the VMM (this host delivers SYSCALL "
                "from user mode only to PVM kernels)" if completed_by_vmm
                else "all SYSCALLs handled by the CPU")

@@ -77,7 +77,7 @@ def main() -> None:
             print("(install capstone to see each instruction's text)")
         print("  step address   symbol       instruction")
         show(vcpu.get_regs().rip)                        # the first one, before running
-        stop = loop.run(timeout=10)
+        stop = loop.run(timeout=60)          # a watchdog, never reached normally
         vcpu.set_guest_debug(enable=False)
 
         print(f"traced {len(trace)} instructions; the guest computed gcd(1071, 462) = {stop.value}")

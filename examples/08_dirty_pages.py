@@ -14,9 +14,11 @@ What it shows
 
 The guest runs directly at CPL3 (user mode: native speed on this host) with
 all its memory mapped user-accessible.  It fills 2 MiB with a pattern (a
-"cold" pass), then increments a counter (r8) forever and stores it into one
-of 16 "hot" pages in turn — a working set much smaller than its memory, which
-is what makes pre-copy converge.
+"cold" pass), raises a flag the host waits for, then increments a counter
+(r8) forever and stores it into one of 16 "hot" pages in turn — a working set
+much smaller than its memory, which is what makes pre-copy converge.  The
+host waits for the flag and for the counter to move rather than for a fixed
+time, so a slow or busy machine changes how long it takes, not what it prints.
 
 Needs GNU binutils.   Run:  python examples/08_dirty_pages.py
 """
@@ -29,6 +31,8 @@ from pykvm import uapi, x86
 
 RAM = 4 * x86.MiB
 PAGE = 4096
+FLAG = 0x1F0000          # the guest sets this qword to 1 once its cold pass is done
+WATCHDOG = 120           # seconds: a bound on each run, never reached normally
 ROUND_SECONDS = 0.01
 CONVERGED = 32           # stop pre-copy when a round finds this few dirty pages
 MAX_ROUNDS = 10
@@ -45,6 +49,7 @@ _start:                             # at CPL3
     cmp  edx, 512
     jb   1b
 
+    mov  qword ptr [0x1f0000], 1    # flag: the cold pass is done
     xor  r8d, r8d                   # hot loop: 16 pages, written over and over
 2:  inc  r8
     mov  rax, r8
@@ -73,13 +78,16 @@ def main() -> None:
         vcpu = boot(kvm, src, prog)
         loop = x86.RunLoop(vcpu)
         result = {}
-        runner = threading.Thread(target=lambda: result.update(stop=loop.run(timeout=30)))
+        runner = threading.Thread(target=lambda: result.update(stop=loop.run(timeout=WATCHDOG)))
 
-        # Step 2: round 0 — reset the log, start the guest, copy everything.
+        # Step 2: round 0 — start the guest, wait for its cold pass, reset the
+        # log and copy everything.
         dest = bytearray(RAM)
-        src.get_dirty_log(mem.slot)
         runner.start()
-        time.sleep(ROUND_SECONDS)
+        deadline = time.monotonic() + WATCHDOG
+        while mem[FLAG:FLAG + 8] == bytes(8) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        src.get_dirty_log(mem.slot)
         dest[:] = mem[:]
         print(f"round 0: copied all {RAM // PAGE} pages while the guest runs")
 
@@ -112,9 +120,14 @@ def main() -> None:
             x86.setup_cpuid(kvm, vcpu2)
             vcpu2.set_sregs(sregs)
             vcpu2.set_regs(regs)
-            # Run it for 20 ms: the run loop's timeout ends the run (no error check).
-            x86.RunLoop(vcpu2).run(timeout=0.02, check=False)
-            after = vcpu2.get_regs().r8
+            # Run it in slices of 20 ms (the run loop's timeout ends each one, no error
+            # check) until the counter has moved: the guest got some CPU time.
+            loop2 = x86.RunLoop(vcpu2)
+            deadline = time.monotonic() + WATCHDOG
+            after = regs.r8
+            while after == regs.r8 and time.monotonic() < deadline:
+                loop2.run(timeout=0.02, check=False)
+                after = vcpu2.get_regs().r8
             print(f"resumed on a second VM: counter went on from {regs.r8} to {after} "
                   f"({'continues' if after > regs.r8 else 'did NOT continue'})")
 

@@ -1,11 +1,17 @@
 """pykvm.vmm: a small PC that boots multiboot (v1) kernels, like ``qemu -kernel``.
 
-Run ``python -m pykvm.vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE]
-[--module FILE ...] [--timeout S]``; see ``docs/vmm.md``.  The pieces:
+Run ``pykvm vmm KERNEL [--smp N] [--memory MiB] [--append CMDLINE]
+[--module FILE ...] [--timeout S]`` (or ``python -m pykvm.vmm ...``); see
+``docs/vmm.md``.  Built on :mod:`pykvm.x86` (bus, run loop, UART, CPUID,
+reports); what is here is PC-specific:
 
+* :mod:`.layout` -- the address map: every guest address and port
 * :mod:`.multiboot` -- header, ELF32 / a.out-kludge loading, boot information
-* :mod:`.devices` -- UART, fw_cfg, CMOS, PCI "no device", debug exit, misc ports
+* :mod:`.files` -- bounded reading of the kernel and module files
+* :mod:`.devices` -- fw_cfg, CMOS, PCI "no device", debug exit, misc ports
+* :mod:`.tables` -- MP and ACPI tables
 * :mod:`.machine` -- :class:`~.machine.Machine`: VM, vCPU threads, reports
+* :mod:`.cli` -- the command line (``main(argv)``)
 * :mod:`.status` -- the exit statuses
 
 Submodules are imported on use, so ``import pykvm.vmm`` stays cheap.
@@ -19,13 +25,13 @@ __all__ = ["Machine", "MachineError", "main", "RESET", "LOAD_ERROR", "TRIPLE_FAU
            "debug_exit_status"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     if name in ("Machine", "MachineError"):
         from . import machine
 
         return getattr(machine, name)
     if name == "main":
-        from .__main__ import main
+        from .cli import main
 
         return main
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

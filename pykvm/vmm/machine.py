@@ -1,73 +1,64 @@
-"""The small PC: a VM with in-kernel irqchip and PIT, RAM, Python port devices, vCPU threads.
+"""The small PC: a VM with in-kernel irqchip and PIT, RAM, port devices, vCPU threads.
 
 :class:`Machine` builds the VM, loads a multiboot kernel (:mod:`.multiboot`),
 runs one thread per vCPU and returns the exit status (see
-:mod:`pykvm.vmm` for the table).  The boot CPU (vCPU 0) starts at the
-kernel's entry in 32-bit protected mode; the others wait in KVM, in
-``KVM_MP_STATE_UNINITIALIZED``, for INIT and SIPI from the boot CPU's local
-APIC, as on real hardware.
+:mod:`pykvm.vmm.status`).  Everything x86 comes from :mod:`pykvm.x86`: the
+port bus and run loop (one :class:`~pykvm.x86.RunLoop` per vCPU over one shared
+:class:`~pykvm.x86.Bus`), COM1 (:class:`~pykvm.x86.Uart16550`), CPUID
+(:func:`~pykvm.x86.setup_cpuid`), the GDT and the reports
+(:func:`~pykvm.x86.describe_vcpu`).  What stays here is the PC: the address
+map (:mod:`.layout`), fw_cfg, CMOS, PCI, debug exit (:mod:`.devices`), the MP
+and ACPI tables (:mod:`.tables`) and multiboot.
 
-Guest physical layout::
-
-    0x0000_0000  RAM (low)   0x9000 memory map, 0x9400 GDT, 0x9500 multiboot info
-    0x0009_fc00  reserved    (EBDA; 0xa0000-0xfffff is RAM too, so VGA text writes land)
-    0x000f_0000  reserved    MP table (0xf0000), ACPI RSDP/RSDT/MADT (0xf8000)
-    0x0010_0000  RAM         kernel, then modules, page aligned
-    low_end      PCI hole    low_end = memory, or 3 GiB when memory > 3.5 GiB
-    0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in KVM)
-    0xfffb_c000  reserved    (KVM's identity map and TSS pages)
-    0x1_0000_0000 RAM (rest, when memory > 3.5 GiB)
+The boot CPU (vCPU 0) starts at the kernel's entry in 32-bit protected mode;
+the others wait in KVM, in ``KVM_MP_STATE_UNINITIALIZED``, for INIT and SIPI
+from the boot CPU's local APIC, as on real hardware.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 from .. import Kvm, KvmError, KvmUnavailable
+from ..uapi.structs import (KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_INIT_RECEIVED,
+                           KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET,
+                           KVM_SYSTEM_EVENT_SHUTDOWN)
 from ..irq import IOAPIC, PIC_MASTER, PIC_SLAVE, irqchip_route
-from ..uapi import structs as S
 from ..vcpu import lapic_set_reg
-from . import devices as D
-from . import multiboot as MB
+from ..x86.bus import Bus, RunLoop, RunResult
+from ..x86.consts import CR0
+from ..x86.cpu import prepare_vm, setup_cpuid
+from ..x86.descriptors import Gdt, dtable
+from ..x86.devices.uart16550 import Uart16550
+from . import layout
+from . import multiboot
 from . import tables
-from .status import (EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, LOAD_ERROR, RESET,
-                     TIMEOUT, TRIPLE_FAULT, VMM_ERROR)
+from .devices import Cmos, DebugExit, FdOutput, FwCfg, Misc, Pci
+from .errors import MachineError
+from .files import read_image
+from .status import (EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, RESET, TIMEOUT,
+                     TRIPLE_FAULT, VMM_ERROR)
 
-__all__ = ["Machine", "MachineError"]
+__all__ = ["Machine", "MachineError", "MAX_CPUS", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB"]
 
-MiB = 1 << 20
-GiB = 1 << 30
-TSS_ADDR = 0xFFFBD000
-IDENTITY_MAP_ADDR = 0xFFFBC000
-GDT_ADDR = 0x9400
-BOOT_STACK = 0x7C00
-LAPIC_BASE = 0xFEE00000
-
-_IO = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
-_EXIT_IO, _EXIT_MMIO, _EXIT_INTR = 2, 6, 10
-_MP_STATE_UNINITIALIZED = 1
-_MAX_LOG_LINES = 64
-# Low memory the VMM writes itself: a kernel image must not overlap it.
-_VMM_AREAS = [(MB.MMAP_ADDR, 0xA000, "the boot information and GDT"),
-              (tables.MP_ADDR, 0x100000, "the MP and ACPI tables")]
+MAX_CPUS = 255                  # xAPIC ids are 8 bits, 0xff is broadcast
+MIN_MEMORY_MIB = 2
+MAX_MEMORY_MIB = 1 << 20        # 1 TiB
+_MAX_LOG_LINES = 64             # unhandled-access messages per run (and keys remembered)
+_STOP_GRACE = 2.0               # seconds to get every vCPU thread out of KVM_RUN
 
 
-class MachineError(Exception):
-    """Set-up failed before the guest ran; ``status`` is the exit status to use."""
-
-    def __init__(self, message: str, status: int = LOAD_ERROR) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _seg(seg, selector: int, type_: int) -> None:
-    seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, type_
-    seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 1, 0, 0
+def _check_number(name: str, value: Any, low: float, high: float, integer: bool) -> None:
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        raise MachineError(f"{name} {value!r}: want a {'whole ' if integer else ''}number")
+    if isinstance(value, float) and value - value != 0.0:      # nan, +-inf
+        raise MachineError(f"{name} {value!r}: want a finite number")
+    if not low <= value <= high:
+        raise MachineError(f"{name} {value!r}: want {low:g} .. {high:g}")
 
 
 class Machine:
@@ -82,12 +73,21 @@ class Machine:
 
     def __init__(self, kernel: str, *, smp: int = 1, memory_mib: int = 128, append: str = "",
                  modules: Sequence[str] = (), timeout: Optional[float] = None,
-                 stdout: int = 1, stdin: Optional[int] = 0, stderr: int = 2) -> None:
-        if smp < 1 or smp > 255:
-            raise MachineError(f"--smp {smp}: want 1..255 CPUs")
-        if memory_mib < 2 or memory_mib > 1 << 20:
-            raise MachineError(f"--memory {memory_mib}: want 2 MiB .. 1 TiB")
-        self.kernel, self.smp, self.memory = kernel, smp, memory_mib * MiB
+                 stdout: int = 1, stdin: Optional[int] = 0, stderr: int = 2,
+                 gdb: Optional[int] = None) -> None:
+        _check_number("--smp", smp, 1, MAX_CPUS, True)
+        _check_number("--memory", memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, True)
+        if timeout is not None:
+            _check_number("--timeout", timeout, 0, threading.TIMEOUT_MAX, False)
+            if timeout <= 0:
+                raise MachineError(f"--timeout {timeout!r}: want a positive number of seconds")
+        if gdb is not None:
+            _check_number("--gdb", gdb, 0, 0xFFFF, True)
+            if smp != 1:
+                raise MachineError("--gdb debugs one CPU: use --smp 1")
+        self.gdb_port = gdb
+        self.gdb_address: Optional[Tuple[str, int]] = None
+        self.kernel, self.smp, self.memory = kernel, smp, memory_mib * layout.MiB
         self.append, self.modules, self.timeout = append, list(modules), timeout
         self.out_fd, self.in_fd, self.err_fd = stdout, stdin, stderr
         self.status: Optional[int] = None
@@ -95,42 +95,46 @@ class Machine:
         self._done = threading.Event()
         self._stop = False
         self._finish_lock = threading.Lock()
-        self._lock = threading.Lock()      # the device lock
-        self._logged: set = set()
+        self._lock = threading.Lock()      # the device lock: one handler at a time
+        self._logged: Set[Tuple[str, int]] = set()
         self._log_count = 0
-        self.kvm = self.vm = None
-        self.vcpus: list = []
+        self.kvm: Optional[Kvm] = None
+        self.vm: Any = None
+        self.vcpus: List[Any] = []
+        self.loops: List[RunLoop] = []
+        self._stop_hooks: List[Callable[[], None]] = []
         self.threads: List[threading.Thread] = []
-        low = self.memory if self.memory <= 0xE0000000 else 0xC0000000
-        self.low_end, self.high_size = low, self.memory - low
+        self.low_end, self.high_size = layout.split_ram(self.memory)
 
     # -- messages --------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         try:
-            os.write(self.err_fd, f"pykvm.vmm: {msg}\n".encode("utf-8", "replace"))
+            os.write(self.err_fd, f"pykvm vmm: {msg}\n".encode("utf-8", "replace"))
         except OSError:
             pass
 
-    def _log_once(self, key, msg: str) -> None:
-        if key in self._logged:
+    def _log_once(self, key: Tuple[str, int], msg: str) -> None:
+        # The set is capped with the messages: a guest touching every address
+        # cannot make it grow.
+        if key in self._logged or self._log_count > _MAX_LOG_LINES:
             return
-        self._logged.add(key)
         self._log_count += 1
-        if self._log_count < _MAX_LOG_LINES:
+        if self._log_count <= _MAX_LOG_LINES:
+            self._logged.add(key)
             self.log(msg + " (logged once)")
-        elif self._log_count == _MAX_LOG_LINES:
+        else:
             self.log("too many unhandled addresses: not logging more")
 
     def finish(self, status: int, reason: str) -> None:
-        """End the run with *status* (the first call wins) and kick every vCPU."""
+        """End the run with *status* (the first call wins) and stop every vCPU."""
         with self._finish_lock:
             if self.status is not None:
                 return
             self.status, self.reason = status, reason
             self._stop = True
-        for v in self.vcpus:
+        for loop in self.loops:
             try:
-                v.kick()
+                loop.stop()
             except Exception:
                 pass
         self._done.set()
@@ -138,82 +142,88 @@ class Machine:
     def _reset(self, why: str) -> None:
         self.finish(RESET, why)
 
-    # -- memory layout ---------------------------------------------------------------------------
-    def ram_regions(self) -> List[MB.Region]:
-        r = [MB.Region(0, self.low_end)]
+    # -- memory layout -------------------------------------------------------------------------
+    def ram_regions(self) -> List[multiboot.Region]:
+        r = [multiboot.Region(0, self.low_end)]
         if self.high_size:
-            r.append(MB.Region(4 * GiB, self.high_size))
+            r.append(multiboot.Region(layout.HIGH_RAM_BASE, self.high_size))
         return r
 
-    def memory_map(self) -> List[MB.Region]:
-        m = [MB.Region(0, 0x9FC00), MB.Region(0x9FC00, 0x400, MB.RESERVED),
-             MB.Region(0xF0000, 0x10000, MB.RESERVED),
-             MB.Region(0x100000, self.low_end - 0x100000),
-             MB.Region(IDENTITY_MAP_ADDR, (1 << 32) - IDENTITY_MAP_ADDR, MB.RESERVED)]
+    def memory_map(self) -> List[multiboot.Region]:
+        Region, RESERVED = multiboot.Region, multiboot.RESERVED
+        m = [Region(0, layout.EBDA_ADDR), Region(layout.EBDA_ADDR, 0x400, RESERVED),
+             Region(layout.BIOS_ADDR, layout.HIGH_MEMORY - layout.BIOS_ADDR, RESERVED),
+             Region(layout.HIGH_MEMORY, self.low_end - layout.HIGH_MEMORY),
+             Region(layout.IDENTITY_MAP_ADDR, (1 << 32) - layout.IDENTITY_MAP_ADDR, RESERVED)]
         if self.high_size:
-            m.append(MB.Region(4 * GiB, self.high_size))
+            m.append(Region(layout.HIGH_RAM_BASE, self.high_size))
         return m
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _read_file(self, path: str, what: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise MachineError(f"cannot read {what} {path!r}: {e.strerror}") from None
-
-    def setup(self) -> None:
-        """Create the VM, load the kernel and prepare every vCPU (raises MachineError)."""
-        kernel = self._read_file(self.kernel, "kernel")
+    def _read_inputs(self) -> Tuple[bytes, List[Tuple[bytes, str]]]:
+        """The kernel and module files, together at most the guest RAM size."""
+        room = self.memory
+        kernel = read_image(self.kernel, "kernel", room)
+        room -= len(kernel)
         mods = []
         for m in self.modules:
             path = m if os.path.exists(m) or " " not in m else m.split(" ", 1)[0]
-            mods.append((self._read_file(path, "module"), m))
+            data = read_image(path, "module", room)
+            room -= len(data)
+            mods.append((data, m))
+        return kernel, mods
+
+    def setup(self) -> None:
+        """Create the VM, load the kernel and prepare every vCPU (raises MachineError)."""
+        kernel, mods = self._read_inputs()
         try:
             self.kvm = Kvm()
         except KvmUnavailable as e:
             raise MachineError(str(e), VMM_ERROR) from None
         vm = self.vm = self.kvm.create_vm()
-        vm.set_tss_address(TSS_ADDR)
-        # RAM before the irqchip: a memslot added after KVM_CREATE_IRQCHIP costs
-        # ~5 ms more here (measured on the PVM host), before it ~0.1 ms.
+        prepare_vm(vm, tss_address=layout.TSS_ADDR, identity_map_address=None)
+        # RAM before the irqchip: KVM makes a memslot added after KVM_CREATE_IRQCHIP
+        # wait for an SRCU grace period.
         vm.add_memory(0, self.low_end)
         if self.high_size:
-            vm.add_memory(4 * GiB, self.high_size)
+            vm.add_memory(layout.HIGH_RAM_BASE, self.high_size)
         vm.create_irq_chip()
         self._set_gsi_routing()
         vm.create_pit2(1)                       # KVM_PIT_SPEAKER_DUMMY: port 0x61 in the kernel
 
         regions = self.ram_regions()
+        cmdline = f"{self.kernel} {self.append}" if self.append else self.kernel
         try:
-            self.header, self.image = MB.load_kernel(vm, kernel, regions)
-            for start, end, what in _VMM_AREAS:
+            self.header, self.image = multiboot.load_kernel(vm, kernel, regions)
+            for start, end, what in layout.VMM_AREAS:
                 for paddr, _, memsz in self.image.segments:
                     if paddr < end and start < paddr + memsz:
-                        raise MB.MultibootError(
+                        raise multiboot.MultibootError(
                             f"the image [{paddr:#x}, {paddr + memsz:#x}) overlaps {what} "
                             f"[{start:#x}, {end:#x})")
-            cmdline = f"{self.kernel} {self.append}" if self.append else self.kernel
-            self.info_addr, self.placed_modules = MB.build_info(
+            self.info_addr, self.placed_modules = multiboot.build_info(
                 vm, image_end=self.image.high, cmdline=cmdline, modules=mods,
                 memory_map=self.memory_map(), ram_regions=regions)
-        except MB.MultibootError as e:
-            raise MachineError(f"{self.kernel}: {e}") from None
-        if self.header.flags & MB.F_VIDEO_MODE:
+        except multiboot.MultibootError as e:
+            raise MachineError(f"{self.kernel!r}: {e}") from None
+        del kernel, mods
+        if self.header.flags & multiboot.F_VIDEO_MODE:
             self.log("the kernel asks for a video mode: there is none (serial console only)")
-        vm.write(GDT_ADDR, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
-        vm.write(tables.MP_ADDR, tables.mp_table(self.smp))
-        vm.write(tables.RSDP_ADDR, tables.acpi_tables(self.smp))
+        self.gdt = Gdt.flat32()
+        vm.write(layout.GDT_ADDR, bytes(self.gdt))
+        vm.write(layout.MP_ADDR, tables.mp_table(self.smp))
+        vm.write(layout.RSDP_ADDR, tables.acpi_tables(self.smp))
 
-        self.ports = self._make_devices(cmdline)
+        self.bus = self._make_devices(cmdline.encode("utf-8", "surrogateescape"))
         cpuid = self.kvm.supported_cpuid()
         for i in range(self.smp):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(self._cpuid_for(cpuid, i))
+            setup_cpuid(self.kvm, vcpu, entries=cpuid)
             self.vcpus.append(vcpu)
+            self.loops.append(RunLoop(vcpu, self.bus, strict=False, on_unhandled=self._unhandled))
         self._boot_cpu(self.vcpus[0])
         for ap in self.vcpus[1:]:
-            ap.set_mp_state(_MP_STATE_UNINITIALIZED)   # KVM's default for non-boot CPUs too
+            ap.set_mp_state(KVM_MP_STATE_UNINITIALIZED)   # KVM's default for APs too
 
     def _set_gsi_routing(self) -> None:
         # As QEMU's pc: GSI 0-15 to the PICs (not 2, the cascade), GSI 0-23 to
@@ -231,46 +241,36 @@ class Machine:
         """Drive ISA IRQ line *irq* (GSI) to *level* through the in-kernel PIC/IOAPIC."""
         self.vm.set_irq_line(irq, level)
 
-    def _make_devices(self, cmdline: str) -> D.Ports:
-        ports = D.Ports()
-        self.uart = D.Uart16550(self.out_fd, self.in_fd, lambda lvl: self.set_irq(4, lvl), self._lock)
-        self.uart.register(ports)
+    def _make_devices(self, cmdline: bytes) -> Bus:
+        bus = Bus(lock=self._lock)
+        output = FdOutput(self.out_fd)
+        self.uart = bus.add(Uart16550(layout.COM1, output, output_limit=0, input_fd=self.in_fd,
+                                      irq=lambda level: self.set_irq(layout.COM1_IRQ, level)))
         e820 = [(r.base, r.length, r.type) for r in self.memory_map()]
-        self.fw_cfg = D.FwCfg(cpus=self.smp, ram_size=self.memory, cmdline=cmdline, e820=e820)
-        self.fw_cfg.register(ports)
-        D.Cmos(low_ram=self.low_end, high_ram=self.high_size, cpus=self.smp).register(ports)
-        D.Pci(self._reset).register(ports)
-        D.DebugExit(self.finish).register(ports)
-        D.Misc(self.out_fd, self._reset).register(ports)
-        return ports
+        self.fw_cfg = bus.add(FwCfg(cpus=self.smp, ram_size=self.memory, cmdline=cmdline, e820=e820))
+        bus.add(Cmos(low_ram=self.low_end, high_ram=self.high_size, cpus=self.smp))
+        bus.add(Pci(self._reset))
+        bus.add(DebugExit(self.finish))
+        bus.add(Misc(output, self._reset))
+        return bus
 
-    @staticmethod
-    def _cpuid_for(entries, apic_id: int):
-        out = []
-        for e in entries:
-            e = S.kvm_cpuid_entry2.from_buffer_copy(e)
-            if e.function == 1:
-                e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
-            elif e.function in (0xB, 0x1F):
-                e.edx = apic_id
-            elif e.function == 0x8000001E:
-                e.eax = apic_id
-            out.append(e)
-        return out
-
-    def _boot_cpu(self, vcpu) -> None:
+    def _boot_cpu(self, vcpu: Any) -> None:
+        """The multiboot machine state: flat 32-bit segments, CR0.PE, paging off,
+        EAX = magic, EBX = information address."""
+        g = self.gdt
+        cs, ds = g.selectors["kernel_cs"], g.selectors["kernel_ds"]
         s = vcpu.get_sregs()
-        _seg(s.cs, 0x08, 0xB)
+        s.cs = g.segment(cs).kvm_segment(cs)
         for name in ("ds", "es", "fs", "gs", "ss"):
-            _seg(getattr(s, name), 0x10, 0x3)
-        s.gdt.base, s.gdt.limit = GDT_ADDR, 23
-        s.idt.base, s.idt.limit = 0, 0         # undefined by the spec: faults escalate at once
-        s.cr0 = 0x11                            # PE | ET; paging off, caches on
+            setattr(s, name, g.segment(ds).kvm_segment(ds))
+        s.gdt = dtable(layout.GDT_ADDR, g.limit)
+        s.idt = dtable(0, 0)                    # undefined by the spec: faults escalate at once
+        s.cr0 = int(CR0.PE | CR0.ET)            # paging off, caches on
         s.cr4, s.efer = 0, 0
         vcpu.set_sregs(s)
         r = vcpu.get_regs()
-        r.rax, r.rbx, r.rip = MB.BOOTLOADER_MAGIC, self.info_addr, self.image.entry
-        r.rsp, r.rflags = BOOT_STACK, 2
+        r.rax, r.rbx, r.rip = multiboot.BOOTLOADER_MAGIC, self.info_addr, self.image.entry
+        r.rsp, r.rflags = layout.BOOT_STACK, 2
         vcpu.set_regs(r)
         # Virtual wire: LINT0 ExtINT and LINT1 NMI on the boot CPU, as the BIOS
         # leaves them, so the PIC's interrupts reach it with the LAPIC enabled.
@@ -280,140 +280,71 @@ class Machine:
         vcpu.set_lapic(lapic)
 
     # -- running ---------------------------------------------------------------------------------------
-    def _vcpu_loop(self, vcpu) -> None:
+    def _unhandled(self, kind: str, addr: int, size: int, data: Optional[bytes]) -> None:
+        if kind == "out":
+            value = int.from_bytes(data or b"", "little")
+            msg = f"unhandled I/O port write {addr:#x} <- {value:#x} (size {size}): ignored"
+        elif kind == "in":
+            msg = f"unhandled I/O port read {addr:#x} (size {size}): returning all ones"
+        elif kind == "mmio-write":
+            msg = f"unhandled MMIO write at {addr:#x} ({size} bytes, {(data or b'').hex()}): ignored"
+        else:
+            msg = f"unhandled MMIO read at {addr:#x} ({size} bytes): returning all ones"
+        self._log_once((kind, addr), msg)
+
+    def _vcpu_thread(self, vcpu: Any, loop: RunLoop) -> None:
         try:
-            self._loop(vcpu)
-        except BaseException as e:                      # a bug in a device model: end the run
+            while not self._stop:
+                result = loop.run(check=False)
+                if result.reason in ("stopped", "timeout", "hlt"):
+                    continue                     # hlt cannot reach us with the in-kernel LAPIC
+                self._fatal(vcpu, result)
+                return
+        except BaseException as e:               # a bug in a device model: end the run
             import traceback
 
             self.finish(VMM_ERROR, f"vCPU {vcpu.id}: {type(e).__name__}: {e}")
-            self.log("".join(traceback.format_exception(e)).rstrip())
+            self.log(f"vCPU {vcpu.id}: internal error: {type(e).__name__}: {e}")
+            if os.environ.get("PYKVM_DEBUG"):
+                self.log("".join(traceback.format_exception(e)).rstrip())
 
-    def _loop(self, vcpu) -> None:
-        run = vcpu.run_raw
-        mm = vcpu.run_mmap
-        io = _IO.unpack_from
-        outs, ins = self.ports.out, self.ports.inp
-        lock = self._lock
-        from_bytes = int.from_bytes
-        while not self._stop:
-            reason = run()
-            if reason == _EXIT_IO:
-                direction, size, port, count, off = io(mm, 32)
-                if direction:
-                    f = outs.get(port) or self._unhandled_out
-                    with lock:
-                        for k in range(off, off + size * count, size):
-                            f(port, size, from_bytes(mm[k:k + size], "little"))
-                else:
-                    f = ins.get(port) or self._unhandled_in
-                    with lock:
-                        for k in range(off, off + size * count, size):
-                            mm[k:k + size] = (f(port, size) & ((1 << 8 * size) - 1)).to_bytes(size, "little")
-            elif reason == _EXIT_INTR:
-                continue
-            elif reason == _EXIT_MMIO:
-                addr, data, length, is_write = _MMIO.unpack_from(mm, 32)
-                if is_write:
-                    self._log_once(("mw", addr), f"unhandled MMIO write at {addr:#x} "
-                                   f"({length} bytes, {data[:length].hex()}): ignored")
-                else:
-                    self._log_once(("mr", addr), f"unhandled MMIO read at {addr:#x} "
-                                   f"({length} bytes): returning all ones")
-                    mm[40:40 + length] = b"\xff" * length
-            else:
-                self._fatal(vcpu, reason)
-                return
+    def _fatal(self, vcpu: Any, result: RunResult) -> None:
+        from ..exits import InternalError, Shutdown, SystemEvent
 
-    def _unhandled_out(self, port: int, size: int, value: int) -> None:
-        self._log_once(("o", port), f"unhandled I/O port write {port:#x} <- {value:#x} "
-                       f"(size {size}): ignored")
-
-    def _unhandled_in(self, port: int, size: int) -> int:
-        self._log_once(("i", port), f"unhandled I/O port read {port:#x} (size {size}): "
-                       f"returning all ones")
-        return -1
-
-    def _fatal(self, vcpu, reason: int) -> None:
-        from ..exits import InternalError, SystemEvent, decode
-
-        ex = decode(vcpu.run_mmap, memoryview(vcpu.run_mmap))
-        extra = ""
-        if reason == 8:
+        ex = result.exit
+        if isinstance(ex, SystemEvent) and ex.type in (KVM_SYSTEM_EVENT_SHUTDOWN,
+                                                       KVM_SYSTEM_EVENT_RESET):
+            kind = "shutdown" if ex.type == KVM_SYSTEM_EVENT_SHUTDOWN else "reset"
+            self._reset(f"guest {kind} (KVM_EXIT_SYSTEM_EVENT)")
+            return
+        if isinstance(ex, Shutdown):
             status, what = TRIPLE_FAULT, "triple fault (KVM_EXIT_SHUTDOWN)"
         elif isinstance(ex, InternalError):
-            status = EMULATION_FAILURE if ex.suberror == 1 else INTERNAL_ERROR
-            what = f"KVM internal error: {ex.description} (KVM_EXIT_INTERNAL_ERROR, suberror {ex.suberror})"
-            if ex.data:
-                extra += "\n  data: " + " ".join(f"{d:#x}" for d in ex.data)
-            if ex.insn_bytes:
-                extra += "\n  instruction bytes (from KVM): " + ex.insn_bytes.hex(" ")
-        elif isinstance(ex, SystemEvent) and ex.type in (1, 2):
-            self._reset("guest " + ("shutdown" if ex.type == 1 else "reset") + " (KVM_EXIT_SYSTEM_EVENT)")
-            return
+            emulation = ex.suberror == KVM_INTERNAL_ERROR_EMULATION
+            status = EMULATION_FAILURE if emulation else INTERNAL_ERROR
+            what = (f"KVM internal error: {ex.description} (KVM_EXIT_INTERNAL_ERROR, "
+                    f"suberror {ex.suberror})")
         else:
-            status, what = INTERNAL_ERROR, f"unexpected exit {ex!r}"
-        self.log(f"vCPU {vcpu.id}: {what}{extra}\n{self.describe_vcpu(vcpu)}")
+            status, what = INTERNAL_ERROR, f"unexpected exit {ex!r} ({result.reason})"
+        self.log(f"vCPU {vcpu.id}: {what}\n{result.report}")
         self.finish(status, what)
 
-    def describe_vcpu(self, vcpu) -> str:
-        """Mode, registers and the 16 bytes at the instruction pointer, as indented text."""
-        try:
-            r, s = vcpu.get_regs(), vcpu.get_sregs()
-        except KvmError as e:
-            return f"  (registers unavailable: {e})"
-        long_mode = bool(s.efer & 0x400)
-        paging = bool(s.cr0 & 1 and s.cr0 & 0x80000000)
-        mode = "long mode" if long_mode else "protected mode" if s.cr0 & 1 else "real mode"
-        if long_mode:
-            names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-                     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
-            cells = [f"{n.upper()}={getattr(r, n):016x}" for n in names]
-            ip = f"RIP={r.rip:016x} RFLAGS={r.rflags:08x}"
-        else:
-            names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp"]
-            cells = [f"E{n[1:].upper()}={getattr(r, n) & 0xFFFFFFFF:08x}" for n in names]
-            ip = f"EIP={r.rip & 0xFFFFFFFF:08x} EFLAGS={r.rflags:08x}"
-        lines = [f"{mode}{', paging' if paging else ''}: {ip}"]
-        lines += [" ".join(cells[i:i + 4]) for i in range(0, len(cells), 4)]
-        segs = []
-        for n in ("cs", "ds", "es", "fs", "gs", "ss"):
-            g = getattr(s, n)
-            segs.append(f"{n.upper()}={g.selector:04x}" + (f"(base {g.base:x})" if g.base else ""))
-        lines.append(" ".join(segs))
-        lines.append(f"CR0={s.cr0:08x} CR2={s.cr2:x} CR3={s.cr3:x} CR4={s.cr4:x} EFER={s.efer:x} "
-                     f"GDT={s.gdt.base:x}/{s.gdt.limit:x} IDT={s.idt.base:x}/{s.idt.limit:x}")
-        lin = r.rip if long_mode else (s.cs.base + r.rip) & 0xFFFFFFFF
-        lines.append(f"bytes at {lin:#x}: {self._bytes_at(vcpu, lin, paging)}")
-        return "\n".join("  " + x for x in lines)
-
-    def _vcpu_state(self, vcpu) -> str:
+    def _vcpu_state(self, vcpu: Any) -> str:
         try:
             mp = vcpu.get_mp_state()
         except KvmError:
-            return self.describe_vcpu(vcpu)
-        if mp in (_MP_STATE_UNINITIALIZED, 2):      # 2: INIT received
-            return "  waiting for INIT/SIPI (never started)"
-        state = {3: "halted, ", 4: "SIPI received, "}.get(mp, "")
-        return ("  " + state + self.describe_vcpu(vcpu).lstrip()) if state else self.describe_vcpu(vcpu)
+            mp = None
+        if mp in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
+            return f"vCPU {vcpu.id}: waiting for INIT/SIPI (never started)"
+        from ..x86.report import describe_vcpu     # only for reports: keeps start-up light
 
-    def _bytes_at(self, vcpu, linear: int, paging: bool) -> str:
-        gpa = linear
-        if paging:
-            try:
-                t = vcpu.translate_gva(linear)
-            except KvmError:
-                return "(no translation)"
-            if not t.valid:
-                return "(not mapped)"
-            gpa = t.physical_address
-        try:
-            return self.vm.read(gpa, 16).hex(" ")
-        except ValueError:
-            return f"(physical {gpa:#x} is not RAM)"
+        return describe_vcpu(vcpu)
 
-    def run(self) -> int:
-        """Set up (unless done), run until an exit condition, tear down; return the status."""
+    def run(self, ready: Optional[Callable[["Machine"], None]] = None) -> int:
+        """Set up (unless done), run until an exit condition, stop the vCPUs; return the status.
+
+        *ready(machine)*, if given, is called once the VM is set up, before any vCPU runs.
+        """
         try:
             if self.vm is None:
                 self.setup()
@@ -425,39 +356,92 @@ class Machine:
             self.log(f"setting up the VM failed: {e}")
             self.close()
             return VMM_ERROR
-        timer = None
-        if self.timeout:
-            timer = threading.Timer(self.timeout, self._on_timeout)
-            timer.daemon = True
-            timer.start()
-        for v in self.vcpus:
-            t = threading.Thread(target=self._vcpu_loop, args=(v,), name=f"vcpu{v.id}", daemon=True)
-            self.threads.append(t)
-            t.start()
+        if ready is not None:
+            ready(self)
+        if self.gdb_port is not None:
+            try:
+                self._start_gdb()
+            except OSError as e:
+                self.log(f"--gdb {self.gdb_port}: cannot listen: {e.strerror}")
+                self.close()
+                return VMM_ERROR
+        else:
+            for vcpu, loop in zip(self.vcpus, self.loops):
+                t = threading.Thread(target=self._vcpu_thread, args=(vcpu, loop),
+                                     name=f"vcpu{vcpu.id}", daemon=True)
+                self.threads.append(t)
+                t.start()
         try:
-            self._done.wait()
+            # The main thread is the timer: no watchdog thread that could die unseen.
+            if not self._done.wait(self.timeout):
+                self.finish(TIMEOUT, "timeout")
         except KeyboardInterrupt:
             self.finish(INTERRUPTED, "interrupted")
-        if timer is not None:
-            timer.cancel()
         self._stop_threads()
         if self.status == TIMEOUT:
             self.log(f"timeout: no exit after {self.timeout:g} s; stopped the guest")
-            for v in self.vcpus:
-                if not any(t.name == f"vcpu{v.id}" and t.is_alive() for t in self.threads):
-                    self.log(f"vCPU {v.id}:\n{self._vcpu_state(v)}")
+            for v, t in zip(self.vcpus, self.threads):
+                if not t.is_alive():
+                    self.log(self._vcpu_state(v))
         return self.status if self.status is not None else VMM_ERROR
 
-    def _on_timeout(self) -> None:
-        self.finish(TIMEOUT, "timeout")
+    # -- under gdb ---------------------------------------------------------------------------------
+    def _start_gdb(self) -> None:
+        """Serve vCPU 0 to gdb (like ``qemu -s -S``): it stays at the kernel's entry
+        until gdb continues or steps it; port and MMIO exits go to the bus."""
+        from ..gdbstub import GdbStub
+
+        stub = self._stub = GdbStub(self.vcpus[0], port=self.gdb_port or 0, on_exit=self._gdb_exit)
+        host, port = self.gdb_address = stub.address[:2]
+        self.log(f"waiting for gdb on {host}:{port} (the kernel is stopped at its entry): "
+                 f"gdb -ex 'target remote {host}:{port}'")
+        t = threading.Thread(target=self._gdb_thread, name="vcpu0-gdb", daemon=True)
+        self.threads.append(t)
+        t.start()
+        self._stop_hooks.append(stub.close)
+
+    def _gdb_thread(self) -> None:
+        try:
+            end = self._stub.serve()
+            if end.reason == "detached" and not self._stop:
+                self._vcpu_thread(self.vcpus[0], self.loops[0])    # runs on without gdb
+            elif not self._stop:
+                self.finish(INTERRUPTED, f"the gdb session ended ({end.reason})")
+        except BaseException as e:
+            self.finish(VMM_ERROR, f"gdb: {type(e).__name__}: {e}")
+            self.log(f"gdb stub: internal error: {type(e).__name__}: {e}")
+
+    def _gdb_exit(self, ex: Any) -> Any:
+        from ..exits import Interrupted
+        from ..gdbstub import Exited
+
+        if not self.bus.dispatch(ex, self._unhandled) and not isinstance(ex, Interrupted):
+            from ..x86.report import describe_vcpu
+
+            vcpu = self.vcpus[0]
+            reason = "shutdown" if type(ex).__name__ == "Shutdown" else "unhandled-exit"
+            self._fatal(vcpu, RunResult(reason, ex, report=describe_vcpu(vcpu, ex)))
+        if self._stop:
+            return Exited(self.status if self.status is not None else VMM_ERROR)
+        return None
 
     def _stop_threads(self) -> None:
-        deadline = time.monotonic() + 2.0
+        if self._stop_hooks:
+            # Under gdb the stub thread sends gdb the exit packet itself when the
+            # guest ended the run; give it a moment before closing its connection.
+            for t in self.threads:
+                t.join(_STOP_GRACE / 4)
+        for hook in self._stop_hooks:
+            try:
+                hook()
+            except Exception:
+                pass
+        deadline = time.monotonic() + _STOP_GRACE
         for t in self.threads:
             while t.is_alive() and time.monotonic() < deadline:
-                for v in self.vcpus:       # kick again: a kick can race with entering KVM_RUN
+                for loop in self.loops:   # again: a stop can race with a loop (re)starting
                     try:
-                        v.kick()
+                        loop.stop()
                     except Exception:
                         pass
                 t.join(0.05)

@@ -4,20 +4,27 @@
 :func:`load_kernel` places the image in guest RAM, either from the header's
 address fields (the "a.out kludge", flag 16, which wins when set, as in GRUB
 and QEMU) or from the ``PT_LOAD`` segments of a 32-bit ELF file (at
-``p_paddr``), zeroes the bss, and returns the entry point and the image's
-extent.  :func:`build_info` lays out the multiboot information structure,
+``p_paddr``), and returns the entry point and the image's extent.  The bss
+is never written: guest RAM starts as fresh anonymous memory, which is
+already zero, so a kernel with a 3 GiB bss costs no more than a small one
+(the loader only checks that the bss lies in RAM and overlaps nothing).  :func:`build_info` lays out the multiboot information structure,
 the memory map, command lines and module list the way QEMU does: memory map
 at 0x9000, information structure at 0x9500, strings and module list after
 them in the same low page (spilling above the image when they do not fit).
 
 All guest writes go through ``ram.write(gpa, data)``, so any object with that
-method (a :class:`~pykvm.vm.Vm`) will do.
+method (a :class:`~pykvm.vm.Vm`) will do; it must read as zero where nothing
+was written.  Every offset and length read from the file is checked against
+the file's real size before use, and every malformed file raises
+:class:`MultibootError` naming the field.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
+
+from .layout import HIGH_MEMORY, INFO_ADDR, INFO_AREA_END, MMAP_ADDR
 
 __all__ = [
     "BOOTLOADER_MAGIC", "HEADER_MAGIC", "MultibootError", "Header", "Image", "Region",
@@ -39,14 +46,17 @@ _KNOWN_REQUIRED = F_PAGE_ALIGN | F_MEMORY_INFO | F_VIDEO_MODE
 I_MEMORY, I_BOOTDEV, I_CMDLINE, I_MODS = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 I_MMAP, I_LOADER_NAME = 1 << 6, 1 << 9
 
-MMAP_ADDR = 0x9000          # e820-style map (QEMU puts it here too)
-INFO_ADDR = 0x9500          # struct multiboot_info (ditto)
 INFO_SIZE = 116             # through the framebuffer fields, all zero but ours
-_LOW_END = 0xA000           # strings and the module list go below this if they fit
 PAGE = 0x1000
 
 # Memory map types
 RAM, RESERVED = 1, 2
+
+
+class GuestRam(Protocol):
+    """Where the loader writes: ``write(gpa, data)`` (a :class:`~pykvm.vm.Vm` will do)."""
+
+    def write(self, gpa: int, data: bytes) -> object: ...
 
 
 class MultibootError(ValueError):
@@ -130,7 +140,7 @@ def _check_ram(ram_regions: Sequence[Region], start: int, end: int, what: str) -
                          f"(try a larger --memory)")
 
 
-def _load_aout(ram, data: bytes, h: Header, ram_regions) -> Image:
+def _load_aout(ram: GuestRam, data: bytes, h: Header, ram_regions: Sequence[Region]) -> Image:
     if h.header_addr < h.load_addr:
         raise MultibootError(f"header_addr {h.header_addr:#x} is below load_addr {h.load_addr:#x}")
     file_off = h.offset - (h.header_addr - h.load_addr)
@@ -155,8 +165,6 @@ def _load_aout(ram, data: bytes, h: Header, ram_regions) -> Image:
     if not h.load_addr <= h.entry_addr < max(top, h.load_addr + 1):
         raise MultibootError(f"entry_addr {h.entry_addr:#x} is outside the loaded image")
     ram.write(h.load_addr, data[file_off:file_off + size])
-    if top > end:
-        ram.write(end, bytes(top - end))           # the bss
     return Image(h.entry_addr, h.load_addr, top, "a.out kludge",
                  [(h.load_addr, size, top - h.load_addr)])
 
@@ -165,7 +173,7 @@ _EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")
 _PHDR32 = struct.Struct("<8I")
 
 
-def _load_elf32(ram, data: bytes, ram_regions) -> Image:
+def _load_elf32(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Image:
     if len(data) < _EHDR32.size or data[:4] != b"\x7fELF":
         raise MultibootError("not an ELF file, and the multiboot header has no address "
                              "fields (flag 16, the a.out kludge)")
@@ -197,10 +205,14 @@ def _load_elf32(ram, data: bytes, ram_regions) -> Image:
             entry = e_entry - p_vaddr + p_paddr
     if not segs:
         raise MultibootError("the ELF file has no loadable segment")
+    # Segments that overlap would need the bss of one written over the data of
+    # another: refuse them (no linker makes them), so RAM is never zero-filled.
+    ordered = sorted(segs)
+    for (a, _, _, am), (b, _, _, _) in zip(ordered, ordered[1:]):
+        if b < a + am:
+            raise MultibootError(f"ELF segments at {a:#x} and {b:#x} overlap")
     for paddr, off, filesz, memsz in segs:
         ram.write(paddr, data[off:off + filesz])
-        if memsz > filesz:
-            ram.write(paddr + filesz, bytes(memsz - filesz))     # the bss
     if entry is None:
         entry = e_entry
     low = min(s[0] for s in segs)
@@ -208,7 +220,7 @@ def _load_elf32(ram, data: bytes, ram_regions) -> Image:
     return Image(entry, low, high, "ELF32", [(p, f, m) for p, _, f, m in segs])
 
 
-def load_kernel(ram, data: bytes, ram_regions: Sequence[Region]) -> Tuple[Header, Image]:
+def load_kernel(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Tuple[Header, Image]:
     """Parse the header and load *data* into guest RAM; return both descriptions."""
     h = find_header(data)
     if h.aout_kludge:
@@ -220,7 +232,7 @@ def _align(x: int, a: int = PAGE) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def build_info(ram, *, image_end: int, cmdline: str, modules: Sequence[Tuple[bytes, str]],
+def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence[Tuple[bytes, str]],
                memory_map: Sequence[Region], ram_regions: Sequence[Region],
                loader_name: str = "pykvm") -> Tuple[int, List[Tuple[int, int, str]]]:
     """Write modules and the boot information; return (info address, [(start, end, string)]).
@@ -232,7 +244,7 @@ def build_info(ram, *, image_end: int, cmdline: str, modules: Sequence[Tuple[byt
     """
     # Modules (above 1 MiB even when the kernel lives below it)
     placed = []
-    addr = max(_align(image_end), 0x100000)
+    addr = max(_align(image_end), HIGH_MEMORY)
     for content, string in modules:
         _check_ram(ram_regions, addr, addr + max(len(content), 1), f"module {string!r}")
         ram.write(addr, content)
@@ -249,10 +261,11 @@ def build_info(ram, *, image_end: int, cmdline: str, modules: Sequence[Tuple[byt
     blobs: List[bytes] = []
     strings = [cmdline, loader_name] + [s for _, _, s in placed]
     for s in strings:
-        blobs.append(s.encode("utf-8", "replace") + b"\0")
+        # surrogateescape: a non-UTF-8 file name or --append reaches the guest as given
+        blobs.append(s.encode("utf-8", "surrogateescape").replace(b"\0", b" ") + b"\0")
     total = sum(_align(len(b), 4) for b in blobs) + 16 * len(placed)
     base = INFO_ADDR + INFO_SIZE
-    if base + total > _LOW_END:
+    if base + total > INFO_AREA_END:
         base = high
         _check_ram(ram_regions, base, base + total, "the boot information")
     # module list first (16-byte entries, aligned), then strings
@@ -285,6 +298,6 @@ def _mem_lower_upper(memory_map: Sequence[Region]) -> Tuple[int, int]:
     for r in memory_map:
         if r.type == RAM and r.base == 0:
             lower = min(r.length, 0xA0000) // 1024
-        if r.type == RAM and r.base == 0x100000:
+        if r.type == RAM and r.base == HIGH_MEMORY:
             upper = r.length // 1024
     return lower, upper

@@ -22,12 +22,10 @@ from __future__ import annotations
 import struct
 from typing import List
 
+from .layout import IOAPIC_ADDR, LAPIC_ADDR, MP_ADDR, RSDP_ADDR
+
 __all__ = ["MP_ADDR", "RSDP_ADDR", "mp_table", "acpi_tables", "checksum"]
 
-MP_ADDR = 0xF0000          # MP floating pointer; the configuration table follows at +16
-RSDP_ADDR = 0xF8000        # RSDP; RSDT and MADT follow (room for 255 CPUs in the MP table)
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
 IOAPIC_ID = 0              # the in-kernel IOAPIC's ID register after reset (QEMU's MADT says 0 too)
 _OEM = b"PYKVM "
 
@@ -39,7 +37,7 @@ def checksum(data: bytes) -> int:
 
 def _with_checksum(data: bytearray, at: int) -> bytes:
     data[at] = 0
-    data[at] = checksum(data)
+    data[at] = checksum(bytes(data))
     return bytes(data)
 
 
@@ -61,9 +59,9 @@ def mp_table(cpus: int, addr: int = MP_ADDR) -> bytes:
     entries.append(struct.pack("<BBHBBBB", 4, 1, 0, 0, 0, 0xFF, 1))         # NMI -> LINT1
     body = b"".join(entries)
     length = 44 + len(body)
-    table = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", length, 4, 0, b"PYKVM   ",
-                                  b"PC          ", 0, 0, len(entries), LAPIC_ADDR, 0, 0, 0) + body)
-    table = _with_checksum(table, 7)
+    table = _with_checksum(bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", length, 4, 0,
+                                                 b"PYKVM   ", b"PC          ", 0, 0, len(entries),
+                                                 LAPIC_ADDR, 0, 0, 0) + body), 7)
     fp = bytearray(struct.pack("<4sIBBB5s", b"_MP_", addr + 16, 1, 4, 0, bytes(5)))
     return _with_checksum(fp, 10) + table
 
@@ -82,10 +80,9 @@ def acpi_tables(cpus: int, addr: int = RSDP_ADDR) -> bytes:
     body += struct.pack("<BBBBII", 1, 12, IOAPIC_ID, 0, IOAPIC_ADDR, 0)
     body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0)                 # ISA IRQ 0 -> GSI 2
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)                   # NMI on LINT1, all CPUs
-    madt = _acpi_header(b"APIC", 36 + len(body), 1, b"PYKVMADT") + body
-    madt = _with_checksum(bytearray(madt), 9)
-    rsdt = _acpi_header(b"RSDT", 40, 1, b"PYKVRSDT") + struct.pack("<I", madt_addr)
-    rsdt = _with_checksum(bytearray(rsdt), 9)
+    madt = _with_checksum(bytearray(_acpi_header(b"APIC", 36 + len(body), 1, b"PYKVMADT") + body), 9)
+    rsdt = _with_checksum(bytearray(_acpi_header(b"RSDT", 40, 1, b"PYKVRSDT")
+                                    + struct.pack("<I", madt_addr)), 9)
     rsdp = _with_checksum(bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, _OEM, 0, rsdt_addr)), 8)
     out = bytearray(madt_addr - addr + len(madt))
     out[0:len(rsdp)] = rsdp

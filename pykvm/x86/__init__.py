@@ -10,8 +10,12 @@
 * :mod:`~pykvm.x86.cpu` — CPUID from the supported list, VM preparation;
 * :mod:`~pykvm.x86.loader` — flat binaries and ELF64 images;
 * :mod:`~pykvm.x86.asm` — guest code from GNU ``as`` source, cached;
-* :mod:`~pykvm.x86.runloop` — exits dispatched to port/MMIO handlers,
-  readable reports when a guest dies; :mod:`~pykvm.x86.devices` — a UART.
+* :mod:`~pykvm.x86.bus` — the port/MMIO :class:`Bus` and :class:`RunLoop`:
+  exits dispatched to handlers; :mod:`~pykvm.x86.report` — readable reports
+  when a guest dies; :mod:`~pykvm.x86.devices` — a 16550 UART.
+
+Submodules load on first use of one of their names (PEP 562), so
+``import pykvm.x86`` costs almost nothing until you touch, say, ``x86.assemble``.
 
 A 64-bit guest in a few lines::
 
@@ -41,37 +45,70 @@ A 64-bit guest in a few lines::
         print(uart.text, end="")
 """
 
-from .asm import AssemblyError, Program, ToolMissing, assemble, assemble_file
-from .consts import (
-    APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_DEFAULT_BASE, CR0, CR4, EFER, FEATURES,
-    IOAPIC_DEFAULT_BASE, MSR, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE, RFLAGS, Feature, GiB,
-    KiB, MiB, SegType, Vector, features_in, find_leaf,
-)
-from .cpu import cpuid_has, prepare_vm, setup_cpuid
-from .descriptors import STAR64, Gdt, Idt, Segment, Tss32, Tss64, gate32, gate64, selector
-from .devices import COM1, Uart16550
-from .loader import ElfImage, load_elf64, load_flat, parse_elf64
-from .modes import (
-    LongMode, ProtectedMode, UnsupportedMode, setup_long_mode, setup_protected_mode,
-    setup_real_mode,
-)
-from .paging import Arena, PageTables, PageTables32, translate
-from .report import cpu_mode, describe_vcpu, disassemble
-from .runloop import Bus, GuestError, RunLoop, Stop
-from . import quirks
+from __future__ import annotations
 
-__all__ = [
-    "assemble", "assemble_file", "Program", "AssemblyError", "ToolMissing",
-    "CR0", "CR4", "EFER", "RFLAGS", "PTE", "MSR", "Vector", "SegType", "Feature", "FEATURES",
-    "features_in", "find_leaf", "KiB", "MiB", "GiB", "PAGE_4K", "PAGE_2M", "PAGE_4M", "PAGE_1G",
-    "APIC_BASE_BSP", "APIC_BASE_ENABLE", "APIC_DEFAULT_BASE", "IOAPIC_DEFAULT_BASE",
-    "setup_cpuid", "cpuid_has", "prepare_vm",
-    "Gdt", "Idt", "Segment", "Tss32", "Tss64", "gate32", "gate64", "selector", "STAR64",
-    "Uart16550", "COM1",
-    "load_flat", "load_elf64", "parse_elf64", "ElfImage",
-    "setup_real_mode", "setup_protected_mode", "setup_long_mode", "ProtectedMode", "LongMode",
-    "UnsupportedMode",
-    "Arena", "PageTables", "PageTables32", "translate",
-    "describe_vcpu", "cpu_mode", "disassemble",
-    "RunLoop", "Bus", "Stop", "GuestError", "quirks",
-]
+import importlib
+from typing import TYPE_CHECKING, Any, Dict
+
+if TYPE_CHECKING:  # what type checkers and IDEs follow; at run time __getattr__ below
+    from .asm import AssemblyError, Program, ToolMissing, assemble, assemble_file
+    from .consts import (
+        APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_DEFAULT_BASE, CR0, CR4, EFER, FEATURES, Feature,
+        GiB, IOAPIC_DEFAULT_BASE, KiB, MSR, MiB, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE,
+        RFLAGS, SegType, Vector, features_in, find_leaf
+    )
+    from .cpu import cpuid_has, prepare_vm, setup_cpuid
+    from .descriptors import Gdt, Idt, STAR64, Segment, Tss32, Tss64, gate32, gate64, selector
+    from .devices import COM1, Uart16550
+    from .loader import ElfImage, load_elf64, load_flat, parse_elf64
+    from .modes import (
+        LongMode, ProtectedMode, UnsupportedMode, setup_long_mode, setup_protected_mode,
+        setup_real_mode
+    )
+    from .paging import Arena, PageTables, PageTables32, translate
+    from .report import cpu_mode, describe_vcpu, disassemble
+    from .bus import Bus, GuestError, RunLoop, RunResult
+    from . import quirks
+
+_SUBMODULE_OF: Dict[str, str] = {
+    **dict.fromkeys(
+        ['AssemblyError', 'Program', 'ToolMissing', 'assemble', 'assemble_file'], 'asm'),
+    **dict.fromkeys(
+        ['APIC_BASE_BSP', 'APIC_BASE_ENABLE', 'APIC_DEFAULT_BASE', 'CR0', 'CR4', 'EFER',
+        'FEATURES', 'Feature', 'GiB', 'IOAPIC_DEFAULT_BASE', 'KiB', 'MSR', 'MiB', 'PAGE_1G',
+        'PAGE_2M', 'PAGE_4K', 'PAGE_4M', 'PTE', 'RFLAGS', 'SegType', 'Vector', 'features_in',
+        'find_leaf'], 'consts'),
+    **dict.fromkeys(['cpuid_has', 'prepare_vm', 'setup_cpuid'], 'cpu'),
+    **dict.fromkeys(
+        ['Gdt', 'Idt', 'STAR64', 'Segment', 'Tss32', 'Tss64', 'gate32', 'gate64', 'selector'], 'descriptors'),
+    **dict.fromkeys(['COM1', 'Uart16550'], 'devices'),
+    **dict.fromkeys(['ElfImage', 'load_elf64', 'load_flat', 'parse_elf64'], 'loader'),
+    **dict.fromkeys(
+        ['LongMode', 'ProtectedMode', 'UnsupportedMode', 'setup_long_mode',
+        'setup_protected_mode', 'setup_real_mode'], 'modes'),
+    **dict.fromkeys(['Arena', 'PageTables', 'PageTables32', 'translate'], 'paging'),
+    **dict.fromkeys(['cpu_mode', 'describe_vcpu', 'disassemble'], 'report'),
+    **dict.fromkeys(['Bus', 'GuestError', 'RunLoop', 'RunResult'], 'bus'),
+}
+_SUBMODULES = frozenset({'asm', 'bus', 'consts', 'cpu', 'descriptors', 'devices', 'features',
+                         'loader', 'msr', 'vectors',
+                         'modes', 'paging', 'quirks', 'report', 'runloop'})
+
+__all__ = sorted([*_SUBMODULE_OF, "quirks"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines *name* on first use (PEP 562)."""
+    mod = _SUBMODULE_OF.get(name)
+    if mod is not None:
+        value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value          # later lookups skip this function
+    return value
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

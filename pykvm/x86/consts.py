@@ -2,20 +2,32 @@
 
 The values are architectural (Intel SDM vol. 3 / AMD APM vol. 2); the names
 follow the Linux kernel's where it has one (``X86_CR0_PG`` is ``CR0.PG``).
-Flag groups are :class:`enum.IntFlag`, so they combine with ``|`` and print
-their members::
+Flag groups (``CR0``, ``CR4``, ``EFER``, ``RFLAGS``, ``PTE``, ``SegType``) are
+namespaces of plain ``int`` bits: they combine with ``|`` and ``&`` and
+``decode()`` names the bits of a value.  They are not :mod:`enum` classes on
+purpose: creating enum classes costs start-up time in every program that
+imports them (the VMM's included), and these bits are only ever combined
+and tested as ints.  MSR indices (:mod:`.msr`), exception vectors (:mod:`.vectors`)
+and CPUID features (:mod:`.features`) live in their own modules and are
+re-exported here on first use: creating enum classes costs start-up time,
+and a VMM that needs ``CR0`` should not pay for 90 CPUID features::
 
     >>> CR0.PE | CR0.PG
-    <CR0.PG|PE: 2147483649>
+    2147483649
+    >>> CR0.decode(CR0.PE | CR0.PG)
+    'PG|PE'
     >>> RFLAGS.decode(0x202)
-    'IF'
+    'IF|FIXED'
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, Optional
+
+if TYPE_CHECKING:  # defined in their own modules, loaded on first use (see __getattr__)
+    from .features import FEATURES, Feature, features_in
+    from .msr import MSR
+    from .vectors import Vector
 
 __all__ = [
     "CR0", "CR4", "EFER", "RFLAGS", "PTE", "MSR", "Vector", "SegType", "Feature",
@@ -28,21 +40,41 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE_4K, PAGE_2M, PAGE_4M, PAGE_1G = 4 * KiB, 2 * MiB, 4 * MiB, GiB
 
 
-def decode_flags(flag_type: type, value: int) -> str:
-    """``"PG|WP|PE"``-style text of the set bits of *value* (unknown bits in hex)."""
+def decode_flags(flag_type: Any, value: int) -> str:
+    """``"PG|WP|PE"``-style text of the set bits of *value* (unknown bits in hex).
+
+    *flag_type* is one of the flag groups here, or any :class:`enum.Flag`."""
+    members = getattr(flag_type, "members", None)
+    pairs = members().items() if callable(members) else [(m.name, m.value) for m in flag_type]
     names = []
     rest = value
-    for member in sorted(flag_type, key=lambda m: -m.value):
-        v = member.value
+    for name, v in sorted(pairs, key=lambda p: -p[1]):
         if v and v & (v - 1) == 0 and value & v:
-            names.append(member.name)
+            names.append(name)
             rest &= ~v
     if rest:
         names.append(hex(rest))
     return "|".join(names) or "0"
 
 
-class _Flags(enum.IntFlag):
+class _Flags:
+    """A namespace of named bits (upper-case ``int`` class attributes)."""
+
+    _members: ClassVar[Dict[str, int]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._members = {k: v for k, v in vars(cls).items()
+                        if k.isupper() and isinstance(v, int)}
+
+    def __new__(cls, *args: object, **kwargs: object) -> "_Flags":
+        raise TypeError(f"{cls.__name__} is a namespace of constants, not a type to instantiate")
+
+    @classmethod
+    def members(cls) -> Dict[str, int]:
+        """``{name: value}`` of every constant in the group."""
+        return dict(cls._members)
+
     @classmethod
     def decode(cls, value: int) -> str:
         """The set bits of *value* by name, e.g. ``"PG|PE"``."""
@@ -152,31 +184,6 @@ class PTE(_Flags):
     NX = 1 << 63    #: no execute (needs EFER.NXE)
 
 
-class MSR(enum.IntEnum):
-    """Model-specific register indices."""
-
-    TSC = 0x10
-    APIC_BASE = 0x1B
-    MTRRCAP = 0xFE
-    SYSENTER_CS = 0x174
-    SYSENTER_ESP = 0x175
-    SYSENTER_EIP = 0x176
-    MISC_ENABLE = 0x1A0
-    PAT = 0x277
-    TSC_DEADLINE = 0x6E0
-    X2APIC_BASE = 0x800
-    EFER = 0xC0000080
-    STAR = 0xC0000081          #: SYSCALL/SYSRET selectors
-    LSTAR = 0xC0000082         #: 64-bit SYSCALL entry point
-    CSTAR = 0xC0000083
-    SYSCALL_MASK = 0xC0000084  #: RFLAGS bits cleared by SYSCALL (a.k.a. FMASK)
-    FS_BASE = 0xC0000100
-    GS_BASE = 0xC0000101
-    KERNEL_GS_BASE = 0xC0000102
-    TSC_AUX = 0xC0000103
-
-
-#: ``IA32_APIC_BASE`` bits.
 APIC_BASE_BSP = 1 << 8
 APIC_BASE_EXTD = 1 << 10   # x2APIC mode
 APIC_BASE_ENABLE = 1 << 11
@@ -184,37 +191,7 @@ APIC_DEFAULT_BASE = 0xFEE00000
 IOAPIC_DEFAULT_BASE = 0xFEC00000
 
 
-class Vector(enum.IntEnum):
-    """Exception vectors."""
-
-    DE = 0   #: divide error
-    DB = 1   #: debug
-    NMI = 2
-    BP = 3   #: breakpoint (int3)
-    OF = 4
-    BR = 5
-    UD = 6   #: invalid opcode
-    NM = 7
-    DF = 8   #: double fault
-    TS = 10
-    NP = 11
-    SS = 12
-    GP = 13  #: general protection
-    PF = 14  #: page fault
-    MF = 16
-    AC = 17
-    MC = 18
-    XM = 19
-    VE = 20
-    CP = 21
-
-    @property
-    def has_error_code(self) -> bool:
-        """True if the CPU pushes an error code for this exception."""
-        return self in (8, 10, 11, 12, 13, 14, 17, 21)
-
-
-class SegType(enum.IntEnum):
+class SegType(_Flags):
     """The 4-bit type field of a segment descriptor."""
 
     # code/data (S=1): bit 0 accessed, data: bit1 writable, bit2 expand-down;
@@ -235,83 +212,25 @@ class SegType(enum.IntEnum):
     TRAP_GATE = 0xF       #: leaves IF alone
 
 
-# ---------------------------------------------------------------------------
-# CPUID features
-
-
-@dataclass(frozen=True)
-class Feature:
-    """One CPUID feature bit: ``CPUID(leaf, subleaf).reg[bit]``."""
-
-    name: str
-    leaf: int
-    subleaf: int
-    reg: str  # "eax" | "ebx" | "ecx" | "edx"
-    bit: int
-
-    def __repr__(self) -> str:
-        return f"Feature.{self.name}"
-
-    def in_entries(self, entries: Iterable) -> bool:
-        """True if a list of ``kvm_cpuid_entry2`` has this bit set."""
-        for e in entries:
-            if e.function == self.leaf and (e.index == self.subleaf or not e.flags & 1):
-                return bool(getattr(e, self.reg) >> self.bit & 1)
-        return False
-
-
-_FEATURE_TABLE = {
-    # CPUID.1:EDX
-    "FPU": (1, 0, "edx", 0), "VME": (1, 0, "edx", 1), "DE": (1, 0, "edx", 2),
-    "PSE": (1, 0, "edx", 3), "TSC": (1, 0, "edx", 4), "MSR": (1, 0, "edx", 5),
-    "PAE": (1, 0, "edx", 6), "MCE": (1, 0, "edx", 7), "CX8": (1, 0, "edx", 8),
-    "APIC": (1, 0, "edx", 9), "SEP": (1, 0, "edx", 11), "MTRR": (1, 0, "edx", 12),
-    "PGE": (1, 0, "edx", 13), "MCA": (1, 0, "edx", 14), "CMOV": (1, 0, "edx", 15),
-    "PAT": (1, 0, "edx", 16), "PSE36": (1, 0, "edx", 17), "CLFSH": (1, 0, "edx", 19),
-    "MMX": (1, 0, "edx", 23), "FXSR": (1, 0, "edx", 24), "SSE": (1, 0, "edx", 25),
-    "SSE2": (1, 0, "edx", 26), "HTT": (1, 0, "edx", 28),
-    # CPUID.1:ECX
-    "SSE3": (1, 0, "ecx", 0), "PCLMULQDQ": (1, 0, "ecx", 1), "MONITOR": (1, 0, "ecx", 3),
-    "VMX": (1, 0, "ecx", 5), "SSSE3": (1, 0, "ecx", 9), "FMA": (1, 0, "ecx", 12),
-    "CX16": (1, 0, "ecx", 13), "PCID": (1, 0, "ecx", 17), "SSE4_1": (1, 0, "ecx", 19),
-    "SSE4_2": (1, 0, "ecx", 20), "X2APIC": (1, 0, "ecx", 21), "MOVBE": (1, 0, "ecx", 22),
-    "POPCNT": (1, 0, "ecx", 23), "TSC_DEADLINE": (1, 0, "ecx", 24), "AES": (1, 0, "ecx", 25),
-    "XSAVE": (1, 0, "ecx", 26), "OSXSAVE": (1, 0, "ecx", 27), "AVX": (1, 0, "ecx", 28),
-    "F16C": (1, 0, "ecx", 29), "RDRAND": (1, 0, "ecx", 30), "HYPERVISOR": (1, 0, "ecx", 31),
-    # CPUID.(7,0):EBX / ECX / EDX
-    "FSGSBASE": (7, 0, "ebx", 0), "BMI1": (7, 0, "ebx", 3), "HLE": (7, 0, "ebx", 4),
-    "AVX2": (7, 0, "ebx", 5), "SMEP": (7, 0, "ebx", 7), "BMI2": (7, 0, "ebx", 8),
-    "ERMS": (7, 0, "ebx", 9), "INVPCID": (7, 0, "ebx", 10), "RTM": (7, 0, "ebx", 11),
-    "AVX512F": (7, 0, "ebx", 16), "RDSEED": (7, 0, "ebx", 18), "ADX": (7, 0, "ebx", 19),
-    "SMAP": (7, 0, "ebx", 20), "CLFLUSHOPT": (7, 0, "ebx", 23), "CLWB": (7, 0, "ebx", 24),
-    "SHA": (7, 0, "ebx", 29), "UMIP": (7, 0, "ecx", 2), "PKU": (7, 0, "ecx", 3),
-    "LA57": (7, 0, "ecx", 16), "RDPID": (7, 0, "ecx", 22),
-    # CPUID.80000001h:ECX / EDX
-    "LAHF_LM": (0x80000001, 0, "ecx", 0), "SVM": (0x80000001, 0, "ecx", 2),
-    "LZCNT": (0x80000001, 0, "ecx", 5),
-    "SYSCALL": (0x80000001, 0, "edx", 11), "NX": (0x80000001, 0, "edx", 20),
-    "PDPE1GB": (0x80000001, 0, "edx", 26), "RDTSCP": (0x80000001, 0, "edx", 27),
-    "LM": (0x80000001, 0, "edx", 29),
-}
-
-#: Every named feature, by name.
-FEATURES: Dict[str, Feature] = {n: Feature(n, *v) for n, v in _FEATURE_TABLE.items()}
-
-
-for _n, _v in _FEATURE_TABLE.items():
-    setattr(Feature, _n, FEATURES[_n])
-del _n, _v
-
-
-def features_in(entries: Iterable) -> List[str]:
-    """Names of the :data:`FEATURES` present in a CPUID entry list."""
-    lst = list(entries)
-    return [n for n, f in FEATURES.items() if f.in_entries(lst)]
-
-
 def find_leaf(entries: Iterable, leaf: int, subleaf: int = 0) -> Optional[object]:
     """The ``kvm_cpuid_entry2`` for *leaf*/*subleaf* in *entries*, or None."""
     for e in entries:
         if e.function == leaf and (e.index == subleaf or not e.flags & 1):
             return e
     return None
+
+
+_LAZY = {"MSR": "msr", "Vector": "vectors", "Feature": "features", "FEATURES": "features",
+         "features_in": "features"}
+
+
+def __getattr__(name: str) -> Any:
+    """``MSR``, ``Vector``, ``Feature``, ``FEATURES``, ``features_in`` from their modules."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __package__), name)
+    globals()[name] = value
+    return value

@@ -10,11 +10,14 @@ features you remove or add.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from ..errors import KvmError
 from ..uapi.structs import kvm_cpuid_entry2
 from .consts import find_leaf
+
+if TYPE_CHECKING:
+    from .consts import Feature
 
 __all__ = ["setup_cpuid", "prepare_vm", "cpuid_has", "TSS_ADDRESS", "IDENTITY_MAP_ADDRESS"]
 
@@ -25,19 +28,21 @@ TSS_ADDRESS = 0xFFFBD000
 IDENTITY_MAP_ADDRESS = 0xFFFBC000
 
 
-def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable = (),
-                enable: Iterable = (), entries: Optional[List[kvm_cpuid_entry2]] = None
+def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: Optional[int] = None,
+                disable: Iterable["Feature"] = (), enable: Iterable["Feature"] = (),
+                entries: Optional[Sequence[kvm_cpuid_entry2]] = None
                 ) -> List[kvm_cpuid_entry2]:
     """Give *vcpu* the CPUID the host supports and return the table set.
 
-    * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]`` and the
-      x2APIC id of leaves 0xB / 0x1F, so each vCPU reads its own;
+    * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]``, the
+      x2APIC id of leaves 0xB / 0x1F and AMD's extended APIC id
+      (``0x8000001E:EAX``), so each vCPU reads its own;
     * *disable* / *enable* are :class:`~pykvm.x86.consts.Feature` bits to
       clear or set (setting one KVM cannot provide is the caller's risk);
     * *entries* replaces ``kvm.supported_cpuid()`` as the starting table
       (fetch it once when setting up many vCPUs).
     """
-    table = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
+    table: List[kvm_cpuid_entry2] = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
              (entries if entries is not None else kvm.supported_cpuid())]
     aid = vcpu.id if apic_id is None else apic_id
     for e in table:
@@ -45,24 +50,30 @@ def setup_cpuid(kvm, vcpu, *, apic_id: Optional[int] = None, disable: Iterable =
             e.ebx = (e.ebx & 0x00FFFFFF) | (aid & 0xFF) << 24
         elif e.function in (0xB, 0x1F):
             e.edx = aid
+        elif e.function == 0x8000001E:
+            # AMD's extended APIC id.  KVM_GET_SUPPORTED_CPUID reports this leaf with
+            # zeros (KVM does not pass host topology), QEMU fills EAX with the vCPU's
+            # APIC id, and Linux reads it as the initial APIC id when TOPOEXT is set:
+            # left at zero, every vCPU would claim APIC id 0.
+            e.eax = aid
     for feat, on in [(f, False) for f in disable] + [(f, True) for f in enable]:
-        e = find_leaf(table, feat.leaf, feat.subleaf)
-        if e is None:
+        leaf = find_leaf(table, feat.leaf, feat.subleaf)
+        if leaf is None:
             if not on:
                 continue
             raise ValueError(f"{feat!r}: leaf {feat.leaf:#x} is not in the CPUID table")
-        v = getattr(e, feat.reg)
-        setattr(e, feat.reg, (v | 1 << feat.bit) if on else (v & ~(1 << feat.bit)))
+        v = getattr(leaf, feat.reg)
+        setattr(leaf, feat.reg, (v | 1 << feat.bit) if on else (v & ~(1 << feat.bit)))
     vcpu.set_cpuid2(table)
     return table
 
 
-def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature) -> bool:
+def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature: "Feature") -> bool:
     """True if *feature* is set in a CPUID entry list (e.g. ``kvm.supported_cpuid()``)."""
-    return feature.in_entries(entries)
+    return bool(feature.in_entries(entries))
 
 
-def prepare_vm(vm, *, tss_address: int = TSS_ADDRESS,
+def prepare_vm(vm: Any, *, tss_address: int = TSS_ADDRESS,
                identity_map_address: Optional[int] = IDENTITY_MAP_ADDRESS) -> None:
     """The VM-wide x86 set-up KVM expects before the first vCPU runs.
 

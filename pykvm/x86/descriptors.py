@@ -20,7 +20,6 @@ Layouts (Intel SDM vol. 3, 3.4.5 and 7.2.3, 6.14.1):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from ..uapi.structs import kvm_dtable, kvm_segment
@@ -37,24 +36,58 @@ def selector(index: int, rpl: int = 0, ldt: bool = False) -> int:
     return index << 3 | (4 if ldt else 0) | rpl
 
 
-@dataclass(frozen=True)
 class Segment:
     """One segment: base, limit (in bytes, ``0xFFFFFFFF`` for flat) and attributes.
+
+    Immutable: ``seg._replace(dpl=3)`` makes a changed copy.  (A plain class:
+    ``dataclasses`` imports ``inspect`` and a NamedTuple compiles code at import,
+    both start-up time for every user of ``pykvm.x86``, the VMM included.)
 
     ``code``/``data`` build the usual ones; ``system=True`` (``s=0``) is a
     TSS or LDT.  ``limit`` is the byte limit; the descriptor's 20-bit field
     and its G bit are derived from it.
     """
 
-    base: int = 0
-    limit: int = 0xFFFFFFFF
-    type: int = SegType.DATA_RW_ACCESSED
-    s: int = 1          #: 1 code/data, 0 system
-    dpl: int = 0
-    present: int = 1
-    long: int = 0       #: L bit: 64-bit code segment
-    db: int = 1         #: D/B bit: 32-bit default operand size
-    avl: int = 0
+    __slots__ = ("base", "limit", "type", "s", "dpl", "present", "long", "db", "avl")
+    _fields = __slots__
+
+    base: int
+    limit: int
+    type: int
+    s: int          #: 1 code/data, 0 system
+    dpl: int
+    present: int
+    long: int       #: L bit: 64-bit code segment
+    db: int         #: D/B bit: 32-bit default operand size
+    avl: int
+
+    def __init__(self, base: int = 0, limit: int = 0xFFFFFFFF,
+                 type: int = SegType.DATA_RW_ACCESSED, s: int = 1, dpl: int = 0,
+                 present: int = 1, long: int = 0, db: int = 1, avl: int = 0) -> None:
+        for name, value in zip(self._fields, (base, limit, type, s, dpl, present, long, db, avl)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Segment is immutable: use seg._replace({name}=...)")
+
+    def _astuple(self) -> Tuple[int, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def _replace(self, **changes: int) -> "Segment":
+        """A copy with *changes* applied."""
+        values = dict(zip(self._fields, self._astuple()))
+        values.update(changes)
+        return Segment(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Segment) and self._astuple() == other._astuple()
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        return "Segment(" + ", ".join(f"{f}={getattr(self, f):#x}" if f in ("base", "limit")
+                                      else f"{f}={getattr(self, f)}" for f in self._fields) + ")"
 
     @classmethod
     def code64(cls, dpl: int = 0) -> "Segment":
@@ -123,7 +156,7 @@ class Segment:
                            l=self.long, g=self.granularity, avl=self.avl, unusable=0)
 
     def with_dpl(self, dpl: int) -> "Segment":
-        return replace(self, dpl=dpl)
+        return self._replace(dpl=dpl)
 
 
 def decode_descriptor(raw: bytes) -> Segment:
@@ -180,7 +213,7 @@ class Gdt:
         """Point the TSS descriptor *sel* at *base* (used once its address is known)."""
         for k, (index, seg) in enumerate(self.entries):
             if index == sel >> 3 and seg is not None:
-                self.entries[k] = (index, replace(seg, base=base))
+                self.entries[k] = (index, seg._replace(base=base))
                 return
         raise KeyError(f"no descriptor for selector {sel:#x}")
 
@@ -302,7 +335,6 @@ class Idt:
         return self.gate_size * self.size
 
 
-@dataclass
 class Tss64:
     """The 104-byte long-mode task-state segment.
 
@@ -312,28 +344,39 @@ class Tss64:
     user-mode port I/O is then governed by RFLAGS.IOPL alone.
     """
 
-    rsp0: int = 0
-    rsp1: int = 0
-    rsp2: int = 0
-    ist: List[int] = field(default_factory=lambda: [0] * 8)  # ist[0] unused
-    iomap_base: int = 104
-
     SIZE = 104
+
+    def __init__(self, rsp0: int = 0, rsp1: int = 0, rsp2: int = 0,
+                 ist: Optional[List[int]] = None, iomap_base: int = 104) -> None:
+        self.rsp0, self.rsp1, self.rsp2 = rsp0, rsp1, rsp2
+        self.ist: List[int] = list(ist) if ist is not None else [0] * 8  # ist[0] unused
+        self.iomap_base = iomap_base
+
+    def __repr__(self) -> str:
+        return (f"Tss64(rsp0={self.rsp0:#x}, rsp1={self.rsp1:#x}, rsp2={self.rsp2:#x}, "
+                f"ist={self.ist!r}, iomap_base={self.iomap_base})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tss64) and bytes(self) == bytes(other)
 
     def __bytes__(self) -> bytes:
         return struct.pack("<IQQQQ7QQHH", 0, self.rsp0, self.rsp1, self.rsp2, 0,
                            *self.ist[1:8], 0, 0, self.iomap_base)
 
 
-@dataclass
 class Tss32:
     """The 104-byte 32-bit task-state segment (only ``esp0``/``ss0`` matter here)."""
 
-    esp0: int = 0
-    ss0: int = 0x10
-    iomap_base: int = 104
-
     SIZE = 104
+
+    def __init__(self, esp0: int = 0, ss0: int = 0x10, iomap_base: int = 104) -> None:
+        self.esp0, self.ss0, self.iomap_base = esp0, ss0, iomap_base
+
+    def __repr__(self) -> str:
+        return f"Tss32(esp0={self.esp0:#x}, ss0={self.ss0:#x}, iomap_base={self.iomap_base})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tss32) and bytes(self) == bytes(other)
 
     def __bytes__(self) -> bytes:
         raw = bytearray(104)

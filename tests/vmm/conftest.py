@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import pytest
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = ["hello", "tiny", "smp", "timer", "triple"]
+SOURCES = ["hello", "tiny", "smp", "timer", "triple", "flood"]
 
 # Every VMM run has the VMM's own --timeout and, around the process, this one.
 VMM_TIMEOUT = 20

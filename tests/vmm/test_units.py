@@ -6,10 +6,11 @@ import struct
 
 import pytest
 
+from pykvm import x86
 from pykvm.vmm import devices as D
 from pykvm.vmm import multiboot as MB
 from pykvm.vmm import tables as T
-from pykvm.vmm.__main__ import UsageError, parse_args
+from pykvm.vmm.cli import UsageError, parse_args
 
 pytestmark = pytest.mark.no_kvm_needed
 
@@ -17,11 +18,19 @@ RAM = [MB.Region(0, 64 << 20)]
 
 
 class FakeRam:
+    """Fresh guest RAM (zeros) that records every write as (gpa, length)."""
+
     def __init__(self, size: int = 64 << 20) -> None:
         self.mem = bytearray(size)
+        self.writes = []
 
     def write(self, gpa: int, data) -> None:
+        self.writes.append((gpa, len(data)))
         self.mem[gpa:gpa + len(data)] = data
+
+    def written(self, start: int, end: int) -> bool:
+        """Did any write touch [start, end)?"""
+        return any(g < end and start < g + n for g, n in self.writes)
 
     def read(self, gpa: int, n: int) -> bytes:
         return bytes(self.mem[gpa:gpa + n])
@@ -89,16 +98,15 @@ def aout_image(load_end_delta: int = 0, bss: int = 0x100, junk: bytes = b"\xaa" 
     return bytes(img)
 
 
-def test_aout_loads_only_to_load_end_and_zeroes_bss():
+def test_aout_loads_only_to_load_end_and_never_writes_bss():
     ram = FakeRam()
-    ram.mem[0x200000:0x200400] = b"\x55" * 0x400                # old contents
     h, img = MB.load_kernel(ram, aout_image(), RAM)
     size = 32 + 32                                            # header (12 + 5 fields), code
     assert h.aout_kludge and img.entry == 0x200030 and img.low == 0x200000
     assert img.high == 0x200000 + size + 0x100
     assert ram.read(0x200020, 32) == b"\x90" * 32
-    assert ram.read(0x200000 + size, 0x100) == bytes(0x100)     # bss zeroed, junk not loaded
-    assert ram.read(img.high, 4) == b"\x55" * 4                 # nothing beyond
+    assert ram.read(0x200000 + size, 0x100) == bytes(0x100)     # junk not loaded
+    assert ram.writes == [(0x200000, size)]                     # fresh RAM: the bss is not written
 
 
 def test_aout_header_not_at_file_start():
@@ -140,12 +148,12 @@ def test_elf32_segments_bss_and_higher_half_entry():
     img = elf32([(0xC0100000, 0x100000, code, 64), (0xC0200000, 0x200000, data, 0x1000)],
                 entry=0xC0100010)
     ram = FakeRam()
-    ram.mem[0x200000:0x201000] = b"\x77" * 0x1000
     h, im = MB.load_kernel(ram, img, RAM)
     assert im.entry == 0x100010                  # translated like GRUB does
     assert (im.low, im.high, im.format) == (0x100000, 0x201000, "ELF32")
     assert ram.read(0x100000, 64) == code
-    assert ram.read(0x200000, 16) == data and ram.read(0x200010, 0xFF0) == bytes(0xFF0)
+    assert ram.read(0x200000, 16) == data
+    assert not ram.written(0x200010, 0x201000)   # the bss: fresh RAM is already zero
 
 
 def test_elf_errors():
@@ -206,66 +214,12 @@ def test_long_cmdline_spills_above_modules():
 
 # -- devices ----------------------------------------------------------------------------------------
 
-class Uart:
-    def __init__(self):
-        import os
-        import threading
-
-        self.r, self.w = os.pipe()
-        self.irqs = []
-        self.dev = D.Uart16550(self.w, None, self.irqs.append, threading.Lock())
-
-    def out(self, off, v):
-        self.dev.write(0x3F8 + off, 1, v)
-
-    def inp(self, off):
-        return self.dev.read(0x3F8 + off, 1)
-
-
-def test_uart_output_lsr_and_loopback():
-    import os
-
-    u = Uart()
-    assert u.inp(5) == 0x60                               # THR empty, idle, no data
-    u.out(0, ord("A"))
-    assert os.read(u.r, 10) == b"A"
-    u.out(4, 0x1E)                                        # loopback, RTS, OUT1, OUT2
-    u.out(0, 0xAE)
-    assert u.inp(5) & 1 and u.inp(0) == 0xAE and not u.inp(5) & 1
-    assert u.inp(6) == 0x10 | 0x40 | 0x80                 # CTS, RI, DCD from RTS, OUT1, OUT2
-    u.out(4, 0x0B)
-    assert u.inp(6) == 0xB0
-    u.out(3, 0x80)                                        # DLAB: divisor latch
-    u.out(0, 3)
-    u.out(1, 0)
-    assert (u.inp(0), u.inp(1)) == (3, 0)
-    u.out(3, 0x03)
-    u.out(7, 0x5A)
-    assert u.inp(7) == 0x5A and u.inp(3) == 0x03
-
-
-def test_uart_interrupts():
-    u = Uart()
-    assert u.inp(2) == 0x01                               # none pending
-    u.out(1, 0x02)                                        # THR empty interrupt
-    assert u.irqs == [1] and u.inp(2) == 0x02             # reading IIR clears it
-    assert u.irqs == [1, 0] and u.inp(2) == 0x01
-    u.out(0, ord("x"))                                    # sent: THR empty again
-    assert u.irqs[-1] == 1
-    u.out(1, 0x01)                                        # only receive interrupts
-    assert u.irqs[-1] == 0
-    u.dev.rx.append(ord("q"))
-    u.dev._update_irq()
-    assert u.irqs[-1] == 1 and u.inp(2) == 0x04 and u.inp(0) == ord("q")
-    assert u.irqs[-1] == 0
-
-
 def test_fw_cfg_items_and_file_directory():
-    f = D.FwCfg(cpus=3, ram_size=256 << 20, cmdline="k a",
+    f = D.FwCfg(cpus=3, ram_size=256 << 20, cmdline=b"k a",
                 e820=[(0, 0x9FC00, 1)], files={"opt/x": b"hi"})
 
     def read(key, n):
-        f.select(0x510, 2, key)
+        f.select(0x510, key.to_bytes(2, "little"))
         return bytes(f.data(0x511, 1) for _ in range(n))
 
     assert read(0x00, 4) == b"QEMU"
@@ -280,16 +234,34 @@ def test_fw_cfg_items_and_file_directory():
     assert names[b"etc/e820"][0] == 20 and names[b"opt/x"][0] == 2
     assert read(names[b"opt/x"][1], 4) == b"hi\0\0"      # past the end: zeros
     assert read(0x1234, 2) == b"\0\0"
-    f.select(0x510, 2, 0x05)
+    f.select(0x510, b"\x05\x00")
     assert f.data(0x511, 2) == 3                          # wider reads: little endian
+
+
+def test_fw_cfg_hostile_reads_do_not_grow():
+    """Reading far past an item's end, and every selector, allocates nothing."""
+    f = D.FwCfg(cpus=1, ram_size=1 << 20, cmdline=b"", e820=[])
+    f.select(0x510, b"\x00\x00")
+    for _ in range(10000):
+        f.data(0x511, 4)
+    assert f.offset == 4                                  # stops at the item's end
+    items = dict(f.items)
+    for key in range(0x10000):
+        f.select(0x510, key.to_bytes(2, "little"))
+        f.data(0x511, 1)
+    assert f.items == items
 
 
 def test_cmos_memory_bytes_and_clock():
     c = D.Cmos(low_ram=512 << 20, high_ram=1 << 30, cpus=4)
 
     def rd(i):
-        c.select(0x70, 1, i | 0x80)                       # NMI-mask bit ignored
+        c.select(0x70, bytes([i | 0x80]))                 # NMI-mask bit ignored
         return c.read(0x71, 1)
+
+    def wr(i, v):
+        c.select(0x70, bytes([i]))
+        c.write(0x71, bytes([v]))
 
     assert rd(0x15) | rd(0x16) << 8 == 640
     assert rd(0x30) | rd(0x31) << 8 == 0xFFFF             # capped
@@ -299,34 +271,48 @@ def test_cmos_memory_bytes_and_clock():
     assert rd(0x0A) & 0x80 == 0 and rd(0x0D) == 0x80
     sec = rd(0)
     assert sec >> 4 <= 5 and sec & 0xF <= 9               # BCD
-    c.select(0x70, 1, 0x0B)
-    c.write(0x71, 1, 0x06)                                # binary, 24 h
+    wr(0x0B, 0x06)                                        # binary, 24 h
     assert 0 <= rd(0) <= 59 and 0 <= rd(4) <= 23
-    c.select(0x70, 1, 0x40)
-    c.write(0x71, 1, 0x99)
+    wr(0x40, 0x99)
     assert rd(0x40) == 0x99                               # plain NVRAM
+    for i in range(256):                                  # every index a guest can write
+        wr(i, 0xAA)
+    assert len(c.nvram) == D.cmos.NVRAM_SIZE
+
+
+def bus_with(*devices):
+    bus = x86.Bus()
+    for d in devices:
+        bus.add(d)
+    return bus
 
 
 def test_pci_no_device_and_reset_register():
     resets = []
-    p = D.Pci(resets.append)
-    ports = D.Ports()
-    p.register(ports)
-    ports.out[0xCF8](0xCF8, 4, 0x80001234)
-    assert ports.inp[0xCF8](0xCF8, 4) == 0x80001234
-    assert ports.inp[0xCFC](0xCFC, 4) == 0xFFFFFFFF and ports.inp[0xCFE](0xCFE, 2) == 0xFFFF
-    ports.out[0xCF9](0xCF9, 1, 0x02)
+    bus = bus_with(D.Pci(resets.append))
+    bus.outs[0xCF8](0xCF8, (0x80001234).to_bytes(4, "little"))
+    assert bus.ins[0xCF8](0xCF8, 4) == 0x80001234
+    assert bus.ins[0xCFC](0xCFC, 4) == 0xFFFFFFFF and bus.ins[0xCFE](0xCFE, 2) == 0xFFFF
+    bus.outs[0xCF9](0xCF9, b"\x02")
     assert resets == []
-    ports.out[0xCF9](0xCF9, 1, 0x06)
+    bus.outs[0xCF9](0xCF9, b"\x06")
     assert len(resets) == 1
 
 
 def test_debug_exit_status():
     got = []
     d = D.DebugExit(lambda status, why: got.append(status))
-    for v in (0, 1, 0x10, 0x7F, 0x80, 0xFFFFFFFF):
-        d.write(0xF4, 4, v)
+    for v, size in ((0, 1), (1, 1), (0x10, 1), (0x7F, 1), (0x80, 1), (0xFFFFFFFF, 4)):
+        d.write(0xF4, v.to_bytes(size, "little"))
     assert got == [1, 3, 0x21, 0xFF, 1, 0xFF]
+
+
+def test_misc_debug_console_writes_through():
+    out = []
+    bus = bus_with(D.Misc(out.append, lambda why: None))
+    bus.outs[0xE9](0xE9, b"hi")
+    bus.outs[0x3D4](0x3D4, b"\x0e\x07")                   # outw: index + data
+    assert out == [b"hi"] and bus.ins[0x3D5](0x3D5, 1) == 0x07
 
 
 # -- firmware tables --------------------------------------------------------------------------------
@@ -385,7 +371,7 @@ def test_parse_args():
     o = parse_args(["k.elf", "--smp", "4", "--memory", "1G", "--append", "a b",
                     "--module", "m1 args", "m2", "--module=m3", "--timeout", "2.5"])
     assert o == {"kernel": "k.elf", "smp": 4, "memory_mib": 1024, "append": "a b",
-                 "modules": ["m1 args", "m2", "m3"], "timeout": 2.5}
+                 "modules": ["m1 args", "m2", "m3"], "timeout": 2.5, "gdb": None}
     assert parse_args(["--smp=2", "k"])["smp"] == 2
     assert parse_args(["k", "-m", "512M"])["memory_mib"] == 512
     for bad in (["--smp", "x", "k"], [], ["k", "--bogus"], ["k", "j"], ["k", "--timeout", "0"],

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from pykvm import x86
+from pykvm.uapi.enums import ExitReason
 
 from .helpers import collect_out, long_mode_guest, needs_binutils
 
@@ -86,7 +87,7 @@ def test_triple_fault_report_and_declining_handler(kvm, vm) -> None:
     vcpu, _, _ = long_mode_guest(kvm, vm, "nop\nud2")
     loop = x86.RunLoop(vcpu)
     calls = []
-    loop.on_exit(x86.runloop.ExitReason.SHUTDOWN, lambda e: calls.append(e) or False)
+    loop.on_exit(ExitReason.SHUTDOWN, lambda e: calls.append(e) or False)
     stop = loop.run(timeout=10, check=False)
     assert stop.reason == "shutdown" and len(calls) == 1 and not stop.ok
     assert "Shutdown()" in stop.report and "0f 0b" in stop.report
@@ -147,7 +148,7 @@ def test_uart_registers(kvm, vm) -> None:
     uart.feed(b"z")
     got = collect_out(loop)
     loop.run(timeout=10)
-    assert uart.text == "K" and uart.regs["dll"] == 3
+    assert uart.text == "K" and uart.dll == 3
     assert got == [0x61, ord("z"), 0x60]
 
 

@@ -1,0 +1,78 @@
+"""``pykvm vmm --gdb``: the kernel starts stopped under the GDB stub (like ``qemu -s -S``).
+
+A minimal GDB remote-protocol client over a socket (no gdb needed): the stop
+reply, RIP at the kernel's entry before anything ran, then ``c`` runs the
+kernel to its debug exit, which gdb sees as the process exiting.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import PROCESS_TIMEOUT
+
+
+def packet(data: bytes) -> bytes:
+    return b"$" + data + b"#" + b"%02x" % (sum(data) & 0xFF)
+
+
+def reply(sock: socket.socket, buf: bytearray) -> bytes:
+    """The next packet's payload (acks skipped, our ack sent)."""
+    while True:
+        m = re.search(rb"\$([^#]*)#[0-9a-f]{2}", bytes(buf))
+        if m:
+            del buf[:m.end()]
+            sock.sendall(b"+")
+            return m.group(1)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError("stub closed the connection")
+        buf += chunk
+
+
+def test_gdb_starts_the_kernel_stopped_at_its_entry(kernels):
+    entry = kernels.symbol("tiny", "_start")
+    p = subprocess.Popen([sys.executable, "-m", "pykvm.vmm", kernels["tiny"], "--gdb=0",
+                          "--timeout", "60"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stderr.readline().decode()
+        m = re.search(r"waiting for gdb on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as sock:
+            buf = bytearray()
+            sock.sendall(packet(b"?"))
+            assert reply(sock, buf)[:3] in (b"S05", b"T05")
+            sock.sendall(packet(b"p10"))                    # register 16: rip
+            rip = int.from_bytes(bytes.fromhex(reply(sock, buf).decode()), "little")
+            assert rip == entry
+            sock.sendall(packet(b"c"))
+            assert reply(sock, buf) == b"W01"               # debug exit 0: status 1
+        out, err = p.communicate(timeout=PROCESS_TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, err
+    assert out == b"hello from a multiboot kernel\n"
+
+
+def test_gdb_needs_one_cpu(kernels, vmm):
+    r = vmm(kernels["tiny"], "--gdb=0", "--smp", "2")
+    assert r.status == 2 and r.err == "pykvm vmm: --gdb debugs one CPU: use --smp 1 (see --help)\n", r
+
+
+def test_gdb_port_must_be_a_port(kernels, vmm):
+    r = vmm(kernels["tiny"], "--gdb=70000")
+    assert r.status == 2 and "want a port 0..65535" in r.err, r
+
+
+def test_timeout_ends_a_run_nobody_debugs(kernels, vmm):
+    r = vmm(kernels["tiny"], "--gdb=0", timeout=1)
+    assert r.status == 124 and r.out == "", r
+    assert "waiting for gdb" in r.err and "timeout: no exit after 1 s" in r.err, r
