@@ -40,7 +40,7 @@ COMMANDS: Dict[str, Tuple[str, Sequence[str]]] = {
              ("pykvm.probe.cli:diff_main",)),
     "demo": ("a hello-world guest and a capability summary", ("pykvm.demo:main",)),
     "vmm": ("boot a multiboot kernel on /dev/kvm (like qemu -kernel)",
-            ("pykvm.vmm.cli:main", "pykvm.vmm.__main__:main")),
+            ("pykvm.vmm.cli:run_as_program",)),
     "snapshot": ("inspect, verify and check pykvm snapshot files",
                  ("pykvm.snapshot.cli:main",)),
     "gdb": ("debug a guest with gdb through the GDB remote stub",

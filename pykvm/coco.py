@@ -132,8 +132,9 @@ def _raise(err: int, request: int, extra: str = "") -> KvmError:
 
 
 def _ioctl(obj: HasFileno, request: int, arg: Union[int, ctypes.Structure], extra: str = "") -> int:
+    fd = obj.fileno()  # a closed object raises KvmClosedError here, unchanged
     try:
-        return _fd.ioctl(obj.fileno(), request, arg)
+        return _fd.ioctl(fd, request, arg)
     except KvmError as e:
         raise _raise(e.errno or 0, request, extra) from None
 
@@ -173,8 +174,9 @@ def system_attr(kvm: HasFileno, group: int, attr: int) -> int:
 def has_system_attr(kvm: HasFileno, group: int, attr: int) -> bool:
     """``KVM_HAS_DEVICE_ATTR`` on the system fd (False on ``ENXIO``)."""
     da = uapi_kvm.kvm_device_attr(group=_check_u32("group", group), attr=_check_u64("attr", attr))
+    fd = kvm.fileno()  # a closed object raises KvmClosedError here, unchanged
     try:
-        _fd.ioctl(kvm.fileno(), ioctls.KVM_HAS_DEVICE_ATTR, da)
+        _fd.ioctl(fd, ioctls.KVM_HAS_DEVICE_ATTR, da)
     except KvmError as e:
         if e.errno in (errno.ENXIO, errno.EINVAL):
             return False
@@ -206,10 +208,11 @@ def sev_command(vm: HasFileno, cmd_id: int, data: Optional[ctypes.Structure] = N
         raise TypeError(f"SEV command {cmd_id} takes a {want.__name__}, not {type(data).__name__}")
     cmd = _S.kvm_sev_cmd(id=cmd_id, data=ctypes.addressof(data) if data is not None else 0,
                          sev_fd=_check_u32("sev_fd", sev_fd))
+    fd = vm.fileno()  # a closed object raises KvmClosedError here, unchanged
     try:
         # The address, not the buffer: the kernel writes cmd.error in place,
         # also when the call fails.
-        _fd.ioctl(vm.fileno(), ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
+        _fd.ioctl(fd, ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
     except KvmError as e:
         extra = f"firmware status {cmd.error:#x}" if cmd.error else ""
         raise _raise(e.errno or 0, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None
@@ -240,8 +243,9 @@ def tdx_command(target: HasFileno, cmd_id: int,
             raise TypeError(f"TDX command {cmd_id} takes a {want.__name__}, not {type(data).__name__}")
         address = ctypes.addressof(cast(ctypes.Structure, data))
     cmd = _S.kvm_tdx_cmd(id=cmd_id, flags=_check_u32("flags", flags), data=address)
+    fd = target.fileno()  # a closed object raises KvmClosedError here, unchanged
     try:
-        _fd.ioctl(target.fileno(), ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
+        _fd.ioctl(fd, ioctls.KVM_MEMORY_ENCRYPT_OP, ctypes.addressof(cmd))
     except KvmError as e:
         extra = f"TDX module status {cmd.hw_error:#x}" if cmd.hw_error else ""
         raise _raise(e.errno or 0, ioctls.KVM_MEMORY_ENCRYPT_OP, extra) from None

@@ -368,6 +368,8 @@ class MemorySlots:
         A copy of pykvm's table of what it told KVM (``add_memory`` and
         ``set_user_memory_region``); KVM has no ioctl to read its own back.
         """
+        if self._fd < 0:
+            raise self._closed_error("memslots")
         return dict(self._slots)
 
     def _free_slot(self) -> int:

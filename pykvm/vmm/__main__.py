@@ -2,4 +2,4 @@
 
 from .cli import run_as_program
 
-run_as_program()
+raise SystemExit(run_as_program())

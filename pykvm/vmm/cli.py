@@ -16,7 +16,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from ..command import UsageError, error, run_command
-from .status import LOAD_ERROR
+from .status import GDB_SOCKET, LOAD_ERROR
 
 __all__ = ["main", "parse_args", "UsageError", "USAGE"]
 
@@ -37,8 +37,10 @@ Boot a multiboot (v1) kernel on /dev/kvm, like `qemu -kernel`.
                     and several files may follow one --module
   --timeout S       stop the guest after S seconds (a positive finite number;
                     exit status 124)
-  --gdb[=PORT]      like qemu -s -S: wait for gdb on 127.0.0.1:PORT (default 1234,
-                    0 picks a free port), the kernel stopped at its entry; one CPU
+  --gdb[=PORT]      like qemu -s -S: the kernel waits, stopped at its entry, for gdb
+                    on a private UNIX socket (only this user can connect); with PORT,
+                    on 127.0.0.1:PORT (0 picks a free port) after 'monitor auth TOKEN';
+                    the exact gdb command line is printed on stderr; one CPU
 
 The serial port (COM1) is stdin/stdout.  Exit status: (v << 1) | 1 for a
 write of v to port 0xf4; 0 guest reset; 2 usage or load error; 4 triple
@@ -97,7 +99,6 @@ def _timeout(text: str) -> float:
     return v
 
 
-GDB_PORT = 1234                     #: QEMU's -s port
 
 
 def _port(text: str) -> int:
@@ -142,7 +143,7 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
             opts["timeout"] = _timeout(value(name))
             taking_modules = False
         elif name == "--gdb":
-            opts["gdb"] = _port(a.split("=", 1)[1]) if "=" in a else GDB_PORT
+            opts["gdb"] = _port(a.split("=", 1)[1]) if "=" in a else GDB_SOCKET
             taking_modules = False
         elif a == "--":
             rest = argv[i + 1:]
@@ -212,9 +213,10 @@ def main(argv: Optional[List[str]] = None,
     return run_command(PROG, body)
 
 
-def run_as_program(argv: Optional[List[str]] = None) -> None:
+def run_as_program(argv: Optional[List[str]] = None) -> int:
     """``python -m pykvm.vmm`` (and ``pykvm vmm``, given *argv*): run :func:`main`,
-    flush, and leave without teardown.  Never returns.
+    flush, and leave without teardown.  Returns (the status) only when no guest
+    was started (``--help``, a usage or load error); otherwise never returns.
 
     The process exits through ``os._exit``: no interpreter teardown runs while
     vCPU threads may still sit in ``KVM_RUN``, and the VM's destruction (KVM
@@ -225,6 +227,8 @@ def run_as_program(argv: Optional[List[str]] = None) -> None:
     or state the run created, costs as much as the VM itself.
     """
     status = main(argv)
+    if _machine is None:
+        return status
     try:
         sys.stdout.flush()
         sys.stderr.flush()

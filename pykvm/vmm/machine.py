@@ -39,7 +39,7 @@ from . import tables
 from .devices import Cmos, DebugExit, FdOutput, FwCfg, Misc, Pci
 from .errors import MachineError
 from .files import read_image
-from .status import (EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, RESET, TIMEOUT,
+from .status import (GDB_SOCKET, EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, RESET, TIMEOUT,
                      TRIPLE_FAULT, VMM_ERROR)
 
 __all__ = ["Machine", "MachineError", "MAX_CPUS", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB"]
@@ -82,11 +82,12 @@ class Machine:
             if timeout <= 0:
                 raise MachineError(f"--timeout {timeout!r}: want a positive number of seconds")
         if gdb is not None:
-            _check_number("--gdb", gdb, 0, 0xFFFF, True)
+            if gdb != GDB_SOCKET:
+                _check_number("--gdb", gdb, 0, 0xFFFF, True)
             if smp != 1:
                 raise MachineError("--gdb debugs one CPU: use --smp 1")
         self.gdb_port = gdb
-        self.gdb_address: Optional[Tuple[str, int]] = None
+        self.gdb_address: Any = None
         self.kernel, self.smp, self.memory = kernel, smp, memory_mib * layout.MiB
         self.append, self.modules, self.timeout = append, list(modules), timeout
         self.out_fd, self.in_fd, self.err_fd = stdout, stdin, stderr
@@ -391,10 +392,17 @@ class Machine:
         until gdb continues or steps it; port and MMIO exits go to the bus."""
         from ..gdbstub import GdbStub
 
-        stub = self._stub = GdbStub(self.vcpus[0], port=self.gdb_port or 0, on_exit=self._gdb_exit)
-        host, port = self.gdb_address = stub.address[:2]
-        self.log(f"waiting for gdb on {host}:{port} (the kernel is stopped at its entry): "
-                 f"gdb -ex 'target remote {host}:{port}'")
+        # --gdb: a private UNIX socket (0600 in a 0700 directory); --gdb=PORT: loopback
+        # TCP, which any local user can reach, so gdb must first send the stub's token.
+        if self.gdb_port == GDB_SOCKET:
+            stub = GdbStub(self.vcpus[0], on_exit=self._gdb_exit)
+        else:
+            stub = GdbStub(self.vcpus[0], port=self.gdb_port, on_exit=self._gdb_exit)
+        self._stub = stub
+        self.gdb_address = stub.address
+        where = stub.path if stub.path is not None else "%s:%d" % tuple(stub.address[:2])
+        command = " ".join(f"-ex '{c}'" for c in stub.gdb_commands())
+        self.log(f"waiting for gdb on {where} (the kernel is stopped at its entry): gdb {command}")
         t = threading.Thread(target=self._gdb_thread, name="vcpu0-gdb", daemon=True)
         self.threads.append(t)
         t.start()

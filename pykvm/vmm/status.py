@@ -18,3 +18,6 @@ INTERRUPTED = 130      #: SIGINT (Ctrl-C)
 def debug_exit_status(value: int) -> int:
     """The status a debug-exit write of *value* produces."""
     return ((value << 1) | 1) & 0xFF
+
+#: ``Machine(gdb=GDB_SOCKET)`` / ``--gdb`` without a port: serve gdb on a private UNIX socket.
+GDB_SOCKET = -1

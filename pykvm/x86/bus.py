@@ -35,12 +35,11 @@ and one dict lookup per exit (see ``examples/measure_runloop.py``).
 from __future__ import annotations
 
 import contextlib
-import struct
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..exits import Exit, decode
+from ..exits import IO_LAYOUT, MMIO_DATA_OFFSET, MMIO_LAYOUT, Exit, decode, write_answer
 from ..uapi.enums import ExitReason
 
 __all__ = ["RunLoop", "Bus", "RunResult", "GuestError", "PortSpec", "OutHandler", "InHandler",
@@ -61,8 +60,20 @@ _IO = int(ExitReason.IO)
 _MMIO = int(ExitReason.MMIO)
 _HLT = int(ExitReason.HLT)
 _INTR = int(ExitReason.INTR)
-_io = struct.Struct("<BBHIQ")
-_mmio = struct.Struct("<Q8sIB")
+_IO_AT = IO_LAYOUT.offset
+_MMIO_AT = MMIO_LAYOUT.offset
+
+
+def device_answer(value: Union[int, bytes, bytearray, memoryview], size: int) -> Union[int, bytes]:
+    """A device handler's read result as exactly *size* bytes' worth, the way a bus
+    delivers it: an int keeps its low *size* bytes (a 1-byte read of a 4-byte
+    register sees its low byte), bytes are cut or zero-padded to *size*.  The run
+    page is then written by the one encoder, :func:`pykvm.exits.write_answer`."""
+    if isinstance(value, int):
+        return value & ((1 << (8 * size)) - 1)
+    return bytes(value)[:size].ljust(size, b"\0")
+
+
 _ERRORS = {
     int(ExitReason.SHUTDOWN): "shutdown",
     int(ExitReason.INTERNAL_ERROR): "internal-error",
@@ -199,13 +210,11 @@ class Bus:
                     unhandled("in", exit.port, exit.size, None)
                 exit.set_data(b"\xff" * len(exit.data))
             else:
-                mask = (1 << (8 * exit.size)) - 1
                 out = bytearray()
                 with lock:
                     for _ in range(exit.count):
-                        v = hin(exit.port, exit.size)
-                        out += ((v & mask).to_bytes(exit.size, "little") if isinstance(v, int)
-                                else bytes(v)[:exit.size].ljust(exit.size, b"\0"))
+                        v = device_answer(hin(exit.port, exit.size), exit.size)
+                        out += v.to_bytes(exit.size, "little") if isinstance(v, int) else v
                 exit.set_data(bytes(out))
         elif isinstance(exit, (MmioRead, MmioWrite)):
             t = self.find_mmio(exit.address)
@@ -226,9 +235,7 @@ class Bus:
             else:
                 with lock:
                     v = rfn(exit.address, exit.length)
-                n = exit.length
-                exit.set_data((v & ((1 << (8 * n)) - 1)).to_bytes(n, "little") if isinstance(v, int)
-                              else bytes(v)[:n].ljust(n, b"\0"))
+                exit.set_data(device_answer(v, exit.length))
         else:
             return False
         return True
@@ -365,8 +372,8 @@ class RunLoop:
         vcpu = self.vcpu
         run = vcpu.run_raw
         mm = vcpu.run_mmap
-        io_unpack = _io.unpack_from
-        mmio_unpack = _mmio.unpack_from
+        io_unpack = IO_LAYOUT.format.unpack_from
+        mmio_unpack = MMIO_LAYOUT.format.unpack_from
         outs = self.bus.outs
         ins = self.bus.ins
         bus = self.bus
@@ -379,7 +386,7 @@ class RunLoop:
                 reason = run()
                 n += 1
                 if reason == _IO:
-                    direction, size, port, count, off = io_unpack(mm, 32)
+                    direction, size, port, count, off = io_unpack(mm, _IO_AT)
                     if direction:
                         h = outs.get(port)
                         if h is None:
@@ -399,19 +406,14 @@ class RunLoop:
                                 unhandled("in", port, size, None)
                             mm[off:off + size * count] = b"\xff" * (size * count)
                         else:
-                            mask = (1 << (8 * size)) - 1
                             with lock:
                                 for k in range(count):
-                                    v = hin(port, size)
-                                    o = off + k * size
-                                    if isinstance(v, int):
-                                        mm[o:o + size] = (v & mask).to_bytes(size, "little")
-                                    else:
-                                        mm[o:o + size] = bytes(v)[:size].ljust(size, b"\0")
+                                    write_answer(mm, off + k * size, size,
+                                                 device_answer(hin(port, size), size), "in")
                     if self._stopping:
                         return self._stopped(mm, n)
                 elif reason == _MMIO:
-                    addr, data, length, is_write = mmio_unpack(mm, 32)
+                    addr, data, length, is_write = mmio_unpack(mm, _MMIO_AT)
                     length = min(length, 8)
                     t = bus.find_mmio(addr)
                     fn = None if t is None else (t[3] if is_write else t[2])
@@ -422,17 +424,14 @@ class RunLoop:
                             unhandled("mmio-write" if is_write else "mmio-read", addr, length,
                                       data[:length] if is_write else None)
                         if not is_write:
-                            mm[40:40 + length] = b"\xff" * length
+                            write_answer(mm, MMIO_DATA_OFFSET, length, b"\xff" * length, "mmio read")
                     elif is_write:
                         with lock:
                             fn(addr, data[:length])
                     else:
                         with lock:
                             v = fn(addr, length)
-                        if isinstance(v, int):
-                            mm[40:40 + length] = (v & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
-                        else:
-                            mm[40:40 + length] = bytes(v)[:length].ljust(length, b"\0")
+                        write_answer(mm, MMIO_DATA_OFFSET, length, device_answer(v, length), "mmio read")
                     if self._stopping:
                         return self._stopped(mm, n)
                 elif reason == _INTR:

@@ -7,6 +7,7 @@ kernel to its debug exit, which gdb sees as the process exiting.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -35,24 +36,51 @@ def reply(sock: socket.socket, buf: bytearray) -> bytes:
         buf += chunk
 
 
-def test_gdb_starts_the_kernel_stopped_at_its_entry(kernels):
+def _session(sock: socket.socket, entry: int, token: "str | None") -> None:
+    buf = bytearray()
+    if token is not None:  # TCP: nothing about the guest before 'monitor auth TOKEN'
+        sock.sendall(packet(b"m0,10"))                # guest memory: refused
+        assert reply(sock, buf) == b"E01"
+        sock.sendall(packet(b"qRcmd," + f"auth {token}".encode().hex().encode()))
+        answer = reply(sock, buf)
+        while answer.startswith(b"O") and answer != b"OK":   # console output first
+            answer = reply(sock, buf)
+        assert answer == b"OK"
+    sock.sendall(packet(b"?"))
+    assert reply(sock, buf)[:3] in (b"S05", b"T05")
+    sock.sendall(packet(b"p10"))                    # register 16: rip
+    rip = int.from_bytes(bytes.fromhex(reply(sock, buf).decode()), "little")
+    assert rip == entry
+    sock.sendall(packet(b"c"))
+    assert reply(sock, buf) == b"W01"               # debug exit 0: status 1
+
+
+@pytest.mark.parametrize("how", ["--gdb", "--gdb=0"])
+def test_gdb_starts_the_kernel_stopped_at_its_entry(kernels, how):
+    """--gdb: a private UNIX socket; --gdb=PORT: loopback TCP behind the stub's token.
+    The printed gdb command line is what the test follows."""
     entry = kernels.symbol("tiny", "_start")
-    p = subprocess.Popen([sys.executable, "-m", "pykvm.vmm", kernels["tiny"], "--gdb=0",
+    p = subprocess.Popen([sys.executable, "-m", "pykvm.vmm", kernels["tiny"], how,
                           "--timeout", "60"], stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = p.stderr.readline().decode()
-        m = re.search(r"waiting for gdb on 127\.0\.0\.1:(\d+)", line)
-        assert m, line
-        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as sock:
-            buf = bytearray()
-            sock.sendall(packet(b"?"))
-            assert reply(sock, buf)[:3] in (b"S05", b"T05")
-            sock.sendall(packet(b"p10"))                    # register 16: rip
-            rip = int.from_bytes(bytes.fromhex(reply(sock, buf).decode()), "little")
-            assert rip == entry
-            sock.sendall(packet(b"c"))
-            assert reply(sock, buf) == b"W01"               # debug exit 0: status 1
+        m = re.search(r"-ex 'target remote ([^']+)'", line)
+        assert m and "waiting for gdb" in line, line
+        where = m.group(1)
+        auth = re.search(r"-ex 'monitor auth ([0-9a-f]+)'", line)
+        if how == "--gdb":
+            assert where.startswith("/") and auth is None, line
+            assert os.stat(where).st_mode & 0o077 == 0, "the socket must be private"
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(30)
+            sock.connect(where)
+        else:
+            host, port = where.rsplit(":", 1)
+            assert host == "127.0.0.1" and auth is not None, line
+            sock = socket.create_connection((host, int(port)), timeout=30)
+        with sock:
+            _session(sock, entry, auth.group(1) if auth else None)
         out, err = p.communicate(timeout=PROCESS_TIMEOUT)
     finally:
         if p.poll() is None:
