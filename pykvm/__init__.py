@@ -24,9 +24,25 @@ A guest in a few lines::
 from . import exits, uapi
 from .errors import KvmClosedError, KvmError, KvmInheritedError, KvmUnavailable
 from .exits import (
-    Debug, Exit, FailEntry, Hlt, Hypercall, InternalError, Interrupted, IoIn, IoOut,
-    IrqWindowOpen, MemoryFault, MmioRead, MmioWrite, Shutdown, SystemEvent, TprAccess, Unknown,
-    X86Rdmsr, X86Wrmsr,
+    Debug,
+    Exit,
+    FailEntry,
+    Hlt,
+    Hypercall,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    IrqWindowOpen,
+    MemoryFault,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    TprAccess,
+    Unknown,
+    X86Rdmsr,
+    X86Wrmsr,
 )
 from .system import Kvm
 from .uapi.enums import Cap, ExitReason

@@ -2,4 +2,4 @@
 
 from .fd import FdObject, grow_on_e2big, ioctl, raise_error
 
-__all__ = ["ioctl", "FdObject", "raise_error", "grow_on_e2big"]
+__all__ = ["FdObject", "grow_on_e2big", "ioctl", "raise_error"]

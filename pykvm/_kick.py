@@ -29,7 +29,7 @@ import threading
 from . import _sys
 from .errors import KvmError
 
-__all__ = ["KICK_SIGNAL", "ensure_kick_handler", "check_kick_handler"]
+__all__ = ["KICK_SIGNAL", "check_kick_handler", "ensure_kick_handler"]
 
 #: Real-time signal used for kicks (SIGRTMIN + 6); change before creating vCPUs.
 KICK_SIGNAL: int = int(signal.SIGRTMIN) + 6

@@ -11,8 +11,17 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["libc", "ioctl_ulong", "ioctl_int", "ioctl_noarg", "check", "sigaction_t",
-           "sigaction", "fallocate", "get_errno"]
+__all__ = [
+    "check",
+    "fallocate",
+    "get_errno",
+    "ioctl_int",
+    "ioctl_noarg",
+    "ioctl_ulong",
+    "libc",
+    "sigaction",
+    "sigaction_t",
+]
 
 #: The process's libc (``CDLL(None)``), errno captured per call.
 libc = ctypes.CDLL(None, use_errno=True)
@@ -77,7 +86,7 @@ _sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(sigaction_t), ctypes.POINTER
 _sigaction.restype = ctypes.c_int
 
 
-def sigaction(sig: int, new: "sigaction_t | None") -> sigaction_t:
+def sigaction(sig: int, new: sigaction_t | None) -> sigaction_t:
     """Install *new* (if given) for *sig*; return the previous disposition."""
     old = sigaction_t()
     if _sigaction(sig, ctypes.byref(new) if new is not None else None, ctypes.byref(old)) != 0:

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 from .command import EXIT_OK, EXIT_USAGE, error, run_command
 
-__all__ = ["main", "COMMANDS", "resolve"]
+__all__ = ["COMMANDS", "main", "resolve"]
 
 # name -> (one-line help, entry points "module:function", the first importable one wins).
 # The later entries are the entry points of before the one-command layout: kept until
 # every application has its cli module (see docs/cli.md).
-COMMANDS: Dict[str, Tuple[str, Sequence[str]]] = {
+COMMANDS: dict[str, tuple[str, Sequence[str]]] = {
     "probe": ("what this host's KVM can do, and why not (--brief, --check, --json)",
               ("pykvm.probe.cli:main",)),
     "diff": ("compare two probe reports (JSON) field by field",
@@ -52,7 +52,7 @@ COMMANDS: Dict[str, Tuple[str, Sequence[str]]] = {
 }
 
 
-def resolve(name: str) -> Optional[Callable[[Optional[List[str]]], int]]:
+def resolve(name: str) -> Callable[[list[str] | None], int] | None:
     """The ``main`` of subcommand *name*, or None if no entry point of it is installed.
 
     Only a missing module counts as "not installed": an error while importing
@@ -89,7 +89,7 @@ def _version() -> str:
     return f"pykvm {__version__} (distribution kvmbind, Python {sys.version.split()[0]})\n"
 
 
-def _dispatch(argv: List[str]) -> int:
+def _dispatch(argv: list[str]) -> int:
     if not argv:
         sys.stderr.write(_usage())
         return EXIT_USAGE
@@ -113,7 +113,7 @@ def _dispatch(argv: List[str]) -> int:
     return int(fn(argv[1:]) or 0)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the ``pykvm`` command with *argv* (default ``sys.argv[1:]``); return the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     return run_command("", lambda: _dispatch(args))

@@ -2,4 +2,4 @@
 
 from .vm.coalesced import COALESCED_MMIO_MAX, CoalescedRing
 
-__all__ = ["CoalescedRing", "COALESCED_MMIO_MAX"]
+__all__ = ["COALESCED_MMIO_MAX", "CoalescedRing"]

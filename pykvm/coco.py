@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Dict, Optional, Protocol, Set, Tuple, Union, cast
+from typing import Protocol, cast
 
 from . import fd as _fd
 from .errors import KvmError, hint_for
@@ -45,10 +45,19 @@ from .uapi import x86 as uapi_x86
 from .uapi.enums import Cap
 
 __all__ = [
-    "VM_TYPES", "SEV_COMMANDS", "TDX_COMMANDS", "HINTS",
-    "supported_vm_types", "system_attr", "has_system_attr",
-    "sev_command", "tdx_command", "register_region", "unregister_region",
-    "sev_vmsa_features", "tdx_capabilities",
+    "HINTS",
+    "SEV_COMMANDS",
+    "TDX_COMMANDS",
+    "VM_TYPES",
+    "has_system_attr",
+    "register_region",
+    "sev_command",
+    "sev_vmsa_features",
+    "supported_vm_types",
+    "system_attr",
+    "tdx_capabilities",
+    "tdx_command",
+    "unregister_region",
 ]
 
 
@@ -57,7 +66,7 @@ class HasFileno(Protocol):
 
 
 #: KVM_CREATE_VM types on x86 (``KVM_X86_*_VM``).
-VM_TYPES: Dict[str, int] = {
+VM_TYPES: dict[str, int] = {
     "default": consts.KVM_X86_DEFAULT_VM,
     "sw_protected": consts.KVM_X86_SW_PROTECTED_VM,
     "sev": consts.KVM_X86_SEV_VM,
@@ -70,7 +79,7 @@ _S = uapi_x86
 
 #: SEV command id -> the structure its ``data`` points to (None: no data).
 #: From Documentation/virt/kvm/x86/amd-memory-encryption.rst.
-SEV_COMMANDS: Dict[int, Optional[type]] = {
+SEV_COMMANDS: dict[int, type | None] = {
     consts.KVM_SEV_INIT: None,
     consts.KVM_SEV_ES_INIT: None,
     consts.KVM_SEV_INIT2: _S.kvm_sev_init,
@@ -103,7 +112,7 @@ SEV_COMMANDS: Dict[int, Optional[type]] = {
 
 #: TDX command id -> (fd kind, structure its ``data`` points to, or int for
 #: a value passed in ``data`` itself).  From Documentation/virt/kvm/x86/intel-tdx.rst.
-TDX_COMMANDS: Dict[int, Tuple[str, Optional[type]]] = {
+TDX_COMMANDS: dict[int, tuple[str, type | None]] = {
     consts.KVM_TDX_CAPABILITIES: ("vm", _S.kvm_tdx_capabilities),
     consts.KVM_TDX_INIT_VM: ("vm", _S.kvm_tdx_init_vm),
     consts.KVM_TDX_INIT_VCPU: ("vcpu", int),
@@ -114,7 +123,7 @@ TDX_COMMANDS: Dict[int, Tuple[str, Optional[type]]] = {
 
 #: Hints that say more than pykvm.errors' general table in this module's context
 #: (ioctl, errno) -> text; everything else comes from :data:`pykvm.errors.HINTS`.
-HINTS: Dict[Tuple[str, int], str] = {
+HINTS: dict[tuple[str, int], str] = {
     ("KVM_GET_DEVICE_ATTR", errno.ENXIO):
         "this host's KVM does not have this x86 attribute group/attribute "
         "(KVM_X86_GRP_SEV exists only where SEV is enabled)",
@@ -131,7 +140,7 @@ def _raise(err: int, request: int, extra: str = "") -> KvmError:
     return _fd.raise_error(err, request, hint)
 
 
-def _ioctl(obj: HasFileno, request: int, arg: Union[int, ctypes.Structure], extra: str = "") -> int:
+def _ioctl(obj: HasFileno, request: int, arg: int | ctypes.Structure, extra: str = "") -> int:
     fd = obj.fileno()  # a closed object raises KvmClosedError here, unchanged
     try:
         return _fd.ioctl(fd, request, arg)
@@ -139,7 +148,7 @@ def _ioctl(obj: HasFileno, request: int, arg: Union[int, ctypes.Structure], extr
         raise _raise(e.errno or 0, request, extra) from None
 
 
-def supported_vm_types(kvm: HasFileno) -> Set[int]:
+def supported_vm_types(kvm: HasFileno) -> set[int]:
     """VM types this host can create (``KVM_CAP_VM_TYPES`` bit mask; {0} without the cap)."""
     mask = _ioctl(kvm, ioctls.KVM_CHECK_EXTENSION, int(Cap.VM_TYPES))
     return {t for t in range(64) if mask >> t & 1} or {consts.KVM_X86_DEFAULT_VM}
@@ -189,7 +198,7 @@ def sev_vmsa_features(kvm: HasFileno) -> int:
     return system_attr(kvm, consts.KVM_X86_GRP_SEV, consts.KVM_X86_SEV_VMSA_FEATURES)
 
 
-def sev_command(vm: HasFileno, cmd_id: int, data: Optional[ctypes.Structure] = None,
+def sev_command(vm: HasFileno, cmd_id: int, data: ctypes.Structure | None = None,
                 sev_fd: int = 0) -> _S.kvm_sev_cmd:
     """Issue SEV command *cmd_id* (``KVM_SEV_*``) on *vm* with its structure *data*.
 
@@ -220,7 +229,7 @@ def sev_command(vm: HasFileno, cmd_id: int, data: Optional[ctypes.Structure] = N
 
 
 def tdx_command(target: HasFileno, cmd_id: int,
-                data: Union[None, int, ctypes.Structure] = None, flags: int = 0) -> _S.kvm_tdx_cmd:
+                data: int | ctypes.Structure | None = None, flags: int = 0) -> _S.kvm_tdx_cmd:
     """Issue TDX command *cmd_id* (``KVM_TDX_*``) on a VM or vCPU (see :data:`TDX_COMMANDS`).
 
     ``KVM_TDX_INIT_VCPU`` takes an int (the vCPU's initial RCX); the others

@@ -20,10 +20,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Tuple, Type
+from collections.abc import Callable
 
-__all__ = ["EXIT_OK", "EXIT_NO", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
-           "UsageError", "run_command", "error"]
+__all__ = [
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "error",
+    "run_command",
+]
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -43,7 +51,7 @@ def error(prog: str, message: str) -> None:
 
 
 def run_command(prog: str, body: Callable[[], int],
-                usage_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+                usage_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run *body* under the conventions above and return the exit status.
 
     ``SystemExit`` from argparse passes its code through (``--help`` is 0,
@@ -52,7 +60,7 @@ def run_command(prog: str, body: Callable[[], int],
     anything else is an internal error (3).  A command that has its own
     "no" outcomes (status 1) returns them from *body*.
     """
-    refused: Tuple[Type[BaseException], ...] = (UsageError,) + tuple(usage_errors)
+    refused: tuple[type[BaseException], ...] = (UsageError,) + tuple(usage_errors)
     try:
         return int(body() or 0)
     except SystemExit as e:

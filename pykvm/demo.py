@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional, Tuple
 
 from . import Cap, Hlt, IoOut, Kvm, KvmUnavailable
 from .command import EXIT_NO, EXIT_OK, error, run_command
@@ -30,7 +29,7 @@ GUEST = bytes([
 ])
 
 
-def hello(kvm: Kvm) -> Tuple[bytes, int, float]:
+def hello(kvm: Kvm) -> tuple[bytes, int, float]:
     """Run the guest; return (printed bytes, number of exits, seconds)."""
     with kvm.create_vm() as vm:
         mem = vm.add_memory(0, 0x10000)
@@ -57,7 +56,7 @@ def hello(kvm: Kvm) -> Tuple[bytes, int, float]:
         return bytes(out), exits, time.perf_counter() - t0
 
 
-def summary(kvm: Kvm) -> List[str]:
+def summary(kvm: Kvm) -> list[str]:
     """A few lines on what this host's KVM offers."""
     caps = [c for c in Cap if kvm.check_extension(c)]
     lines = [
@@ -72,7 +71,7 @@ def summary(kvm: Kvm) -> List[str]:
     return lines
 
 
-def _demo(argv: Optional[List[str]]) -> int:
+def _demo(argv: list[str] | None) -> int:
     argparse.ArgumentParser(
         prog="pykvm demo", description="Run a hello-world guest and print a short capability summary.",
         epilog="Exit status: 0 done, 1 KVM not usable here, 2 usage error, 3 internal error.",
@@ -90,7 +89,7 @@ def _demo(argv: Optional[List[str]]) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``pykvm demo`` with *argv* (default ``sys.argv[1:]``); return the exit status."""
     return run_command("demo", lambda: _demo(argv))
 

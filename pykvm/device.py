@@ -17,12 +17,11 @@ has ``CONFIG_KVM_VFIO``); the others belong to other architectures.
 from __future__ import annotations
 
 import enum
-from typing import Optional
 
 from .fd import DeviceAttrs, FdObject
 from .uapi import structs as S
 
-__all__ = ["Device", "DeviceAttrs", "DeviceType", "device_type_name", "KVM_DEV_VFIO_FILE", "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL"]
+__all__ = ["KVM_DEV_VFIO_FILE", "KVM_DEV_VFIO_FILE_ADD", "KVM_DEV_VFIO_FILE_DEL", "Device", "DeviceAttrs", "DeviceType", "device_type_name"]
 
 KVM_DEV_VFIO_FILE = S.KVM_DEV_VFIO_FILE
 KVM_DEV_VFIO_FILE_ADD = S.KVM_DEV_VFIO_FILE_ADD
@@ -66,7 +65,7 @@ class Device(DeviceAttrs, FdObject):
 
     _what = "device"
 
-    def __init__(self, fd: int, dev_type: int, vm: Optional[object] = None) -> None:
+    def __init__(self, fd: int, dev_type: int, vm: object | None = None) -> None:
         super().__init__(fd)
         self.type = dev_type
         self.vm = vm

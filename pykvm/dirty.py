@@ -2,4 +2,4 @@
 
 from .vm.dirty import DirtyPages, DirtyRing, bitmap_to_pages, bitmap_words, pages_to_bitmap
 
-__all__ = ["bitmap_to_pages", "pages_to_bitmap", "bitmap_words", "DirtyRing", "DirtyPages"]
+__all__ = ["DirtyPages", "DirtyRing", "bitmap_to_pages", "bitmap_words", "pages_to_bitmap"]

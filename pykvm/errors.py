@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Optional
 
-__all__ = ["KvmError", "KvmUnavailable", "KvmClosedError", "KvmInheritedError", "hint_for", "HINTS"]
+__all__ = ["HINTS", "KvmClosedError", "KvmError", "KvmInheritedError", "KvmUnavailable", "hint_for"]
 
 
 class KvmError(OSError):
@@ -21,7 +20,7 @@ class KvmError(OSError):
     ``.hint`` a sentence on the likely cause, or ``None``.
     """
 
-    def __init__(self, err: int, ioctl: str, hint: Optional[str] = None) -> None:
+    def __init__(self, err: int, ioctl: str, hint: str | None = None) -> None:
         super().__init__(err, os.strerror(err) if err else "error")
         self.ioctl = ioctl
         self.hint = hint
@@ -184,6 +183,6 @@ HINTS = {
 _HINTS = HINTS  # old private name
 
 
-def hint_for(ioctl: str, err: int) -> Optional[str]:
+def hint_for(ioctl: str, err: int) -> str | None:
     """The likely cause of *err* from *ioctl*, if pykvm knows one."""
     return HINTS.get((ioctl, err)) or HINTS.get((None, err))

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .vcpu.exits import *  # noqa: F401,F403
+    from .vcpu.exits import *  # noqa: F403
     from .vcpu.exits import DECODE_TABLE, DECODERS, INTERRUPTED, decode  # noqa: F401
 else:
     from .vcpu import exits as _exits

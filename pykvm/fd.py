@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import fcntl
+import os
 import weakref
-from typing import Any, Callable, ClassVar, Optional, Tuple, TypeVar, Union
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from . import _sys
 from ._check import U32, U64, uint
@@ -43,8 +44,16 @@ from .uapi import ioctls as _ioctls
 from .uapi import structs as _structs
 from .uapi.ioctls import ioctl_name
 
-__all__ = ["ioctl", "FdObject", "SingleOwner", "Capabilities", "DeviceAttrs", "raise_error",
-           "grow_on_e2big", "live_objects"]
+__all__ = [
+    "Capabilities",
+    "DeviceAttrs",
+    "FdObject",
+    "SingleOwner",
+    "grow_on_e2big",
+    "ioctl",
+    "live_objects",
+    "raise_error",
+]
 
 _fcntl_ioctl = fcntl.ioctl
 _INT_MAX = 2**31 - 1
@@ -54,13 +63,13 @@ T = TypeVar("T")
 FdT = TypeVar("FdT", bound="FdObject")
 
 
-def raise_error(err: int, request: int, hint: Optional[str] = None) -> "KvmError":
+def raise_error(err: int, request: int, hint: str | None = None) -> KvmError:
     """Build the KvmError for *err* from *request* (returned, for ``raise``)."""
     name = ioctl_name(request)
     return KvmError(err, name, hint or hint_for(name, err))
 
 
-def ioctl(fd: int, request: int, arg: Union[int, Any] = 0) -> int:
+def ioctl(fd: int, request: int, arg: int | Any = 0) -> int:
     """Issue ``ioctl(fd, request, arg)``; return its non-negative result.
 
     *arg* is an int (passed by value as an ``unsigned long``) or a writable
@@ -81,7 +90,7 @@ def ioctl(fd: int, request: int, arg: Union[int, Any] = 0) -> int:
 
 
 def grow_on_e2big(attempt: Callable[[int], T], n: int, limit: int,
-                  grow: Optional[Callable[[int], int]] = None) -> T:
+                  grow: Callable[[int], int] | None = None) -> T:
     """Call ``attempt(n)`` with a growing *n* while it raises E2BIG.
 
     *attempt* builds a buffer for *n* entries, issues the ioctl and returns
@@ -121,10 +130,10 @@ class SingleOwner:
     __reduce_ex__ = _refuse_copy
 
 
-_LIVE: "weakref.WeakSet[FdObject]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[FdObject] = weakref.WeakSet()
 
 
-def live_objects() -> Tuple["FdObject", ...]:
+def live_objects() -> tuple[FdObject, ...]:
     """The fd objects of this process that are open now (a snapshot, for diagnostics)."""
     return tuple(o for o in list(_LIVE) if not o.closed)
 
@@ -183,7 +192,7 @@ class FdObject(SingleOwner):
         """True in a forked child for an object the parent opened and the child has not closed."""
         return self._inherited_fd >= 0
 
-    def _ioctl(self, request: int, arg: Union[int, Any] = 0) -> int:
+    def _ioctl(self, request: int, arg: int | Any = 0) -> int:
         fd = self._fd
         if fd < 0:
             raise self._closed_error(ioctl_name(request))
@@ -342,10 +351,10 @@ class DeviceAttrs:
     __slots__ = ()
     _ioctl: Callable[..., int]
     #: errnos for which ``has_device_attr`` answers False instead of raising
-    _ATTR_ABSENT: ClassVar[Tuple[int, ...]] = (errno.ENXIO,)
+    _ATTR_ABSENT: ClassVar[tuple[int, ...]] = (errno.ENXIO,)
 
     @staticmethod
-    def _attr(group: int, attr: int, addr: int = 0, flags: int = 0) -> "_structs.kvm_device_attr":
+    def _attr(group: int, attr: int, addr: int = 0, flags: int = 0) -> _structs.kvm_device_attr:
         return _structs.kvm_device_attr(flags=uint("flags", flags, U32), group=uint("group", group, U32),
                                         attr=uint("attr", attr, U64), addr=addr)
 
@@ -409,7 +418,7 @@ class DeviceAttrs:
                         f"{type(value).__name__}")
 
 
-def _attr_in(value: Any) -> "Optional[ctypes.Array[ctypes.c_char]]":
+def _attr_in(value: Any) -> ctypes.Array[ctypes.c_char] | None:
     """A private, zero-padded copy of an attribute value for KVM to read (None for no value)."""
     if value is None:
         return None

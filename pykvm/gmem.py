@@ -2,4 +2,4 @@
 
 from .vm.memory import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd, set_cloexec
 
-__all__ = ["GuestMemfd", "set_cloexec", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
+__all__ = ["GUEST_MEMFD_FLAG_INIT_SHARED", "GUEST_MEMFD_FLAG_MMAP", "GuestMemfd", "set_cloexec"]

@@ -2,4 +2,4 @@
 
 from .vm.memory import PAGE_SIZE, GuestMemory
 
-__all__ = ["GuestMemory", "PAGE_SIZE"]
+__all__ = ["PAGE_SIZE", "GuestMemory"]

@@ -30,18 +30,18 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .fd import FdObject, ioctl
 from .errors import KvmError
+from .fd import FdObject, ioctl
 from .uapi import ioctls as I
 from .uapi import structs as S
 
-__all__ = ["Stats", "StatDesc", "open_stats", "STAT_TYPES", "STAT_UNITS", "STAT_BASES"]
+__all__ = ["STAT_BASES", "STAT_TYPES", "STAT_UNITS", "StatDesc", "Stats", "open_stats"]
 
 #: ``KVM_STATS_TYPE_*`` values (``flags & KVM_STATS_TYPE_MASK``) by name.
-STAT_TYPES: Dict[int, str] = {
+STAT_TYPES: dict[int, str] = {
     S.KVM_STATS_TYPE_CUMULATIVE: "cumulative",
     S.KVM_STATS_TYPE_INSTANT: "instant",
     S.KVM_STATS_TYPE_PEAK: "peak",
@@ -49,7 +49,7 @@ STAT_TYPES: Dict[int, str] = {
     S.KVM_STATS_TYPE_LOG_HIST: "log_hist",
 }
 #: ``KVM_STATS_UNIT_*`` values (``flags & KVM_STATS_UNIT_MASK``) by name.
-STAT_UNITS: Dict[int, str] = {
+STAT_UNITS: dict[int, str] = {
     S.KVM_STATS_UNIT_NONE: "none",
     S.KVM_STATS_UNIT_BYTES: "bytes",
     S.KVM_STATS_UNIT_SECONDS: "seconds",
@@ -57,7 +57,7 @@ STAT_UNITS: Dict[int, str] = {
     S.KVM_STATS_UNIT_BOOLEAN: "boolean",
 }
 #: ``KVM_STATS_BASE_*`` values (``flags & KVM_STATS_BASE_MASK``) -> the base (10 or 2).
-STAT_BASES: Dict[int, int] = {S.KVM_STATS_BASE_POW10: 10, S.KVM_STATS_BASE_POW2: 2}
+STAT_BASES: dict[int, int] = {S.KVM_STATS_BASE_POW10: 10, S.KVM_STATS_BASE_POW2: 2}
 
 _HDR_SIZE = ctypes.sizeof(S.kvm_stats_header)
 _DESC_SIZE = ctypes.sizeof(S.kvm_stats_desc)  # 16, the name follows
@@ -89,7 +89,7 @@ class StatDesc:
         """True for linear and logarithmic histograms (``size`` buckets)."""
         return self.type in ("linear_hist", "log_hist")
 
-    def as_dict(self) -> Dict[str, Union[str, int]]:
+    def as_dict(self) -> dict[str, str | int]:
         """The descriptor as a JSON-friendly dict (without ``offset``/``flags``)."""
         return {"name": self.name, "type": self.type, "unit": self.unit, "base": self.base,
                 "exponent": self.exponent, "size": self.size, "bucket_size": self.bucket_size}
@@ -151,14 +151,14 @@ class Stats(FdObject):
         step = _DESC_SIZE + hdr.name_size
         raw = self._pread(step * hdr.num_desc, hdr.desc_offset) if hdr.num_desc else b""
         descs = [_decode_desc(raw[i * step:(i + 1) * step], hdr.name_size) for i in range(hdr.num_desc)]
-        self.descriptors: Tuple[StatDesc, ...] = tuple(descs)
-        self._by_name: Dict[str, StatDesc] = {d.name: d for d in descs}
+        self.descriptors: tuple[StatDesc, ...] = tuple(descs)
+        self._by_name: dict[str, StatDesc] = {d.name: d for d in descs}
         self.data_size: int = max((d.offset + 8 * d.size for d in descs), default=0)
         if any(d.offset % 8 for d in descs):
             raise KvmError(errno.EINVAL, "KVM_GET_STATS_FD", "a statistic's offset is not a multiple of 8")
         self._words = struct.Struct(f"={self.data_size // 8}Q")
         # name, first word, word count (None: a plain counter) -- decoded once, used by every read()
-        self._layout: Tuple[Tuple[str, int, Optional[int]], ...] = tuple(
+        self._layout: tuple[tuple[str, int, int | None], ...] = tuple(
             (d.name, d.offset // 8, None if d.size == 1 and not d.is_histogram else d.size) for d in descs)
 
     def __repr__(self) -> str:
@@ -167,7 +167,7 @@ class Stats(FdObject):
 
     # -- descriptors ---------------------------------------------------------------
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """The statistics' names, in the kernel's order."""
         return [d.name for d in self.descriptors]
 
@@ -185,7 +185,7 @@ class Stats(FdObject):
         return len(self.descriptors)
 
     # -- values ----------------------------------------------------------------------
-    def read_raw(self) -> Tuple[int, ...]:
+    def read_raw(self) -> tuple[int, ...]:
         """The whole data block now, as native-endian u64 values (one ``pread``)."""
         n = self.data_size
         if n == 0:
@@ -193,20 +193,20 @@ class Stats(FdObject):
         return self._words.unpack(self._pread(n, self.header.data_offset))
 
     @staticmethod
-    def _value(d: StatDesc, words: Sequence[int], base: int = 0) -> Union[int, List[int]]:
+    def _value(d: StatDesc, words: Sequence[int], base: int = 0) -> int | list[int]:
         i = (d.offset - base) // 8
         if d.size == 1 and not d.is_histogram:
             return words[i]
         return list(words[i:i + d.size])
 
-    def read(self) -> Dict[str, Union[int, List[int]]]:
+    def read(self) -> dict[str, int | list[int]]:
         """All values now: ``{name: int}``, or ``{name: [buckets...]}`` for histograms
         (and any statistic whose ``size`` is not 1)."""
         words = self.read_raw()
         return {name: words[i] if size is None else list(words[i:i + size])
                 for name, i, size in self._layout}
 
-    def __getitem__(self, name: str) -> Union[int, List[int]]:
+    def __getitem__(self, name: str) -> int | list[int]:
         """The value of one statistic, read now (a list for histograms)."""
         d = self._by_name[name]
         if d.size == 0:
@@ -215,7 +215,7 @@ class Stats(FdObject):
         return self._value(d, struct.unpack(f"={d.size}Q", raw), d.offset)
 
 
-def open_stats(fd_owner_fileno: Union[int, "object"]) -> Stats:
+def open_stats(fd_owner_fileno: int | object) -> Stats:
     """Issue ``KVM_GET_STATS_FD`` on a VM or vCPU fd and return the owned :class:`Stats`.
 
     *fd_owner_fileno* is the VM/vCPU fd number (or any object with

@@ -11,22 +11,24 @@ import ctypes
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from .host import diagnose
-from ._check import U32 as _U32, uint as _uint
-from .fd import CheckExtension, DeviceAttrs, FdObject, grow_on_e2big, ioctl
-from .vcpu.msrs import msrs_buffer
+from ._check import U32 as _U32
 from ._check import flex_fits
+from ._check import uint as _uint
 from .errors import KvmError, KvmUnavailable
+from .fd import CheckExtension, DeviceAttrs, FdObject, grow_on_e2big, ioctl
+from .host import diagnose
 from .uapi import ioctls as I
-from .uapi.enums import Cap
 from .uapi import structs as S
+from .uapi.enums import Cap
+from .vcpu.msrs import msrs_buffer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vm import Vm
 
-__all__ = ["Kvm", "KVM_API_VERSION"]
+__all__ = ["KVM_API_VERSION", "Kvm"]
 
 KVM_API_VERSION = 12
 _MAX_CPUID_ENTRIES = 1 << 16
@@ -88,7 +90,7 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
             raise
         super().__init__(fd)
         self._api_version = version
-        self._mmap_size: Optional[int] = None
+        self._mmap_size: int | None = None
 
     def __repr__(self) -> str:
         return f"<Kvm {self.path} {self._state()}>"
@@ -122,7 +124,7 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         return self.check_extension(Cap.NR_MEMSLOTS)
 
     # -- VM creation ------------------------------------------------------------
-    def create_vm(self, vm_type: int = 0) -> "Vm":
+    def create_vm(self, vm_type: int = 0) -> Vm:
         """``KVM_CREATE_VM``: a new VM of *vm_type* (0 = default x86 VM)."""
         from .vm import Vm
 
@@ -130,8 +132,8 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         return Vm._from_fd(fd, self.vcpu_mmap_size, self)
 
     # -- CPUID -------------------------------------------------------------------
-    def _get_cpuid(self, request: int) -> List[S.kvm_cpuid_entry2]:
-        def attempt(n: int) -> List[S.kvm_cpuid_entry2]:
+    def _get_cpuid(self, request: int) -> list[S.kvm_cpuid_entry2]:
+        def attempt(n: int) -> list[S.kvm_cpuid_entry2]:
             buf = S.flex(S.kvm_cpuid2, n)
             self._ioctl(request, buf)
             flex_fits(buf, "nent", "entries")  # KVM never raises nent; check before reading
@@ -139,7 +141,7 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
 
         return grow_on_e2big(attempt, 128, _MAX_CPUID_ENTRIES)
 
-    def supported_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+    def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can give a guest.
 
         The buffer grows on E2BIG, so no fixed entry limit applies.  Pass the
@@ -147,21 +149,21 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         """
         return self._get_cpuid(I.KVM_GET_SUPPORTED_CPUID)
 
-    def emulated_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+    def emulated_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_EMULATED_CPUID``: leaves KVM emulates (possibly slowly)."""
         return self._get_cpuid(I.KVM_GET_EMULATED_CPUID)
 
-    def supported_hv_cpuid(self) -> List[S.kvm_cpuid_entry2]:
+    def supported_hv_cpuid(self) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_HV_CPUID`` on the system fd (``KVM_CAP_SYS_HYPERV_CPUID``)."""
         return self._get_cpuid(I.KVM_GET_SUPPORTED_HV_CPUID)
 
     # -- MSRs ----------------------------------------------------------------------
-    def _msr_list(self, request: int) -> List[int]:
+    def _msr_list(self, request: int) -> list[int]:
         # KVM answers E2BIG with the count it needs in nmsrs; the list may also
         # grow between calls, so the buffer grows until it fits.
         needed = [0]
 
-        def attempt(n: int) -> List[int]:
+        def attempt(n: int) -> list[int]:
             buf = S.flex(S.kvm_msr_list, n)
             try:
                 self._ioctl(request, buf)
@@ -174,15 +176,15 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         return grow_on_e2big(attempt, 0, _MAX_MSR_LIST,
                              lambda n: min(max(needed[0], n * 2, 1), _MAX_MSR_LIST))
 
-    def msr_index_list(self) -> List[int]:
+    def msr_index_list(self) -> list[int]:
         """``KVM_GET_MSR_INDEX_LIST``: MSRs a VMM can save/restore with GET/SET_MSRS."""
         return self._msr_list(I.KVM_GET_MSR_INDEX_LIST)
 
-    def msr_feature_index_list(self) -> List[int]:
+    def msr_feature_index_list(self) -> list[int]:
         """``KVM_GET_MSR_FEATURE_INDEX_LIST``: feature MSRs readable via :meth:`get_msrs`."""
         return self._msr_list(I.KVM_GET_MSR_FEATURE_INDEX_LIST)
 
-    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS`` on the system fd: values of feature MSRs.
 
         Returns ``{index: value}`` for the MSRs the kernel read; it stops at the
@@ -201,7 +203,7 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
         self._ioctl(I.KVM_X86_GET_MCE_CAP_SUPPORTED, val)
         return val.value
 
-    def vm_types(self) -> List[int]:
+    def vm_types(self) -> list[int]:
         """VM types this host accepts for ``create_vm`` (from ``KVM_CAP_VM_TYPES``)."""
         mask = self.check_extension(Cap.VM_TYPES)
         return [t for t in range(64) if mask >> t & 1] or [0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -76,7 +76,7 @@ class Watchdog:
         if not self.vcpu.closed:
             self.vcpu.kick()
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         self._timer.start()
         return self
 

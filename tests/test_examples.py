@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 needs_binutils = pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,
                                     reason="GNU binutils (as, ld) are not installed")

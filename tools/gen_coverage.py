@@ -34,7 +34,6 @@ import ast
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pykvm"
@@ -78,9 +77,9 @@ _SECTION = re.compile(r"^# --- (.+?) -+$")
 _REQ = re.compile(r'^(KVM_\w+)\s*=\s*_req\("(KVM_\w+)"')
 
 
-def _sections() -> Dict[str, str]:
+def _sections() -> dict[str, str]:
     """ioctl name -> section title, from the comments of pykvm/uapi/ioctls.py."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     section = "other"
     for line in (PACKAGE / "uapi" / "ioctls.py").read_text().splitlines():
         m = _SECTION.match(line.strip())
@@ -100,14 +99,14 @@ def _is_public(name: str) -> bool:
 class _Scanner(ast.NodeVisitor):
     """Collect, per function, the ioctl names it references and the local helpers it calls."""
 
-    def __init__(self, module: str, ioctls: Set[str], aliases: Dict[str, str]) -> None:
+    def __init__(self, module: str, ioctls: set[str], aliases: dict[str, str]) -> None:
         self.module = module
         self.ioctls = ioctls
         self.aliases = aliases
-        self.stack: List[str] = []
-        self.uses: Dict[str, Set[str]] = {}
-        self.calls: Dict[str, Set[str]] = {}
-        self.owner: Dict[str, str] = {}  # qualname -> enclosing class ("" for functions)
+        self.stack: list[str] = []
+        self.uses: dict[str, set[str]] = {}
+        self.calls: dict[str, set[str]] = {}
+        self.owner: dict[str, str] = {}  # qualname -> enclosing class ("" for functions)
 
     def _qual(self, name: str) -> str:
         return ".".join(self.stack + [name])
@@ -139,7 +138,7 @@ class _Scanner(ast.NodeVisitor):
     visit_AsyncFunctionDef = _visit_func
 
 
-def _module_aliases(tree: ast.Module, ioctls: Set[str]) -> Dict[str, str]:
+def _module_aliases(tree: ast.Module, ioctls: set[str]) -> dict[str, str]:
     aliases = {}
     for node in tree.body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
@@ -148,7 +147,7 @@ def _module_aliases(tree: ast.Module, ioctls: Set[str]) -> Dict[str, str]:
     return aliases
 
 
-def _imports(tree: ast.Module, package: str = "") -> Dict[str, Tuple[str, str]]:
+def _imports(tree: ast.Module, package: str = "") -> dict[str, tuple[str, str]]:
     """Local name -> (module, name) for every ``from .module import name`` in the file.
 
     In a module of *package*, ``from .x import`` names the package itself and
@@ -168,12 +167,12 @@ def _imports(tree: ast.Module, package: str = "") -> Dict[str, Tuple[str, str]]:
     return out
 
 
-def _class_bases(tree: ast.Module) -> Dict[str, List[str]]:
+def _class_bases(tree: ast.Module) -> dict[str, list[str]]:
     return {node.name: [b.id for b in node.bases if isinstance(b, ast.Name)]
             for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
-def scan() -> Dict[str, List[str]]:
+def scan() -> dict[str, list[str]]:
     """ioctl name -> sorted ``module.Class.method`` / ``module.function`` names that wrap it."""
     sys.path.insert(0, str(ROOT))
     try:
@@ -182,7 +181,7 @@ def scan() -> Dict[str, List[str]]:
         sys.path.pop(0)
     ioctls = set(IOCTLS)
     scanned = []
-    bases: Dict[Tuple[str, str], List[str]] = {}   # (module, class) -> base class names
+    bases: dict[tuple[str, str], list[str]] = {}   # (module, class) -> base class names
     files = [(p.stem, p, "") for p in sorted(PACKAGE.glob("*.py"))]
     for pkg in PACKAGES:
         files += [(pkg, p, pkg) for p in sorted((PACKAGE / pkg).glob("*.py"))]
@@ -195,7 +194,7 @@ def scan() -> Dict[str, List[str]]:
         scanned.append((module, sc, _imports(tree, pkg)))
         for cls, bs in _class_bases(tree).items():
             bases[(module, cls)] = bs
-    effective: Dict[Tuple[str, str], Set[str]] = {}
+    effective: dict[tuple[str, str], set[str]] = {}
     for module, sc, _ in scanned:
         for q, u in sc.uses.items():
             effective[(module, q)] = set(u)
@@ -221,7 +220,7 @@ def scan() -> Dict[str, List[str]]:
     where = {cls: module for (module, cls) in bases}
     mixins = {b for bs in bases.values() for b in bs if b in where}
 
-    def _mro(module: str, cls: str) -> List[Tuple[str, str]]:
+    def _mro(module: str, cls: str) -> list[tuple[str, str]]:
         out = [(module, cls)]
         for b in bases.get((module, cls), []):
             if b in where:
@@ -238,7 +237,7 @@ def scan() -> Dict[str, List[str]]:
                     own = (module, f"{cls}.{name}")
                     if own not in effective:
                         effective[own] = set(used)
-    wrappers: Dict[str, Set[str]] = {name: set() for name in IOCTLS}
+    wrappers: dict[str, set[str]] = {name: set() for name in IOCTLS}
     for (module, q), used in effective.items():
         if q.split(".")[0] in mixins:
             continue
@@ -295,7 +294,7 @@ def generate() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: list[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="fail if docs/api-coverage.md is stale")
     args = ap.parse_args(argv)
@@ -315,4 +314,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__: Tuple[str, ...] = ("generate", "scan", "main")
+__all__: tuple[str, ...] = ("generate", "main", "scan")

@@ -42,12 +42,24 @@ from .registers import REGISTERS, TARGET_XML
 from .stub import Exited, GdbStub, SessionEnd, Stop, default_on_exit
 from .support import DebugSupport, debug_support
 
-__all__ = ["GdbStub", "Exited", "Stop", "SessionEnd", "default_on_exit", "translate",
-           "kvm_translate", "debug_support", "DebugSupport", "TARGET_XML", "REGISTERS",
-           "PACKET_SIZE", "ProtocolError"]
+__all__ = [
+    "PACKET_SIZE",
+    "REGISTERS",
+    "TARGET_XML",
+    "DebugSupport",
+    "Exited",
+    "GdbStub",
+    "ProtocolError",
+    "SessionEnd",
+    "Stop",
+    "debug_support",
+    "default_on_exit",
+    "kvm_translate",
+    "translate",
+]
 
 
-def translate(vcpu: Vcpu, vaddr: int) -> Optional[int]:
+def translate(vcpu: Vcpu, vaddr: int) -> int | None:
     """Deprecated: use ``pykvm.x86.translate(vcpu.vm, vcpu.get_sregs(), vaddr)`` (the one walker).
 
     Guest physical address of guest virtual *vaddr* under the vCPU's current
@@ -58,7 +70,7 @@ def translate(vcpu: Vcpu, vaddr: int) -> Optional[int]:
     return walk(vcpu.vm, vcpu.get_sregs(), vaddr)
 
 
-def kvm_translate(vcpu: Vcpu, vaddr: int) -> Optional[int]:
+def kvm_translate(vcpu: Vcpu, vaddr: int) -> int | None:
     """The same question asked of KVM (``KVM_TRANSLATE``); None if not mapped."""
     t = vcpu.translate_gva(vaddr)
     return int(t.physical_address) if t.valid else None

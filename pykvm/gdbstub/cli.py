@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
-from typing import List, Optional
 
 from ..command import EXIT_NO, EXIT_OK, UsageError, error, run_command
 
@@ -70,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     import pykvm
+
     from .. import x86
     from .stub import Exited, GdbStub
 
@@ -82,7 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError("--port must be in 0..65535")
     out = sys.stdout
 
-    def on_exit(ex: pykvm.Exit) -> Optional[Exited]:
+    def on_exit(ex: pykvm.Exit) -> Exited | None:
         if isinstance(ex, pykvm.IoOut) and ex.port == 0x3F8:
             out.write(ex.data.decode("ascii", "replace"))
             out.flush()
@@ -105,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             try:
                 end = stub.serve(accept_timeout=args.timeout)
-            except socket.timeout:
+            except TimeoutError:
                 error(PROG, f"no gdb connected within {args.timeout:g} s")
                 return EXIT_NO
         print(f"pykvm gdb: session ended: {end.reason}", file=sys.stderr)
@@ -122,7 +121,7 @@ def _probe() -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``pykvm gdb ACTION ...``; returns the exit status (see ``--help``)."""
     def body() -> int:
         args = _parser().parse_args(argv)

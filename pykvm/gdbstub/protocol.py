@@ -20,11 +20,26 @@ again; after ``QStartNoAckMode`` neither side acknowledges.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple, Union
+from typing import Union
 
-__all__ = ["PACKET_SIZE", "MAX_MEMORY_READ", "ProtocolError", "checksum", "escape", "unescape",
-           "frame", "parse_hex", "parse_addr_len", "PacketReader", "Packet", "BadChecksum",
-           "Ack", "Nak", "Interrupt", "Event"]
+__all__ = [
+    "MAX_MEMORY_READ",
+    "PACKET_SIZE",
+    "Ack",
+    "BadChecksum",
+    "Event",
+    "Interrupt",
+    "Nak",
+    "Packet",
+    "PacketReader",
+    "ProtocolError",
+    "checksum",
+    "escape",
+    "frame",
+    "parse_addr_len",
+    "parse_hex",
+    "unescape",
+]
 
 #: Largest packet body (between ``$`` and ``#``) the stub accepts, advertised
 #: to gdb as ``PacketSize`` in ``qSupported``.  A ``G`` packet (all registers
@@ -101,7 +116,7 @@ def parse_hex(field: bytes, what: str = "number", limit: int = _U64) -> int:
     return value
 
 
-def parse_addr_len(field: bytes) -> Tuple[int, int]:
+def parse_addr_len(field: bytes) -> tuple[int, int]:
     """``ADDR,LENGTH`` (both hex) whose range lies inside the 64-bit address space."""
     parts = field.split(b",")
     if len(parts) != 2:
@@ -163,9 +178,9 @@ class PacketReader:
         self._buf = bytearray()         # a packet in progress, from its '$'
         self.noise = 0                  # bytes dropped outside packets (for logs and tests)
 
-    def feed(self, data: bytes) -> List[Event]:
+    def feed(self, data: bytes) -> list[Event]:
         """Parse *data*; raise :class:`ProtocolError` once a packet is over the limit."""
-        events: List[Event] = []
+        events: list[Event] = []
         view = memoryview(data)
         i, n = 0, len(data)
         while i < n:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import List, Optional, Tuple, Union
+from typing import Union
 
 from ..uapi import structs
 from ..uapi.enums import Cap
@@ -22,7 +22,7 @@ from ..vcpu import Vcpu
 
 _FxContext = Union[structs.kvm_fpu, structs.kvm_xsave]
 
-__all__ = ["TARGET_XML", "REGISTERS", "REGISTER_BYTES", "RegisterFile", "TargetError"]
+__all__ = ["REGISTERS", "REGISTER_BYTES", "TARGET_XML", "RegisterFile", "TargetError"]
 
 
 class TargetError(Exception):
@@ -33,7 +33,7 @@ class TargetError(Exception):
         self.code = code
 
 
-def _xml_regs(names: List[str], bits: int, typ: str, group: str = "") -> str:
+def _xml_regs(names: list[str], bits: int, typ: str, group: str = "") -> str:
     g = f' group="{group}"' if group else ""
     return "".join(f'<reg name="{n}" bitsize="{bits}" type="{typ}"{g}/>' for n in names)
 
@@ -43,7 +43,7 @@ _EFLAGS = ["CF", "", "PF", None, "AF", None, "ZF", "SF", "TF", "IF", "DF", "OF",
 _MXCSR = ["IE", "DE", "ZE", "OE", "UE", "PE", "DAZ", "IM", "DM", "ZM", "OM", "UM", "PM", None, None, "FZ"]
 
 
-def _flags(ident: str, names: List[Optional[str]]) -> str:
+def _flags(ident: str, names: list[str | None]) -> str:
     fields = "".join(f'<field name="{n}" start="{i}" end="{i}"/>' for i, n in enumerate(names)
                      if n is not None)
     return f'<flags id="{ident}" size="4">{fields}</flags>'
@@ -80,7 +80,7 @@ TARGET_XML = (
     + _xml_regs(_CRS, 64, "int", "system") + '</feature></target>')
 
 #: Register order of the ``g`` packet (= regnum): (name, size in bytes).
-REGISTERS: List[Tuple[str, int]] = (
+REGISTERS: list[tuple[str, int]] = (
     [(n, 8) for n in _GPRS] + [("rip", 8), ("eflags", 4)] + [(n, 4) for n in _SEGS]
     + [(f"st{i}", 10) for i in range(8)] + [(n, 4) for n in _X87]
     + [(f"xmm{i}", 16) for i in range(16)] + [("mxcsr", 4), ("fs_base", 8), ("gs_base", 8)]
@@ -96,9 +96,9 @@ class RegisterFile:
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
-        self._xsave: Optional[bool] = None
+        self._xsave: bool | None = None
 
-    def _get_fx(self) -> Tuple[bytearray, _FxContext]:
+    def _get_fx(self) -> tuple[bytearray, _FxContext]:
         v = self.vcpu
         if self._xsave is None:
             self._xsave = bool(v.vm.check_extension(Cap.XSAVE))
@@ -134,7 +134,7 @@ class RegisterFile:
         raw.release()
         v.set_xsave(ctx)
 
-    def read_all(self) -> List[bytes]:
+    def read_all(self) -> list[bytes]:
         """Every register's little-endian bytes, in :data:`REGISTERS` order."""
         v = self.vcpu
         r, s = v.get_regs(), v.get_sregs()
@@ -221,7 +221,7 @@ class RegisterFile:
             self._set_fx(fx, ctx)
 
 
-def _full_tag(abridged: int, st: List[bytes], top: int) -> int:
+def _full_tag(abridged: int, st: list[bytes], top: int) -> int:
     """gdb's 16-bit x87 tag word from FXSAVE's abridged one (2 bits per physical register).
 
     *st* holds ST(0)..ST(7) (10 bytes each); physical register p is ST((p - top) mod 8).

@@ -40,21 +40,41 @@ import struct
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional, Set, Tuple, Union
+from collections.abc import Callable
 
 from .. import exits
 from ..errors import KvmError
 from ..uapi import structs
 from ..vcpu import Vcpu
 from . import protocol
-from .protocol import (PACKET_SIZE, MAX_MEMORY_READ, Ack, BadChecksum, Interrupt, Nak, Packet,
-                       PacketReader, ProtocolError, parse_addr_len, parse_hex)
+from .protocol import (
+    MAX_MEMORY_READ,
+    PACKET_SIZE,
+    Ack,
+    BadChecksum,
+    Interrupt,
+    Nak,
+    Packet,
+    PacketReader,
+    ProtocolError,
+    parse_addr_len,
+    parse_hex,
+)
 from .registers import REGISTER_BYTES, REGISTERS, TARGET_XML, TargetError
 from .support import debug_support
 from .target import Target
 
-__all__ = ["GdbStub", "Exited", "Stop", "SessionEnd", "default_on_exit", "SIGINT", "SIGILL",
-           "SIGTRAP", "SIGSEGV"]
+__all__ = [
+    "SIGILL",
+    "SIGINT",
+    "SIGSEGV",
+    "SIGTRAP",
+    "Exited",
+    "GdbStub",
+    "SessionEnd",
+    "Stop",
+    "default_on_exit",
+]
 
 SIGINT, SIGILL, SIGTRAP, SIGSEGV = 2, 4, 5, 11   # gdb's signal numbers (include/gdb/signals.h)
 
@@ -97,13 +117,13 @@ class SessionEnd:
     """
 
     reason: str
-    exit_code: Optional[int] = None
+    exit_code: int | None = None
 
 
-OnExit = Callable[[exits.Exit], Union[None, Exited, Stop]]
+OnExit = Callable[[exits.Exit], None | Exited | Stop]
 
 
-def default_on_exit(ex: exits.Exit) -> Union[None, Exited, Stop]:
+def default_on_exit(ex: exits.Exit) -> Exited | Stop | None:
     """Fallback device model: discard output, read all-ones, stop on anything odd."""
     if isinstance(ex, (exits.IoOut, exits.MmioWrite)):
         return None
@@ -149,13 +169,13 @@ class _Conn:
 
     def __init__(self, sock: socket.socket, listener: socket.socket,
                  on_interrupt: Callable[[], None], on_eof: Callable[[], None],
-                 log: Optional[Callable[[str], None]]) -> None:
+                 log: Callable[[str], None] | None) -> None:
         self.sock = sock
         self._listener = listener
         self._on_eof = on_eof
         self._on_interrupt = on_interrupt
         self._log = log
-        self.packets: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self.packets: queue.Queue[bytes | None] = queue.Queue()
         self.ack = True
         self.last = b""
         self.refused = 0                          # second clients turned away
@@ -238,7 +258,7 @@ class _Conn:
                 self._broken = True
                 self.shutdown()
 
-    def send(self, payload: Union[str, bytes]) -> None:
+    def send(self, payload: str | bytes) -> None:
         body = payload.encode() if isinstance(payload, str) else payload
         if self._log:
             self._log(f"-> {body[:200]!r}")
@@ -283,10 +303,10 @@ class GdbStub:
     receives a packet trace.
     """
 
-    def __init__(self, vcpu: Vcpu, *, path: Optional[str] = None, port: Optional[int] = None,
-                 host: str = "127.0.0.1", token: Optional[str] = None,
-                 on_exit: Optional[OnExit] = None,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(self, vcpu: Vcpu, *, path: str | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", token: str | None = None,
+                 on_exit: OnExit | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         if not isinstance(vcpu, Vcpu):
             raise TypeError(f"vcpu must be a pykvm Vcpu, not {type(vcpu).__name__}")
         if path is not None and port is not None:
@@ -298,24 +318,24 @@ class GdbStub:
         self.vcpu = vcpu
         self.on_exit: OnExit = on_exit or default_on_exit
         self.log = log
-        self._private_dir: Optional[str] = None
-        self._path: Optional[str] = None
-        self._inode: Optional[Tuple[int, int]] = None
+        self._private_dir: str | None = None
+        self._path: str | None = None
+        self._inode: tuple[int, int] | None = None
         if port is not None:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
                 raise ValueError(f"port must be an int in 0..65535, not {port!r}")
             if host not in _LOOPBACK:
                 raise ValueError("the stub serves loopback only (it gives full control of the guest)")
-            self.token: Optional[str] = token if token is not None else secrets.token_hex(16)
+            self.token: str | None = token if token is not None else secrets.token_hex(16)
             self._listener = self._listen_tcp(host, port)
         else:
             self.token = token
             self._listener = self._listen_unix(path)
-        self._conn: Optional[_Conn] = None
+        self._conn: _Conn | None = None
         self._closed = False
         self._interrupt = threading.Event()
         self.target = Target(vcpu)
-        self._gdb_features: Set[str] = set()
+        self._gdb_features: set[str] = set()
         self._last_stop = "S05"
         self._warned_cpl3 = False
         self._running = False
@@ -336,7 +356,7 @@ class GdbStub:
             raise
         return listener
 
-    def _listen_unix(self, path: Optional[str]) -> socket.socket:
+    def _listen_unix(self, path: str | None) -> socket.socket:
         # Bind inside a directory only we can enter (0700), chmod the socket 0600, and
         # only then make it reachable: no moment at which another user could connect.
         if path is not None:
@@ -376,26 +396,26 @@ class GdbStub:
 
     # -- public ----------------------------------------------------------------------------
     @property
-    def path(self) -> Optional[str]:
+    def path(self) -> str | None:
         """The UNIX socket's path (None when serving TCP)."""
         return self._path
 
     @property
-    def port(self) -> Optional[int]:
+    def port(self) -> int | None:
         """The TCP port (None when serving a UNIX socket)."""
         if self._path is not None:
             return None
         return int(self._listener.getsockname()[1])
 
     @property
-    def address(self) -> Union[str, Tuple[str, int]]:
+    def address(self) -> str | tuple[str, int]:
         """The UNIX socket path, or ``(host, port)`` for TCP."""
         if self._path is not None:
             return self._path
         host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
 
-    def gdb_commands(self) -> List[str]:
+    def gdb_commands(self) -> list[str]:
         """The gdb commands that connect to this stub (``gdb -ex CMD ...``)."""
         where = self._path if self._path is not None else "%s:%d" % self.address
         cmds = ["set architecture i386:x86-64", f"target remote {where}"]
@@ -435,13 +455,13 @@ class GdbStub:
                 pass
         self._inode = None
 
-    def __enter__(self) -> "GdbStub":
+    def __enter__(self) -> GdbStub:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def serve(self, accept_timeout: Optional[float] = None) -> SessionEnd:
+    def serve(self, accept_timeout: float | None = None) -> SessionEnd:
         """Accept one gdb connection and serve it until detach, kill, guest exit or disconnect.
 
         Runs the vCPU in the calling thread.  On return the breakpoints are
@@ -545,7 +565,7 @@ class GdbStub:
             if end is not None:
                 return end
 
-    def _handle(self, pkt: bytes) -> Optional[SessionEnd]:
+    def _handle(self, pkt: bytes) -> SessionEnd | None:
         conn = self._conn
         assert conn is not None
         if not self._authed and not pkt.startswith(_PRE_AUTH):
@@ -582,9 +602,7 @@ class GdbStub:
             send("m1")
         elif pkt == b"qsThreadInfo":
             send("l")
-        elif cmd == b"H" or cmd == b"T":
-            send("OK")
-        elif pkt.startswith(b"qSymbol"):
+        elif cmd == b"H" or cmd == b"T" or pkt.startswith(b"qSymbol"):
             send("OK")
         elif cmd == b"g":
             if not self._authed:
@@ -656,7 +674,7 @@ class GdbStub:
             send("")                                       # unsupported: gdb falls back
         return None
 
-    def _monitor(self, hexcmd: bytes) -> Optional[SessionEnd]:
+    def _monitor(self, hexcmd: bytes) -> SessionEnd | None:
         """``monitor ...`` (``qRcmd``): ``auth TOKEN`` and ``help``."""
         conn = self._conn
         assert conn is not None
@@ -695,7 +713,7 @@ class GdbStub:
     def _cpl(self) -> int:
         return int(self.vcpu.get_sregs().cs.selector & 3)
 
-    def _resume(self, step: bool) -> Optional[SessionEnd]:
+    def _resume(self, step: bool) -> SessionEnd | None:
         conn = self._conn
         assert conn is not None
         if self._cpl() == 3:
@@ -737,13 +755,13 @@ class GdbStub:
         finally:
             self._running = False
 
-    def _call_on_exit(self, ex: exits.Exit) -> Union[None, Exited, Stop]:
+    def _call_on_exit(self, ex: exits.Exit) -> Exited | Stop | None:
         try:
             return self.on_exit(ex)
         except BaseException as e:
             raise _OnExitFailed(e) from e
 
-    def _classify(self, ex: exits.Exit, step: bool, start_rip: int) -> Union[None, str, SessionEnd]:
+    def _classify(self, ex: exits.Exit, step: bool, start_rip: int) -> str | SessionEnd | None:
         """The stop reply for exit *ex*, None to keep running, :data:`_REINJECT`, or the end."""
         conn = self._conn
         assert conn is not None

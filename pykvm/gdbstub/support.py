@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Optional
 
 from .. import exits
 from ..system import Kvm
@@ -35,7 +34,7 @@ class DebugSupport:
     guest_debug_flags: int
 
 
-_support: Optional[DebugSupport] = None
+_support: DebugSupport | None = None
 _support_lock = threading.Lock()
 
 # CPL3 probe: int3, then nops, then a jump to itself.  The guest has no IDT: if the
@@ -47,7 +46,7 @@ _CODE, _STACK = 0x10000, 0xF000
 _PROBE_SECONDS = 2.0
 
 
-def debug_support(kvm: Optional[Kvm] = None) -> DebugSupport:
+def debug_support(kvm: Kvm | None = None) -> DebugSupport:
     """Probe (once per process, a few ms) how this host's KVM handles guest debugging at CPL3."""
     global _support
     with _support_lock:
@@ -68,7 +67,7 @@ def debug_support(kvm: Optional[Kvm] = None) -> DebugSupport:
 
 def _probe_cpl3(kvm: Kvm, control: int, rip_offset: int) -> bool:
     """Run the probe at CPL3 (starting *rip_offset* bytes in) under *control*: a debug exit?"""
-    from .. import x86        # the x86 set-up only when a probe runs
+    from .. import x86  # the x86 set-up only when a probe runs
 
     with kvm.create_vm() as vm:
         vm.add_memory(0, 0x200000)

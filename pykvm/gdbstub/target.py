@@ -17,7 +17,7 @@ session, is exactly what it was.
 from __future__ import annotations
 
 import errno
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from collections.abc import Iterator, Mapping
 
 from ..errors import KvmError
 from ..uapi import structs
@@ -26,7 +26,7 @@ from ..vcpu import Vcpu
 from ..x86.paging import translate as walk_translate
 from .registers import RegisterFile, TargetError
 
-__all__ = ["Target", "MAX_SW_BREAKPOINTS", "INT3"]
+__all__ = ["INT3", "MAX_SW_BREAKPOINTS", "Target"]
 
 #: Most software breakpoints at once (each costs a saved byte; gdb rarely needs more than tens).
 MAX_SW_BREAKPOINTS = 4096
@@ -42,19 +42,19 @@ class Target:
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
         self.registers = RegisterFile(vcpu)
-        self._orig: Dict[int, int] = {}        # gpa -> original byte under our int3
-        self._by_va: Dict[int, int] = {}       # virtual address gdb named -> gpa
-        self._refs: Dict[int, int] = {}        # gpa -> how many virtual addresses use it
-        self.hw: List[Optional[Tuple[int, int, int]]] = [None] * 4   # slot -> (addr, type, len)
-        self._debug_flags: Optional[int] = None
+        self._orig: dict[int, int] = {}        # gpa -> original byte under our int3
+        self._by_va: dict[int, int] = {}       # virtual address gdb named -> gpa
+        self._refs: dict[int, int] = {}        # gpa -> how many virtual addresses use it
+        self.hw: list[tuple[int, int, int] | None] = [None] * 4   # slot -> (addr, type, len)
+        self._debug_flags: int | None = None
 
     # -- address translation ----------------------------------------------------------------
-    def translate(self, vaddr: int, sregs: Optional[structs.kvm_sregs] = None) -> Optional[int]:
+    def translate(self, vaddr: int, sregs: structs.kvm_sregs | None = None) -> int | None:
         """Guest physical address of *vaddr* under the vCPU's current paging mode, or None."""
         s = sregs if sregs is not None else self.vcpu.get_sregs()
         return walk_translate(self.vcpu.vm, s, vaddr)
 
-    def _pages(self, addr: int, length: int) -> Iterator[Tuple[int, Optional[int], int]]:
+    def _pages(self, addr: int, length: int) -> Iterator[tuple[int, int | None, int]]:
         """(vaddr, gpa or None, n) per page of [addr, addr+length)."""
         sregs = self.vcpu.get_sregs()
         end = addr + length

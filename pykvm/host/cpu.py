@@ -13,9 +13,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
-from typing import Dict, Optional, Set, Tuple
 
-__all__ = ["cpuid", "cpuinfo", "cpu_flags"]
+__all__ = ["cpu_flags", "cpuid", "cpuinfo"]
 
 # push rbx; mov eax,edi; mov ecx,esi; mov r8,rdx; cpuid;
 # mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
@@ -60,7 +59,7 @@ def _load():
     return _fn
 
 
-def cpuid(leaf: int, subleaf: int = 0) -> Optional[Tuple[int, int, int, int]]:
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
     """Execute CPUID(*leaf*, *subleaf*) on this CPU: (eax, ebx, ecx, edx), or None."""
     fn = _load()
     if fn is None:
@@ -70,9 +69,9 @@ def cpuid(leaf: int, subleaf: int = 0) -> Optional[Tuple[int, int, int, int]]:
     return tuple(regs)  # type: ignore[return-value]
 
 
-def cpuinfo() -> Dict[str, str]:
+def cpuinfo() -> dict[str, str]:
     """The first processor block of /proc/cpuinfo as {key: value} (empty if unreadable)."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -87,6 +86,6 @@ def cpuinfo() -> Dict[str, str]:
     return out
 
 
-def cpu_flags() -> Set[str]:
+def cpu_flags() -> set[str]:
     """The ``flags`` of /proc/cpuinfo as a set."""
     return set(cpuinfo().get("flags", "").split())

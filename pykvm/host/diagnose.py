@@ -12,16 +12,23 @@ import errno
 import grp
 import os
 import stat
-from typing import List, Optional
 
 KVM_MAJOR, KVM_MINOR = 10, 232
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm", "kvm_hv")
 
-__all__ = ["explain", "loaded_kvm_modules", "cpu_flags", "cpu_vendor_module",
-           "raw_virt_flags", "KVM_MAJOR", "KVM_MINOR", "VENDOR_MODULES"]
+__all__ = [
+    "KVM_MAJOR",
+    "KVM_MINOR",
+    "VENDOR_MODULES",
+    "cpu_flags",
+    "cpu_vendor_module",
+    "explain",
+    "loaded_kvm_modules",
+    "raw_virt_flags",
+]
 
 
-def loaded_kvm_modules() -> List[str]:
+def loaded_kvm_modules() -> list[str]:
     """Names of KVM modules present in /sys/module (vendor modules first)."""
     found = [m for m in VENDOR_MODULES if os.path.isdir(f"/sys/module/{m}")]
     if os.path.isdir("/sys/module/kvm"):
@@ -68,7 +75,7 @@ def cpu_vendor_module() -> str:
     return ""
 
 
-def _firmware_hint() -> Optional[str]:
+def _firmware_hint() -> str | None:
     """A sentence if the CPU has VMX/SVM but the kernel shows it disabled."""
     flags = cpu_flags()
     vmx, svm = raw_virt_flags()
@@ -152,7 +159,7 @@ def _explain_permission(path: str, err: int) -> str:
         return (f"{where} and the mode allows user {who}, but the open was denied: the "
                 "filesystem may be mounted 'nodev', or SELinux/AppArmor denies it (see the "
                 "audit log)")
-    acl = ("or grant this user an ACL as root: 'setfacl -m u:{0}:rw {1}'".format(who, path))
+    acl = (f"or grant this user an ACL as root: 'setfacl -m u:{who}:rw {path}'")
     if group_rw:
         if listed:
             return (f"user {who} is in group '{group}' but this session is not ({where}): "
@@ -165,7 +172,7 @@ def _explain_permission(path: str, err: int) -> str:
             "and log in again; {2}; or run as root".format(path, who, acl))
 
 
-def _members(gid: int) -> List[str]:
+def _members(gid: int) -> list[str]:
     try:
         return list(grp.getgrgid(gid).gr_mem)
     except KeyError:

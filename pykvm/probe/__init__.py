@@ -24,17 +24,46 @@ from . import collect, diff  # submodules (their functions are collect.collect, 
 from .collect import CAP_PROBE_LIMIT
 from .diff import Diff, Difference, render_diff
 from .loader import ReportError, load
-from .text import render
 from .model import (
-    SCHEMA, SCHEMA_VERSION, Access, BenchResult, Capability, CpuidReport, HostInfo, Limits,
-    Module, Msr, MsrReport, ProbeReport, StatsReport,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Access,
+    BenchResult,
+    Capability,
+    CpuidReport,
+    HostInfo,
+    Limits,
+    Module,
+    Msr,
+    MsrReport,
+    ProbeReport,
+    StatsReport,
 )
+from .text import render
 
 __all__ = [
-    "probe", "ProbeReport", "Access", "HostInfo", "Module", "Capability", "Limits",
-    "CpuidReport", "Msr", "MsrReport", "StatsReport", "BenchResult", "SCHEMA",
-    "SCHEMA_VERSION", "CAP_PROBE_LIMIT", "load", "render", "render_diff", "Diff", "Difference",
-    "ReportError", "compare",
+    "CAP_PROBE_LIMIT",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Access",
+    "BenchResult",
+    "Capability",
+    "CpuidReport",
+    "Diff",
+    "Difference",
+    "HostInfo",
+    "Limits",
+    "Module",
+    "Msr",
+    "MsrReport",
+    "ProbeReport",
+    "ReportError",
+    "StatsReport",
+    "compare",
+    "load",
+    "probe",
+    "render",
+    "render_diff",
 ]
 
 
@@ -51,7 +80,7 @@ def probe(path: str = "/dev/kvm", *, bench: bool = False, bench_seconds: float =
     return collect.collect(path, bench=bench, bench_seconds=bench_seconds, cap_limit=cap_limit)
 
 
-def compare(a: Union[ProbeReport, Dict[str, Any]], b: Union[ProbeReport, Dict[str, Any]]) -> Diff:
+def compare(a: ProbeReport | dict[str, Any], b: ProbeReport | dict[str, Any]) -> Diff:
     """Diff two reports (ProbeReport objects or loaded JSON documents)."""
     da = a.to_dict() if isinstance(a, ProbeReport) else a
     db = b.to_dict() if isinstance(b, ProbeReport) else b

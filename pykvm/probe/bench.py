@@ -20,13 +20,14 @@ hang the probe.
 from __future__ import annotations
 
 import time
-from typing import Callable, List, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..system import Kvm
 from ..uapi import ioctls as I
 from .model import BenchResult
 
-__all__ = ["run_benchmarks", "PIO_GUEST"]
+__all__ = ["PIO_GUEST", "run_benchmarks"]
 
 T = TypeVar("T")
 
@@ -58,11 +59,11 @@ def _timed(name: str, description: str, body: Callable[[int], None], seconds: fl
                        best_us=round(best * 1e6, 3))
 
 
-def run_benchmarks(kvm: Kvm, seconds: float = 0.5) -> List[BenchResult]:
+def run_benchmarks(kvm: Kvm, seconds: float = 0.5) -> list[BenchResult]:
     """Run the four measurements on an open :class:`Kvm`; about ``4 * seconds`` in all."""
     import fcntl
 
-    out: List[BenchResult] = []
+    out: list[BenchResult] = []
     sys_fd = kvm.fileno()
     req = I.KVM_GET_API_VERSION
     ioctl = fcntl.ioctl
@@ -96,7 +97,7 @@ def run_benchmarks(kvm: Kvm, seconds: float = 0.5) -> List[BenchResult]:
                           "KVM_RUN with immediate_exit=1 (EINTR, guest not entered)",
                           immediate, seconds, 1000))
 
-        kicked: List[bool] = []
+        kicked: list[bool] = []
         limit = max(5.0, 20 * seconds)
 
         def guarded(fn: Callable[[], T]) -> T:

@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 from ..uapi.enums import Cap
 from .model import ProbeReport
 
-__all__ = ["Check", "PASS", "WARN", "FAIL", "brief", "checklist", "render_checklist",
-           "IMPORTANT_CAPS"]
+__all__ = [
+    "FAIL",
+    "IMPORTANT_CAPS",
+    "PASS",
+    "WARN",
+    "Check",
+    "brief",
+    "checklist",
+    "render_checklist",
+]
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -41,12 +48,12 @@ class Check:
     status: str         #: PASS, WARN or FAIL
     hint: str = ""      #: what it means / what to do (WARN and FAIL)
 
-    def to_dict(self) -> Dict[str, str]:
+    def to_dict(self) -> dict[str, str]:
         """JSON form."""
         return {"name": self.name, "status": self.status, "hint": self.hint}
 
 
-def _first_sentence(text: Optional[str]) -> str:
+def _first_sentence(text: str | None) -> str:
     if not text:
         return ""
     line = " ".join(text.split())
@@ -70,14 +77,14 @@ def brief(r: ProbeReport) -> str:
     return f"KVM acceleration can NOT be used: {why}\nhint: {hint}\n"
 
 
-def _module_param(r: ProbeReport, name: str) -> Optional[str]:
+def _module_param(r: ProbeReport, name: str) -> str | None:
     for m in r.modules:
         if m.role == "vendor" and name in m.parameters:
             return m.parameters[name]
     return None
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read(65536)
@@ -85,7 +92,7 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _hugepages() -> List[Check]:
+def _hugepages() -> list[Check]:
     out = []
     thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp is None:
@@ -108,10 +115,10 @@ def _hugepages() -> List[Check]:
     return out
 
 
-def checklist(r: ProbeReport) -> List[Check]:
+def checklist(r: ProbeReport) -> list[Check]:
     """The checks, in the order a user would fix them."""
     a, h = r.access, r.host
-    out: List[Check] = []
+    out: list[Check] = []
     if h.flags_vmx or h.flags_svm:
         out.append(Check("Checking for hardware virtualization", PASS))
     elif r.usable:
@@ -180,7 +187,7 @@ def checklist(r: ProbeReport) -> List[Check]:
     return out + _hugepages()
 
 
-def render_checklist(checks: List[Check]) -> str:
+def render_checklist(checks: list[Check]) -> str:
     """The checklist as ``virt-host-validate`` prints it: ``KVM: <check> ... : PASS (hint)``."""
     width = max((len(c.name) for c in checks), default=0) + 2
     lines = []

@@ -16,12 +16,12 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..command import EXIT_NO, EXIT_OK, UsageError, run_command
 from .loader import ReportError
 
-__all__ = ["main", "diff_main"]
+__all__ = ["diff_main", "main"]
 
 
 def _out(text: str) -> None:
@@ -52,7 +52,7 @@ def _probe_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _probe(argv: Optional[List[str]]) -> int:
+def _probe(argv: list[str] | None) -> int:
     ns = _probe_parser().parse_args(argv)
     if ns.diff:
         return _diff_files(ns.diff[0], ns.diff[1], as_json=ns.json)
@@ -74,7 +74,7 @@ def _probe(argv: Optional[List[str]]) -> int:
     return report.exit_status
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``pykvm probe`` with *argv* (default ``sys.argv[1:]``); return the exit status."""
     return run_command("probe", lambda: _probe(argv), (ReportError,))
 
@@ -95,7 +95,7 @@ def _diff_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _diff_docs(a: Dict[str, Any], b: Dict[str, Any], a_name: str, b_name: str, as_json: bool) -> int:
+def _diff_docs(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str, as_json: bool) -> int:
     from .diff import diff, render_diff
 
     d = diff(a, b, a_name, b_name)
@@ -103,7 +103,7 @@ def _diff_docs(a: Dict[str, Any], b: Dict[str, Any], a_name: str, b_name: str, a
     return EXIT_OK if d.identical else EXIT_NO
 
 
-def _diff_files(a_path: str, b_path: Optional[str], *, as_json: bool, device: str = "/dev/kvm") -> int:
+def _diff_files(a_path: str, b_path: str | None, *, as_json: bool, device: str = "/dev/kvm") -> int:
     from .loader import load
 
     a = load(a_path)
@@ -116,11 +116,11 @@ def _diff_files(a_path: str, b_path: Optional[str], *, as_json: bool, device: st
     return _diff_docs(a, b, a_path, b_name, as_json)
 
 
-def _diff(argv: Optional[List[str]]) -> int:
+def _diff(argv: list[str] | None) -> int:
     ns = _diff_parser().parse_args(argv)
     return _diff_files(ns.a, ns.b, as_json=ns.json, device=ns.device)
 
 
-def diff_main(argv: Optional[List[str]] = None) -> int:
+def diff_main(argv: list[str] | None = None) -> int:
     """``pykvm diff`` with *argv* (default ``sys.argv[1:]``); return the exit status."""
     return run_command("diff", lambda: _diff(argv), (ReportError,))

@@ -11,35 +11,44 @@ from __future__ import annotations
 
 import datetime
 import errno as _errno
+import fcntl
 import grp
 import os
 import platform
 import pwd
 import socket
-import fcntl
 import stat
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from ..host import diagnose
 from ..errors import KvmError, KvmUnavailable
+from ..host import cpu as host_cpu
+from ..host import diagnose
 from ..system import Kvm
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 from ..uapi.enums import Cap
 from . import cpuid as C
-from ..host import cpu as host_cpu
 from .model import (
-    Access, Capability, CpuidReport, HostInfo, Limits, Module, Msr, MsrReport, ProbeReport,
+    Access,
+    Capability,
+    CpuidReport,
+    HostInfo,
+    Limits,
+    Module,
+    Msr,
+    MsrReport,
+    ProbeReport,
     StatsReport,
 )
 from .msrs import decode_feature_msr, msr_name
 
-__all__ = ["collect", "CAP_PROBE_LIMIT", "VM_TYPE_NAMES", "cap_meaning"]
+__all__ = ["CAP_PROBE_LIMIT", "VM_TYPE_NAMES", "cap_meaning", "collect"]
 
 #: Capability numbers asked: 0 .. CAP_PROBE_LIMIT-1 (pykvm names 0..246).
 CAP_PROBE_LIMIT = 512
 
-VM_TYPE_NAMES: Dict[int, str] = {
+VM_TYPE_NAMES: dict[int, str] = {
     S.KVM_X86_DEFAULT_VM: "DEFAULT_VM",
     S.KVM_X86_SW_PROTECTED_VM: "SW_PROTECTED_VM",
     S.KVM_X86_SEV_VM: "SEV_VM",
@@ -51,9 +60,9 @@ VM_TYPE_NAMES: Dict[int, str] = {
 T = TypeVar("T")
 
 
-def _flag_names(prefix: str, strip: str = "") -> Dict[int, str]:
+def _flag_names(prefix: str, strip: str = "") -> dict[int, str]:
     """Single-bit constants of pykvm.uapi.structs starting with *prefix* -> {bit: name}."""
-    out: Dict[int, str] = {}
+    out: dict[int, str] = {}
     for name in dir(S):
         if not name.startswith(prefix) or "MASK" in name or "VALID" in name:
             continue
@@ -69,7 +78,7 @@ _HYPERCALLS = {1: "VAPIC_POLL_IRQ", 2: "MMU_OP", 3: "FEATURES", 4: "PPC_MAP_MAGI
                11: "SCHED_YIELD", 12: "MAP_GPA_RANGE"}
 
 #: Capabilities whose value is a bit mask, with the kernel's names of the bits.
-_CAP_BITS: Dict[int, Dict[int, str]] = {
+_CAP_BITS: dict[int, dict[int, str]] = {
     Cap.X86_DISABLE_EXITS: _flag_names("KVM_X86_DISABLE_EXITS_"),
     Cap.X2APIC_API: {**_flag_names("KVM_X2APIC_API_"),
                      2: "ENABLE_SUPPRESS_EOI_BROADCAST", 3: "DISABLE_SUPPRESS_EOI_BROADCAST"},
@@ -87,7 +96,7 @@ _CAP_BITS: Dict[int, Dict[int, str]] = {
 }
 
 
-def cap_meaning(cap: int, value: Optional[int]) -> List[str]:
+def cap_meaning(cap: int, value: int | None) -> list[str]:
     """The names of the bits of *value* for bit-mask capabilities (else ``[]``)."""
     names = _CAP_BITS.get(cap)
     if not names or not value or value < 0:
@@ -103,7 +112,7 @@ def _errstr(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _section(report: ProbeReport, name: str, fn: Callable[[], T]) -> Optional[T]:
+def _section(report: ProbeReport, name: str, fn: Callable[[], T]) -> T | None:
     """Run *fn*; on an expected failure record it under *name* and return None."""
     try:
         return fn()
@@ -127,7 +136,7 @@ def _name_of_gid(gid: int) -> str:
         return str(gid)
 
 
-def access(path: str) -> Tuple[Access, Optional[Kvm]]:
+def access(path: str) -> tuple[Access, Kvm | None]:
     """Stat and open *path*; return the facts and the open :class:`Kvm` (or None)."""
     a = Access(path=path, uid=os.getuid(), user=_name_of_uid(os.getuid()))
     gids = sorted(set(os.getgroups()) | {os.getgid()})
@@ -181,7 +190,7 @@ def host_info() -> HostInfo:
     return h
 
 
-def modules() -> List[Module]:
+def modules() -> list[Module]:
     """The loaded KVM modules (vendor modules first, then ``kvm``) with parameters."""
     out = []
     for name in diagnose.loaded_kvm_modules():
@@ -213,7 +222,7 @@ def _ioctl_raw(fd: int, request: int, arg: int = 0) -> int:
     return fcntl.ioctl(fd, request, arg)
 
 
-def capabilities(kvm: Kvm, vm_fd: Optional[int], limit: int = CAP_PROBE_LIMIT) -> List[Capability]:
+def capabilities(kvm: Kvm, vm_fd: int | None, limit: int = CAP_PROBE_LIMIT) -> list[Capability]:
     """Every known capability, plus every unknown number below *limit* that answers non-zero."""
     known = {int(c): "KVM_CAP_" + c.name for c in Cap}
     out = []
@@ -260,7 +269,7 @@ def limits(kvm: Kvm, vm, vcpu, report: ProbeReport) -> Limits:
 def cpuid_report(kvm: Kvm, report: ProbeReport) -> CpuidReport:
     """Supported and emulated CPUID, decoded; plus what the host CPU has that KVM does not offer."""
     sup = C.sorted_entries([C.CpuidEntry.from_kvm(e) for e in kvm.supported_cpuid()])
-    emu: List[C.CpuidEntry] = []
+    emu: list[C.CpuidEntry] = []
     if kvm.check_extension(Cap.EXT_EMUL_CPUID):
         got = _section(report, "cpuid.emulated", kvm.emulated_cpuid)
         emu = C.sorted_entries([C.CpuidEntry.from_kvm(e) for e in got or []])
@@ -282,7 +291,7 @@ def cpuid_report(kvm: Kvm, report: ProbeReport) -> CpuidReport:
     return r
 
 
-def host_only_features(supported: List[C.CpuidEntry]) -> Optional[List[str]]:
+def host_only_features(supported: list[C.CpuidEntry]) -> list[str] | None:
     """Feature flags the host CPU reports (CPUID run here) that KVM's supported set lacks.
 
     None when CPUID cannot be executed here.  Hypervisor leaves are left out.
@@ -292,7 +301,7 @@ def host_only_features(supported: List[C.CpuidEntry]) -> Optional[List[str]]:
     kvm_bits = C.feature_bits(supported)
     max_basic = host_cpu.cpuid(0)[0]
     max_ext = host_cpu.cpuid(0x80000000)[0]
-    out: List[str] = []
+    out: list[str] = []
     seen = set()
     for reg in C.FEATURE_REGS:
         fn, idx, r = reg
@@ -303,7 +312,7 @@ def host_only_features(supported: List[C.CpuidEntry]) -> Optional[List[str]]:
         regs = host_cpu.cpuid(fn, idx)
         if regs is None:
             continue
-        host = regs["eax ebx ecx edx".split().index(r)]
+        host = regs[["eax", "ebx", "ecx", "edx"].index(r)]
         missing = host & ~kvm_bits.get(reg, 0)
         for n in C.decode_mask(reg, missing, skip_dynamic=True):
             if n not in seen:
@@ -318,7 +327,7 @@ def msr_report(kvm: Kvm, report: ProbeReport) -> MsrReport:
     r.index_list = [Msr(i, msr_name(i)) for i in kvm.msr_index_list()]
     if kvm.check_extension(Cap.GET_MSR_FEATURES):
         feats = _section(report, "msrs.feature_index_list", kvm.msr_feature_index_list) or []
-        values: Dict[int, int] = {}
+        values: dict[int, int] = {}
         for i in feats:  # one by one: KVM_GET_MSRS stops at the first unreadable MSR
             got = _section(report, f"msrs.feature {i:#x}", lambda i=i: kvm.get_msrs([i]))
             if got:

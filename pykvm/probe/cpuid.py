@@ -13,17 +13,33 @@ its place, e.g. ``"7.0.ecx[31]"`` (leaf in hex, sub-leaf, register, bit).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    "CpuidEntry", "FEATURE_REGS", "DYNAMIC_BITS", "XSAVE_COMPONENTS", "KVM_SIGNATURE",
-    "feature_bits", "feature_names", "bit_name", "vendor", "family_model_stepping",
-    "brand", "max_leaves", "address_bits", "hypervisor_signature", "xsave_components",
-    "decode_mask", "entry_map", "kvm_pv_features", "component_names", "sorted_entries",
+    "DYNAMIC_BITS",
+    "FEATURE_REGS",
+    "KVM_SIGNATURE",
+    "XSAVE_COMPONENTS",
+    "CpuidEntry",
+    "address_bits",
+    "bit_name",
+    "brand",
+    "component_names",
+    "decode_mask",
+    "entry_map",
+    "family_model_stepping",
+    "feature_bits",
+    "feature_names",
+    "hypervisor_signature",
+    "kvm_pv_features",
+    "max_leaves",
+    "sorted_entries",
+    "vendor",
+    "xsave_components",
 ]
 
-Reg = Tuple[int, int, str]  # (function, index, register)
+Reg = tuple[int, int, str]  # (function, index, register)
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,7 @@ class CpuidEntry:
     edx: int
 
     @classmethod
-    def from_kvm(cls, e) -> "CpuidEntry":
+    def from_kvm(cls, e) -> CpuidEntry:
         """From a ``kvm_cpuid_entry2`` (or anything with the same attributes)."""
         return cls(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx),
                    int(e.ecx), int(e.edx))
@@ -48,13 +64,13 @@ class CpuidEntry:
         """The value of register *name* (``"eax"`` .. ``"edx"``)."""
         return getattr(self, name)
 
-    def as_dict(self) -> Dict[str, int]:
+    def as_dict(self) -> dict[str, int]:
         """JSON form: function, index, flags, eax, ebx, ecx, edx (all ints)."""
         return {"function": self.function, "index": self.index, "flags": self.flags,
                 "eax": self.eax, "ebx": self.ebx, "ecx": self.ecx, "edx": self.edx}
 
 
-def _names(spec: str) -> Dict[int, str]:
+def _names(spec: str) -> dict[int, str]:
     """``"0 fpu 1 vme ..."`` -> {0: "fpu", 1: "vme"}."""
     parts = spec.split()
     return {int(parts[i]): parts[i + 1] for i in range(0, len(parts), 2)}
@@ -66,7 +82,7 @@ _LEAF1_EDX = _names("""
  25 sse 26 sse2 27 ss 28 ht 29 tm 30 ia64 31 pbe""")
 
 #: Feature registers: (leaf, sub-leaf, register) -> {bit: name}.
-FEATURE_REGS: Dict[Reg, Dict[int, str]] = {
+FEATURE_REGS: dict[Reg, dict[int, str]] = {
     (0x1, 0, "edx"): _LEAF1_EDX,
     (0x1, 0, "ecx"): _names("""
  0 pni 1 pclmulqdq 2 dtes64 3 monitor 4 ds_cpl 5 vmx 6 smx 7 est 8 tm2 9 ssse3 10 cid
@@ -148,7 +164,7 @@ FEATURE_REGS: Dict[Reg, Dict[int, str]] = {
 DYNAMIC_BITS = {(0x1, 0, "ecx", 27), (0x7, 0, "ecx", 4)}
 
 #: XSAVE state components (bit of XCR0 / IA32_XSS).
-XSAVE_COMPONENTS: Dict[int, str] = _names("""
+XSAVE_COMPONENTS: dict[int, str] = _names("""
  0 x87 1 sse 2 avx 3 bndregs 4 bndcsr 5 opmask 6 zmm_hi256 7 hi16_zmm 8 pt 9 pkru
  10 pasid 11 cet_u 12 cet_s 13 hdc 14 uintr 15 lbr 16 hwp 17 xtilecfg 18 xtiledata
  19 apx""")
@@ -156,12 +172,12 @@ XSAVE_COMPONENTS: Dict[int, str] = _names("""
 KVM_SIGNATURE = "KVMKVMKVM"
 
 
-def entry_map(entries: Iterable[CpuidEntry]) -> Dict[Tuple[int, int], CpuidEntry]:
+def entry_map(entries: Iterable[CpuidEntry]) -> dict[tuple[int, int], CpuidEntry]:
     """``{(function, index): entry}``; an entry without a significant index answers index 0."""
     return {(e.function, e.index): e for e in entries}
 
 
-def _get(entries: Mapping[Tuple[int, int], CpuidEntry], fn: int, idx: int = 0) -> Optional[CpuidEntry]:
+def _get(entries: Mapping[tuple[int, int], CpuidEntry], fn: int, idx: int = 0) -> CpuidEntry | None:
     return entries.get((fn, idx))
 
 
@@ -174,7 +190,7 @@ def bit_name(reg: Reg, bit: int) -> str:
     return f"{fn:x}.{idx}.{r}[{bit}]"
 
 
-def hypervisor_signature(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
+def hypervisor_signature(entries: Mapping[tuple[int, int], CpuidEntry]) -> str:
     """The 12-byte signature of leaf 0x40000000 (``"KVMKVMKVM"``), or ``""``."""
     e = _get(entries, 0x40000000)
     if e is None:
@@ -182,14 +198,14 @@ def hypervisor_signature(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
     return struct.pack("<III", e.ebx, e.ecx, e.edx).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def feature_bits(entries: Iterable[CpuidEntry]) -> Dict[Reg, int]:
+def feature_bits(entries: Iterable[CpuidEntry]) -> dict[Reg, int]:
     """The value of every feature register present in *entries* (mask of set bits).
 
     Leaf 0x40000001 is included only under the KVM signature.
     """
     emap = entry_map(entries)
     kvm = hypervisor_signature(emap) == KVM_SIGNATURE
-    out: Dict[Reg, int] = {}
+    out: dict[Reg, int] = {}
     for reg in FEATURE_REGS:
         fn, idx, r = reg
         if fn == 0x40000001 and not kvm:
@@ -200,7 +216,7 @@ def feature_bits(entries: Iterable[CpuidEntry]) -> Dict[Reg, int]:
     return out
 
 
-def decode_mask(reg: Reg, value: int, *, skip_dynamic: bool = False) -> List[str]:
+def decode_mask(reg: Reg, value: int, *, skip_dynamic: bool = False) -> list[str]:
     """Names of the set bits of *value* for register *reg*, low bit first."""
     out = []
     for bit in range(32):
@@ -209,14 +225,14 @@ def decode_mask(reg: Reg, value: int, *, skip_dynamic: bool = False) -> List[str
     return out
 
 
-def feature_names(entries: Iterable[CpuidEntry]) -> List[str]:
+def feature_names(entries: Iterable[CpuidEntry]) -> list[str]:
     """All feature flags set in *entries*, leaf by leaf, without repeats.
 
     The AMD leaf 0x80000001 EDX repeats some leaf-1 bits (fpu, tsc ...);
     a name appears once.  Leaf 0x40000001 (KVM PV features) is left out:
     see :func:`kvm_pv_features`.
     """
-    seen: Dict[str, None] = {}
+    seen: dict[str, None] = {}
     for reg, value in feature_bits(entries).items():
         if reg[0] == 0x40000001:
             continue
@@ -225,14 +241,14 @@ def feature_names(entries: Iterable[CpuidEntry]) -> List[str]:
     return list(seen)
 
 
-def kvm_pv_features(entries: Iterable[CpuidEntry]) -> List[str]:
+def kvm_pv_features(entries: Iterable[CpuidEntry]) -> list[str]:
     """KVM paravirtual features (leaf 0x40000001 EAX) under the KVM signature."""
     bits = feature_bits(entries)
     v = bits.get((0x40000001, 0, "eax"))
     return decode_mask((0x40000001, 0, "eax"), v) if v is not None else []
 
 
-def vendor(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
+def vendor(entries: Mapping[tuple[int, int], CpuidEntry]) -> str:
     """The vendor string of leaf 0 (``"GenuineIntel"``, ``"AuthenticAMD"`` ...)."""
     e = _get(entries, 0)
     if e is None:
@@ -240,7 +256,7 @@ def vendor(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
     return struct.pack("<III", e.ebx, e.edx, e.ecx).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def family_model_stepping(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int, int, int]:
+def family_model_stepping(entries: Mapping[tuple[int, int], CpuidEntry]) -> tuple[int, int, int]:
     """Display family, model and stepping from leaf 1 EAX (with the extended fields)."""
     e = _get(entries, 1)
     if e is None:
@@ -256,7 +272,7 @@ def family_model_stepping(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tupl
     return family, model, stepping
 
 
-def brand(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
+def brand(entries: Mapping[tuple[int, int], CpuidEntry]) -> str:
     """The brand string of leaves 0x80000002..4 (often empty in KVM's supported set)."""
     raw = b""
     for fn in (0x80000002, 0x80000003, 0x80000004):
@@ -267,14 +283,14 @@ def brand(entries: Mapping[Tuple[int, int], CpuidEntry]) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
 
 
-def max_leaves(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int, int]:
+def max_leaves(entries: Mapping[tuple[int, int], CpuidEntry]) -> tuple[int, int]:
     """(highest basic leaf, highest extended leaf) from leaves 0 and 0x80000000."""
     b = _get(entries, 0)
     x = _get(entries, 0x80000000)
     return (b.eax if b else 0, x.eax if x else 0)
 
 
-def address_bits(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int, int]:
+def address_bits(entries: Mapping[tuple[int, int], CpuidEntry]) -> tuple[int, int]:
     """(physical, linear) address bits from leaf 0x80000008 EAX; (0, 0) if absent."""
     e = _get(entries, 0x80000008)
     if e is None:
@@ -282,7 +298,7 @@ def address_bits(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int, in
     return (e.eax & 0xFF, (e.eax >> 8) & 0xFF)
 
 
-def xsave_components(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int, int]:
+def xsave_components(entries: Mapping[tuple[int, int], CpuidEntry]) -> tuple[int, int]:
     """(XCR0 mask, IA32_XSS mask) KVM supports, from leaf 0xd.0 and 0xd.1."""
     e0 = _get(entries, 0xD, 0)
     e1 = _get(entries, 0xD, 1)
@@ -291,11 +307,11 @@ def xsave_components(entries: Mapping[Tuple[int, int], CpuidEntry]) -> Tuple[int
     return xcr0, xss
 
 
-def component_names(mask: int) -> List[str]:
+def component_names(mask: int) -> list[str]:
     """Names of the XSAVE components set in *mask* (unknown ones as ``"bitN"``)."""
     return [XSAVE_COMPONENTS.get(b, f"bit{b}") for b in range(64) if mask >> b & 1]
 
 
-def sorted_entries(entries: Sequence[CpuidEntry]) -> List[CpuidEntry]:
+def sorted_entries(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
     """Entries ordered by (function, index), as people read CPUID dumps."""
     return sorted(entries, key=lambda e: (e.function, e.index))

@@ -24,26 +24,36 @@ the hosts "differ" (exit status 1).  Reading files is :mod:`.loader`'s job.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from . import cpuid as C
 from .loader import ReportError, check, load
 
-__all__ = ["load", "diff", "Diff", "Difference", "CpuidCompat", "ReportError", "render_diff",
-           "cpuid_compat", "NOT_COUNTED"]
+__all__ = [
+    "NOT_COUNTED",
+    "CpuidCompat",
+    "Diff",
+    "Difference",
+    "ReportError",
+    "cpuid_compat",
+    "diff",
+    "load",
+    "render_diff",
+]
 
 _W = 100
 
 #: paths (and their sub-paths) that change from run to run on one host: shown, not counted
-NOT_COUNTED: Tuple[str, ...] = (
+NOT_COUNTED: tuple[str, ...] = (
     "generated_at", "pykvm_version", "host.hostname", "host.python", "host.kernel_version",
     "access.user", "access.uid", "access.groups", "stats.vm.id", "stats.vcpu.id", "bench",
 )
 
 #: key fields of arrays of objects, by path (other arrays of objects: the first of
 #: name/number/index/id that every element has, with unique values)
-_LIST_KEYS: Dict[str, Tuple[str, ...]] = {
+_LIST_KEYS: dict[str, tuple[str, ...]] = {
     "modules": ("name",),
     "capabilities": ("number",),
     "cpuid.supported": ("function", "index"),
@@ -58,7 +68,7 @@ _AUTO_KEYS = ("name", "number", "index", "id")
 _ABSENT = object()
 
 
-def _entries(doc: Dict[str, Any], key: str) -> Optional[List[C.CpuidEntry]]:
+def _entries(doc: dict[str, Any], key: str) -> list[C.CpuidEntry] | None:
     cp = doc.get("cpuid")
     if not isinstance(cp, dict) or not isinstance(cp.get(key), list):
         return None
@@ -78,16 +88,16 @@ class CpuidCompat:
 
     src: str
     dst: str
-    ok: Optional[bool] = None
+    ok: bool | None = None
     reason: str = ""
-    missing: List[str] = field(default_factory=list)             #: offered on src, not on dst
-    emulated_on_dst: List[str] = field(default_factory=list)     #: of those, dst emulates (slowly)
-    missing_xsave: List[str] = field(default_factory=list)
-    phys_addr_bits: Tuple[int, int] = (0, 0)
-    vendor: Tuple[str, str] = ("", "")
-    warnings: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)             #: offered on src, not on dst
+    emulated_on_dst: list[str] = field(default_factory=list)     #: of those, dst emulates (slowly)
+    missing_xsave: list[str] = field(default_factory=list)
+    phys_addr_bits: tuple[int, int] = (0, 0)
+    vendor: tuple[str, str] = ("", "")
+    warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"src": self.src, "dst": self.dst, "ok": self.ok, "reason": self.reason,
                 "missing": self.missing, "emulated_on_dst": self.emulated_on_dst,
                 "missing_xsave": self.missing_xsave,
@@ -95,7 +105,7 @@ class CpuidCompat:
                 "warnings": self.warnings}
 
 
-def cpuid_compat(a: Dict[str, Any], b: Dict[str, Any], an: str = "A", bn: str = "B") -> CpuidCompat:
+def cpuid_compat(a: dict[str, Any], b: dict[str, Any], an: str = "A", bn: str = "B") -> CpuidCompat:
     """Whether a guest CPUID from *a*'s supported set can run on *b*."""
     r = CpuidCompat(src=an, dst=bn)
     sa, sb = _entries(a, "supported"), _entries(b, "supported")
@@ -158,7 +168,7 @@ class Difference:
     counted: bool = True
     note: str = ""                      #: e.g. the CPUID flags behind a changed register
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form (``pykvm diff --json``)."""
         return {"path": self.path, "a": self.a, "b": self.b, "in_a": self.in_a, "in_b": self.in_b,
                 "counted": self.counted, "note": self.note or None}
@@ -184,7 +194,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _key_text(path: str, fields: Tuple[str, ...], elem: Dict[str, Any]) -> str:
+def _key_text(path: str, fields: tuple[str, ...], elem: dict[str, Any]) -> str:
     vals = [elem.get(f) for f in fields]
     if path.startswith("cpuid."):
         return ".".join(f"{v:#x}" if i == 0 and isinstance(v, int) else str(v) for i, v in enumerate(vals))
@@ -195,13 +205,13 @@ def _key_text(path: str, fields: Tuple[str, ...], elem: Dict[str, Any]) -> str:
     return text
 
 
-def _keyed(path: str, items: Sequence[Any]) -> Optional[Tuple[Tuple[str, ...], Dict[Any, Dict[str, Any]]]]:
+def _keyed(path: str, items: Sequence[Any]) -> tuple[tuple[str, ...], dict[Any, dict[str, Any]]] | None:
     """*items* indexed by their key fields, or None if they have no usable unique key."""
     if not all(isinstance(e, dict) for e in items):
         return None
     candidates = [_LIST_KEYS[path]] if path in _LIST_KEYS else [(k,) for k in _AUTO_KEYS]
     for fields in candidates:
-        index: Dict[Any, Dict[str, Any]] = {}
+        index: dict[Any, dict[str, Any]] = {}
         for e in items:
             key = tuple(e.get(f, _ABSENT) for f in fields)
             if any(k is _ABSENT or not _scalar(k) or isinstance(k, float) for k in key) or key in index:
@@ -234,14 +244,14 @@ def _walk(path: str, x: Any, y: Any) -> Iterator[Difference]:
             yield Difference(path, x, y, counted=_counted(path), note=_cpuid_note(path, x, y))
 
 
-def _tag(v: Any) -> Optional[Tuple[str, Any]]:
+def _tag(v: Any) -> tuple[str, Any] | None:
     """*v* as a set member that keeps JSON types apart (``true`` is not ``1``); None if unsuitable."""
     if isinstance(v, (str, int)) and not isinstance(v, float):
         return (type(v).__name__, v)
     return None
 
 
-def _walk_list(path: str, x: List[Any], y: List[Any]) -> Iterator[Difference]:
+def _walk_list(path: str, x: list[Any], y: list[Any]) -> Iterator[Difference]:
     if len(x) == len(y) and x == y and json.dumps(x) == json.dumps(y):
         return          # equal, also in JSON types (the text tells true from 1): nothing to walk
     kx, ky = _keyed(path, x), _keyed(path, y)
@@ -282,7 +292,7 @@ def _walk_list(path: str, x: List[Any], y: List[Any]) -> Iterator[Difference]:
 
 #: CPUID register bits that name the host CPU the probing thread ran on (they change from run
 #: to run on one host): (leaf, register) -> mask
-_APIC_ID_BITS: Dict[Tuple[int, str], int] = {
+_APIC_ID_BITS: dict[tuple[int, str], int] = {
     (0x1, "ebx"): 0xFF000000,          # initial APIC ID
     (0xB, "edx"): 0xFFFFFFFF,          # x2APIC ID
     (0x1F, "edx"): 0xFFFFFFFF,         # x2APIC ID (V2 extended topology)
@@ -290,7 +300,7 @@ _APIC_ID_BITS: Dict[Tuple[int, str], int] = {
 }
 
 
-def _cpuid_register(path: str) -> Optional[Tuple[int, int, str]]:
+def _cpuid_register(path: str) -> tuple[int, int, str] | None:
     """``(function, index, register)`` of a path ``cpuid.supported[0x7.0].ebx``, else None."""
     if not path.startswith(("cpuid.supported[", "cpuid.emulated[")):
         return None
@@ -339,14 +349,14 @@ class Diff:
 
     a_label: str
     b_label: str
-    usable: Tuple[bool, bool]
+    usable: tuple[bool, bool]
     a_on_b: CpuidCompat
     b_on_a: CpuidCompat
     #: every difference, counted ones and per-run facts (``counted`` False)
-    differences: List[Difference] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)
 
     @property
-    def counted(self) -> List[Difference]:
+    def counted(self) -> list[Difference]:
         """The differences that make the hosts differ."""
         return [d for d in self.differences if d.counted]
 
@@ -355,7 +365,7 @@ class Diff:
         """True if no field differs except the per-run facts of :data:`NOT_COUNTED`."""
         return not self.counted
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form of the diff (``pykvm diff --json``)."""
         return {
             "a": self.a_label, "b": self.b_label, "identical": self.identical,
@@ -365,13 +375,13 @@ class Diff:
         }
 
 
-def _label(doc: Dict[str, Any], name: str) -> str:
+def _label(doc: dict[str, Any], name: str) -> str:
     h = doc.get("host") or {}
     return f"{name} ({h.get('hostname', '?')}, Linux {h.get('kernel_release', '?')}, " \
            f"{doc.get('vendor_module') or 'no KVM module'}, {doc.get('generated_at', '?')})"
 
 
-def diff(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = "B") -> Diff:
+def diff(a: dict[str, Any], b: dict[str, Any], a_name: str = "A", b_name: str = "B") -> Diff:
     """Compare two report documents (``ProbeReport.to_dict()`` or loaded JSON).
 
     Raises :class:`ReportError` if either is not a report this pykvm reads.
@@ -392,7 +402,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _wrapped(words: List[str], indent: str = "    ") -> List[str]:
+def _wrapped(words: list[str], indent: str = "    ") -> list[str]:
     import textwrap
 
     if not words:
@@ -401,7 +411,7 @@ def _wrapped(words: List[str], indent: str = "    ") -> List[str]:
                          break_on_hyphens=False)
 
 
-def _compat_lines(c: CpuidCompat) -> List[str]:
+def _compat_lines(c: CpuidCompat) -> list[str]:
     out = ["", f"== CPUID: can a guest set up on {c.src} run on {c.dst}? =="]
     if c.ok is None:
         return out + [f"  unknown: {c.reason}"]
@@ -446,7 +456,7 @@ def render_diff(d: Diff) -> str:
                            f"the hosts differ ({len(counted)} difference(s))")]
     out += _compat_lines(d.a_on_b)
     out += _compat_lines(d.b_on_a)
-    sections: Dict[str, List[Difference]] = {}
+    sections: dict[str, list[Difference]] = {}
     for x in counted:
         sections.setdefault(x.path.split(".", 1)[0].split("[", 1)[0], []).append(x)
     out += ["", f"== Differences ({len(counted)}) =="]

@@ -1,4 +1,4 @@
 """Old import path of :mod:`pykvm.host.cpu` (kept for one release)."""
 
-from ..host.cpu import *  # noqa: F401,F403
+from ..host.cpu import *  # noqa: F403
 from ..host.cpu import __all__  # noqa: F401

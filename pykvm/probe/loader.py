@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 from ..command import UsageError
 from .model import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["ReportError", "load", "parse", "check", "MAX_REPORT_BYTES", "MAX_DEPTH"]
+__all__ = ["MAX_DEPTH", "MAX_REPORT_BYTES", "ReportError", "check", "load", "parse"]
 
 #: the largest report file :func:`load` reads (a real one is under 100 KB)
 MAX_REPORT_BYTES = 1 << 20
@@ -65,7 +66,7 @@ def _kind(v: Any) -> str:
     return "an object"
 
 
-def load(path: str) -> Dict[str, Any]:
+def load(path: str) -> dict[str, Any]:
     """Read the probe report at *path*; raise :class:`ReportError` unless it is one.
 
     Reads at most ``MAX_REPORT_BYTES + 1`` bytes whatever the file is (a
@@ -87,7 +88,7 @@ def load(path: str) -> Dict[str, Any]:
         raise ReportError(f"{path}: not UTF-8 text (byte {e.start}): not a probe report") from None
     doc = parse(text, path)
     check(doc, path)
-    report: Dict[str, Any] = doc
+    report: dict[str, Any] = doc
     return report
 
 
@@ -114,10 +115,10 @@ def nesting_depth(text: str, limit: int = MAX_DEPTH) -> int:
 
 
 def _pairs(what: str):  # type: ignore[no-untyped-def]
-    def hook(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(pairs)
         if len(out) != len(pairs):
-            seen: Dict[str, None] = {}
+            seen: dict[str, None] = {}
             dup = next(k for k, _ in pairs if k in seen or seen.setdefault(k, None))
             raise ReportError(f"{what}: duplicate key {dup!r} in one JSON object")
         return out
@@ -150,7 +151,7 @@ def parse(text: str, what: str = "report") -> Any:
 
 # Top-level fields: name -> (allowed JSON types, required).  Every field here is typed exactly;
 # fields not listed are compared as they are but interpreted by nothing.
-_TOP: Mapping[str, Tuple[Tuple[type, ...], bool]] = {
+_TOP: Mapping[str, tuple[tuple[type, ...], bool]] = {
     "schema": ((str,), True),
     "schema_version": ((int,), True),
     "usable": ((bool,), True),
@@ -173,7 +174,7 @@ _TOP: Mapping[str, Tuple[Tuple[type, ...], bool]] = {
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
 
-def _type_ok(v: Any, types: Tuple[type, ...]) -> bool:
+def _type_ok(v: Any, types: tuple[type, ...]) -> bool:
     if isinstance(v, bool):
         return bool in types
     return isinstance(v, types)
@@ -222,7 +223,7 @@ def check(doc: Any, what: str = "report") -> None:
     _check_cpuid(doc.get("cpuid"), what)
 
 
-def _check_cpuid(cpuid: Optional[Dict[str, Any]], what: str) -> None:
+def _check_cpuid(cpuid: dict[str, Any] | None, what: str) -> None:
     if cpuid is None:
         return
     for key in ("supported", "emulated"):

@@ -10,11 +10,9 @@ rule.  An index pykvm does not know gets ``None`` from :func:`msr_name`
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+__all__ = ["MSR_NAMES", "decode_feature_msr", "msr_name"]
 
-__all__ = ["MSR_NAMES", "msr_name", "decode_feature_msr"]
-
-MSR_NAMES: Dict[int, str] = {
+MSR_NAMES: dict[int, str] = {
     0x10: "IA32_TSC",
     0x11: "KVM_WALL_CLOCK",
     0x12: "KVM_SYSTEM_TIME",
@@ -200,7 +198,7 @@ MSR_NAMES: Dict[int, str] = {
 _MC_REGS = ("CTL", "STATUS", "ADDR", "MISC")
 
 
-def msr_name(index: int) -> Optional[str]:
+def msr_name(index: int) -> str | None:
     """The name of MSR *index*, or ``None`` if pykvm does not know it."""
     name = MSR_NAMES.get(index)
     if name:
@@ -260,11 +258,11 @@ _ARCH_CAP = {
 }
 
 
-def _bits(value: int, names: Dict[int, str]) -> List[str]:
+def _bits(value: int, names: dict[int, str]) -> list[str]:
     return [names.get(b, f"bit{b}") for b in range(64) if value >> b & 1]
 
 
-def decode_feature_msr(index: int, value: int) -> List[str]:
+def decode_feature_msr(index: int, value: int) -> list[str]:
     """A few words on a feature MSR's *value* (bit names, microcode revision ...).
 
     Returns ``[]`` for MSRs pykvm does not decode.

@@ -8,12 +8,12 @@ sections headed ``== Name ==`` (see :data:`SECTIONS`).
 from __future__ import annotations
 
 import textwrap
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 from .cpuid import CpuidEntry
 from .model import Capability, ProbeReport
 
-__all__ = ["render", "SECTIONS", "KVM_SECTIONS"]
+__all__ = ["KVM_SECTIONS", "SECTIONS", "render"]
 
 #: Section titles, in order (Benchmark only with --bench, Problems only if any).
 SECTIONS = ("Access", "Host", "Modules", "Limits", "Capabilities", "CPUID", "MSRs",
@@ -29,7 +29,7 @@ _KEY_PARAMS = ("nested", "ept", "npt", "enable_apicv", "avic", "vpid", "unrestri
                "pvm_native")
 
 
-def _wrap(words: Iterable[str], indent: str = "    ") -> List[str]:
+def _wrap(words: Iterable[str], indent: str = "    ") -> list[str]:
     text = " ".join(words)
     if not text:
         return [indent + "(none)"]
@@ -37,23 +37,23 @@ def _wrap(words: Iterable[str], indent: str = "    ") -> List[str]:
                          break_on_hyphens=False)
 
 
-def _yn(v: Optional[bool]) -> str:
+def _yn(v: bool | None) -> str:
     return "?" if v is None else ("yes" if v else "no")
 
 
-def _num(v: Optional[int]) -> str:
+def _num(v: int | None) -> str:
     if v is None:
         return "-"
     return f"{v}" if -10 < v < 10 else f"{v} ({v:#x})"
 
 
-def _head(title: str, note: str = "") -> List[str]:
+def _head(title: str, note: str = "") -> list[str]:
     return ["", f"== {title} ==" + (f"  ({note})" if note else "")]
 
 
 def render(r: ProbeReport) -> str:
     """The whole report as one string (ends with a newline)."""
-    out: List[str] = []
+    out: list[str] = []
     h = r.host
     out.append(f"pykvm probe {r.pykvm_version}: {h.hostname or '?'}, Linux {h.kernel_release} "
                f"{h.machine}, {r.generated_at}")
@@ -85,7 +85,7 @@ def render(r: ProbeReport) -> str:
     return "\n".join(out) + "\n"
 
 
-def _access(r: ProbeReport) -> List[str]:
+def _access(r: ProbeReport) -> list[str]:
     a = r.access
     out = _head("Access")
     if not a.exists:
@@ -108,7 +108,7 @@ def _access(r: ProbeReport) -> List[str]:
     return out
 
 
-def _host(r: ProbeReport) -> List[str]:
+def _host(r: ProbeReport) -> list[str]:
     h = r.host
     out = _head("Host")
     out.append(f"  kernel     {h.kernel_release} ({h.kernel_version}) {h.machine}")
@@ -129,7 +129,7 @@ def _host(r: ProbeReport) -> List[str]:
     return out
 
 
-def _modules(r: ProbeReport) -> List[str]:
+def _modules(r: ProbeReport) -> list[str]:
     out = _head("Modules", "parameters from /sys/module/*/parameters")
     if not r.modules:
         out.append("  no KVM module loaded (or KVM is built in without parameters)")
@@ -147,7 +147,7 @@ def _modules(r: ProbeReport) -> List[str]:
     return out
 
 
-def _limits(r: ProbeReport) -> List[str]:
+def _limits(r: ProbeReport) -> list[str]:
     out = _head("Limits")
     lim = r.limits
     if lim is None:
@@ -181,7 +181,7 @@ def _cap_row(c: Capability) -> str:
     return f"  {c.number:>4}  {c.display_name:<40} {_num(c.system):>18} {vm:>18}{mark}{meaning}{unknown}"
 
 
-def _capabilities(r: ProbeReport) -> List[str]:
+def _capabilities(r: ProbeReport) -> list[str]:
     present = [c for c in r.capabilities if c.present]
     unknown = [c for c in present if not c.known]
     differ = [c for c in r.capabilities if c.vm is not None and c.vm != c.system]
@@ -202,7 +202,7 @@ def _capabilities(r: ProbeReport) -> List[str]:
     return out
 
 
-def _entry_rows(entries: List[CpuidEntry]) -> List[str]:
+def _entry_rows(entries: list[CpuidEntry]) -> list[str]:
     rows, zero = [], []
     for e in entries:
         if not (e.eax or e.ebx or e.ecx or e.edx):
@@ -218,7 +218,7 @@ def _entry_rows(entries: List[CpuidEntry]) -> List[str]:
     return rows
 
 
-def _cpuid(r: ProbeReport) -> List[str]:
+def _cpuid(r: ProbeReport) -> list[str]:
     c = r.cpuid
     out = _head("CPUID", "KVM_GET_SUPPORTED_CPUID / KVM_GET_EMULATED_CPUID")
     if c is None:
@@ -248,7 +248,7 @@ def _cpuid(r: ProbeReport) -> List[str]:
     return out
 
 
-def _msrs(r: ProbeReport) -> List[str]:
+def _msrs(r: ProbeReport) -> list[str]:
     m = r.msrs
     out = _head("MSRs", "KVM_GET_MSR_INDEX_LIST / KVM_GET_MSR_FEATURE_INDEX_LIST")
     if m is None:
@@ -266,7 +266,7 @@ def _msrs(r: ProbeReport) -> List[str]:
     return out
 
 
-def _stats(r: ProbeReport) -> List[str]:
+def _stats(r: ProbeReport) -> list[str]:
     out = _head("Statistics", "KVM_GET_STATS_FD descriptor names")
     for label, s in (("VM", r.stats_vm), ("vCPU", r.stats_vcpu)):
         if s is None:
@@ -285,7 +285,7 @@ def _stats(r: ProbeReport) -> List[str]:
     return out
 
 
-def _bench(r: ProbeReport) -> List[str]:
+def _bench(r: ProbeReport) -> list[str]:
     out = _head("Benchmark", "microseconds per operation; noisy, compare on one machine")
     for b in r.bench or []:
         if b.note:

@@ -58,14 +58,40 @@ Safety
 from __future__ import annotations
 
 from .compat import host_fingerprint
-from .fileformat import (DEFAULT_CHUNK, FORMAT_VERSION, MAGIC, MAX_CHUNK, MAX_HEADER, ZERO_BLOCK,
-                         SnapshotCorrupt, SnapshotError, SnapshotIncompatible, SnapshotInfo,
-                         SnapshotRestoreError, read_info, verify)
+from .fileformat import (
+                         DEFAULT_CHUNK,
+                         FORMAT_VERSION,
+                         MAGIC,
+                         MAX_CHUNK,
+                         MAX_HEADER,
+                         ZERO_BLOCK,
+                         SnapshotCorrupt,
+                         SnapshotError,
+                         SnapshotIncompatible,
+                         SnapshotInfo,
+                         SnapshotRestoreError,
+                         read_info,
+                         verify,
+)
 from .ops import SaveStats, check_compatible, restore, save
 
 __all__ = [
-    "MAGIC", "FORMAT_VERSION", "ZERO_BLOCK", "DEFAULT_CHUNK", "MAX_CHUNK", "MAX_HEADER",
-    "save", "restore", "read_info", "verify", "check_compatible", "host_fingerprint",
-    "SnapshotInfo", "SaveStats", "SnapshotError", "SnapshotCorrupt", "SnapshotIncompatible",
-    "SnapshotRestoreError",
+                         "DEFAULT_CHUNK",
+                         "FORMAT_VERSION",
+                         "MAGIC",
+                         "MAX_CHUNK",
+                         "MAX_HEADER",
+                         "ZERO_BLOCK",
+                         "SaveStats",
+                         "SnapshotCorrupt",
+                         "SnapshotError",
+                         "SnapshotIncompatible",
+                         "SnapshotInfo",
+                         "SnapshotRestoreError",
+                         "check_compatible",
+                         "host_fingerprint",
+                         "read_info",
+                         "restore",
+                         "save",
+                         "verify",
 ]

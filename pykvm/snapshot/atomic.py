@@ -38,7 +38,7 @@ import os
 import stat
 import tempfile
 import threading
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from .fileformat import SnapshotError
 
@@ -60,13 +60,13 @@ def _pid_alive(pid: int) -> bool:
 class AtomicFile:
     """Write *path* through an exclusive temporary file, then rename it into place."""
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.path = os.fsdecode(os.fspath(path))
         self.dir = os.path.dirname(os.path.abspath(self.path))
         self.base = os.path.basename(self.path)
         self.fsync = fsync
-        self.fd: Optional[int] = None
-        self.tmp: Optional[str] = None          # the temp file's name (mkstemp only)
+        self.fd: int | None = None
+        self.tmp: str | None = None          # the temp file's name (mkstemp only)
         self.mode = 0o600
         if not self.base:
             raise SnapshotError(f"cannot save a snapshot to {self.path!r}: it names a directory")
@@ -77,7 +77,7 @@ class AtomicFile:
     def open(self) -> None:
         """Check the destination, clean our stale temp files, create the temporary file."""
         try:
-            st: Optional[os.stat_result] = os.lstat(self.path)
+            st: os.stat_result | None = os.lstat(self.path)
         except FileNotFoundError:
             st = None
         except OSError as e:
@@ -125,7 +125,7 @@ class AtomicFile:
             except OSError:
                 pass
 
-    def write(self, parts: Sequence[Union[bytes, bytearray, memoryview]]) -> int:
+    def write(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         """Write every byte of *parts* (``writev``; a short write is finished piece by piece)."""
         assert self.fd is not None
         total = sum(len(p) for p in parts)
@@ -137,7 +137,7 @@ class AtomicFile:
             raise self._fail("write failed", e) from None
         return total
 
-    def _finish(self, parts: Sequence[Union[bytes, bytearray, memoryview]], done: int) -> None:
+    def _finish(self, parts: Sequence[bytes | bytearray | memoryview], done: int) -> None:
         assert self.fd is not None
         for p in parts:
             mv = memoryview(p).cast("B")
@@ -152,7 +152,7 @@ class AtomicFile:
     def commit(self) -> None:
         """fsync, rename into place (atomic), fsync the directory."""
         assert self.fd is not None and self.tmp is not None
-        old: Optional[int] = None
+        old: int | None = None
         try:
             if self.fsync:
                 os.fsync(self.fd)
@@ -182,7 +182,7 @@ class AtomicFile:
             except OSError as e:
                 raise self._fail("the file is in place but the directory fsync failed", e) from None
 
-    def _open_old(self) -> Optional[int]:
+    def _open_old(self) -> int | None:
         """The file about to be replaced, if it is a regular file (see :meth:`commit`)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

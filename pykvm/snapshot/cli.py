@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import List, Optional
 
 from ..command import EXIT_NO, EXIT_OK, run_command
 from .fileformat import SnapshotError, read_info, verify
@@ -35,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
 
     def body() -> int:

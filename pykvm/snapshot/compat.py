@@ -13,19 +13,20 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import KvmError
 from ..system import Kvm
 from ..uapi import structs
 from ..uapi.enums import Cap
-from .fileformat import U64, U32, Parsed, cpuid_entries, from_bytes, msr_values
+from .fileformat import U32, U64, Parsed, cpuid_entries, from_bytes, msr_values
 
-__all__ = ["host_fingerprint", "problems", "feature_words"]
+__all__ = ["feature_words", "host_fingerprint", "problems"]
 
 #: CPUID words compared between the guest's table and the host's supported one:
 #: (leaf, subleaf, register, bits that change at run time and are ignored).
-_FEATURE_WORDS: Tuple[Tuple[int, int, str, int], ...] = (
+_FEATURE_WORDS: tuple[tuple[int, int, str, int], ...] = (
     (0x1, 0, "ecx", 1 << 27),            # OSXSAVE mirrors CR4
     (0x1, 0, "edx", 0),
     (0x7, 0, "ebx", 0),
@@ -51,7 +52,7 @@ _MSR_TSC_DEADLINE = 0x6E0
 
 
 def _find(entries: Sequence[structs.kvm_cpuid_entry2], leaf: int,
-          sub: int = 0) -> Optional[structs.kvm_cpuid_entry2]:
+          sub: int = 0) -> structs.kvm_cpuid_entry2 | None:
     for e in entries:
         if e.function == leaf and (e.index == sub or not e.flags & structs.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
             return e
@@ -65,8 +66,8 @@ def _vendor(entries: Sequence[structs.kvm_cpuid_entry2]) -> str:
     return struct.pack("<III", e.ebx, e.edx, e.ecx).decode("latin-1")
 
 
-def feature_words(entries: Sequence[structs.kvm_cpuid_entry2]) -> Dict[str, int]:
-    out: Dict[str, int] = {}
+def feature_words(entries: Sequence[structs.kvm_cpuid_entry2]) -> dict[str, int]:
+    out: dict[str, int] = {}
     for leaf, sub, reg, _ in _FEATURE_WORDS:
         e = _find(entries, leaf, sub)
         out[f"{leaf:#x}.{sub}.{reg}"] = int(getattr(e, reg)) if e is not None else 0
@@ -78,8 +79,8 @@ def _xcr0_supported(entries: Sequence[structs.kvm_cpuid_entry2]) -> int:
     return int(e.eax | e.edx << 32) if e is not None else 0x3
 
 
-def _caps(kvm: Kvm) -> Dict[str, int]:
-    out: Dict[str, int] = {}
+def _caps(kvm: Kvm) -> dict[str, int]:
+    out: dict[str, int] = {}
     for name in _CAPS:
         cap = getattr(Cap, name, None)
         if cap is not None:
@@ -90,10 +91,10 @@ def _caps(kvm: Kvm) -> Dict[str, int]:
     return out
 
 
-_probe_cache: Dict[str, Any] = {}
+_probe_cache: dict[str, Any] = {}
 
 
-def _probe_host(kvm: Kvm) -> Tuple[Dict[str, int], int]:
+def _probe_host(kvm: Kvm) -> tuple[dict[str, int], int]:
     """(feature words a guest gets, TSC kHz of a new vCPU) on this host, via a scratch vCPU.
 
     The feature words are those of the host's supported CPUID *after* KVM
@@ -120,7 +121,7 @@ def _probe_host(kvm: Kvm) -> Tuple[Dict[str, int], int]:
     return dict(_probe_cache["features"]), _probe_cache["tsc_khz"]
 
 
-def host_fingerprint(kvm: Kvm) -> Dict[str, Any]:
+def host_fingerprint(kvm: Kvm) -> dict[str, Any]:
     """What a snapshot records about the host that took it (JSON-ready).
 
     CPU vendor and signature, kernel release, KVM API version, the
@@ -155,12 +156,12 @@ def host_fingerprint(kvm: Kvm) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------
 # comparison
 
-def problems(p: Parsed, kvm: Kvm, *, allow_tsc_mismatch: bool) -> List[str]:
+def problems(p: Parsed, kvm: Kvm, *, allow_tsc_mismatch: bool) -> list[str]:
     """Every reason this host cannot restore *p* (empty: none found without trying)."""
     hdr = p.info.header
     snap_host = hdr.get("host", {})
     here = host_fingerprint(kvm)
-    found: List[str] = []
+    found: list[str] = []
     if snap_host.get("cpu_vendor") != here["cpu_vendor"]:
         found.append(f"CPU vendor differs: snapshot taken on a {snap_host.get('cpu_vendor')!r} host, "
                         f"this host is {here['cpu_vendor']!r}")

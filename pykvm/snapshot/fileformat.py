@@ -14,20 +14,31 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import io
 import json
 import os
 import stat
 import struct
 import zlib
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO, Union
 
 from ..uapi import structs
 
 __all__ = [
-    "MAGIC", "FORMAT_VERSION", "ZERO_BLOCK", "DEFAULT_CHUNK", "MAX_CHUNK", "MAX_HEADER",
-    "SnapshotError", "SnapshotCorrupt", "SnapshotIncompatible", "SnapshotRestoreError",
-    "SnapshotInfo", "read_info", "verify", "Source",
+    "DEFAULT_CHUNK",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_CHUNK",
+    "MAX_HEADER",
+    "ZERO_BLOCK",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SnapshotIncompatible",
+    "SnapshotInfo",
+    "SnapshotRestoreError",
+    "Source",
+    "read_info",
+    "verify",
 ]
 
 MAGIC = b"PYKVMSNP"
@@ -80,14 +91,14 @@ EVENT_FLAGS = (structs.KVM_VCPUEVENT_VALID_NMI_PENDING | structs.KVM_VCPUEVENT_V
 IRQCHIPS = (structs.KVM_IRQCHIP_PIC_MASTER, structs.KVM_IRQCHIP_PIC_SLAVE, structs.KVM_IRQCHIP_IOAPIC)
 
 #: Fixed-size items: name -> ctypes structure (the kernel's x86-64 uapi layout).
-FIXED_VCPU_ITEMS: Dict[str, Any] = {
+FIXED_VCPU_ITEMS: dict[str, Any] = {
     "regs": structs.kvm_regs, "sregs": structs.kvm_sregs, "sregs2": structs.kvm_sregs2,
     "fpu": structs.kvm_fpu, "xcrs": structs.kvm_xcrs, "lapic": structs.kvm_lapic_state,
     "debugregs": structs.kvm_debugregs, "events": structs.kvm_vcpu_events,
     "mp_state": ctypes.c_uint32, "tsc_khz": ctypes.c_uint32,
 }
 VCPU_ITEMS = frozenset(FIXED_VCPU_ITEMS) | {"xsave", "msrs", "cpuid", "nested"}
-VM_ITEMS: Dict[str, Any] = {f"irqchip.{c}": structs.kvm_irqchip for c in IRQCHIPS}
+VM_ITEMS: dict[str, Any] = {f"irqchip.{c}": structs.kvm_irqchip for c in IRQCHIPS}
 VM_ITEMS.update({"pit2": structs.kvm_pit_state2, "clock": structs.kvm_clock_data})
 
 Source = Union[str, "os.PathLike[str]", BinaryIO]
@@ -120,8 +131,8 @@ class Reader:
 
     def __init__(self, src: Source) -> None:
         self.pos = 0
-        self.size: Optional[int] = None        # bytes from the start position; None: a stream
-        self.fd: Optional[int] = None
+        self.size: int | None = None        # bytes from the start position; None: a stream
+        self.fd: int | None = None
         self.f: Any = None
         if hasattr(src, "read"):
             self.f = src
@@ -151,7 +162,7 @@ class Reader:
         else:                                   # a pipe or device: blocking reads
             os.set_blocking(self.fd, True)
         # Buffered: records are small and many; large reads bypass the buffer.
-        self.f = io.open(self.fd, "rb", buffering=256 << 10, closefd=False)
+        self.f = open(self.fd, "rb", buffering=256 << 10, closefd=False)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -160,7 +171,7 @@ class Reader:
             os.close(self.fd)
             self.fd = None
 
-    def left(self) -> Optional[int]:
+    def left(self) -> int | None:
         return None if self.size is None else self.size - self.pos
 
     def need(self, n: int, what: str) -> None:
@@ -232,7 +243,7 @@ class Reader:
             return False
         return not self._raw(1)
 
-    def header(self) -> Tuple[bytes, int, int, int]:
+    def header(self) -> tuple[bytes, int, int, int]:
         """Read a record header: (tag, arg, length, payload crc); checks its own CRC."""
         at = self.pos
         raw = self.read(REC_HDR.size, "record header")
@@ -242,7 +253,7 @@ class Reader:
         return tag, arg, length, crc
 
 
-def _stream_size(f: Any) -> Optional[int]:
+def _stream_size(f: Any) -> int | None:
     """Bytes left in a seekable file object from its current position, else None."""
     try:
         if not f.seekable():
@@ -264,7 +275,7 @@ class SnapshotInfo:
 
     path: str
     version: int
-    header: Dict[str, Any]
+    header: dict[str, Any]
 
     @property
     def metadata(self) -> Any:
@@ -272,9 +283,9 @@ class SnapshotInfo:
         return self.header["metadata"]
 
     @property
-    def host(self) -> Dict[str, Any]:
+    def host(self) -> dict[str, Any]:
         """The fingerprint of the host that took the snapshot."""
-        host: Dict[str, Any] = self.header["host"]
+        host: dict[str, Any] = self.header["host"]
         return host
 
     @property
@@ -295,13 +306,13 @@ class _Schema:
             shown = shown[:57] + "..."
         return SnapshotCorrupt(f"{self.name}: header field {field} must be {want}, not {shown}")
 
-    def obj(self, d: Dict[str, Any], key: str, path: str) -> Dict[str, Any]:
+    def obj(self, d: dict[str, Any], key: str, path: str) -> dict[str, Any]:
         v = self.get(d, key, path)
         if not isinstance(v, dict):
             raise self.bad(f"{path}{key}", "an object", v)
         return v
 
-    def get(self, d: Dict[str, Any], key: str, path: str) -> Any:
+    def get(self, d: dict[str, Any], key: str, path: str) -> Any:
         if key not in d:
             raise SnapshotCorrupt(f"{self.name}: header field {path}{key} is missing")
         return d[key]
@@ -325,13 +336,13 @@ class _Schema:
         except ValueError:
             raise self.bad(field, "a hexadecimal string 0x...", v) from None
 
-    def list_(self, v: Any, field: str) -> List[Any]:
+    def list_(self, v: Any, field: str) -> list[Any]:
         if not isinstance(v, list):
             raise self.bad(field, "a list", v)
         return v
 
 
-def check_header(header: Any, name: str) -> Dict[str, Any]:
+def check_header(header: Any, name: str) -> dict[str, Any]:
     """Check every header field pykvm uses has its JSON type and range (extra keys are allowed)."""
     sc = _Schema(name)
     if not isinstance(header, dict):
@@ -395,7 +406,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         raise ValueError("an object has a key twice")
@@ -445,17 +456,17 @@ def read_info(src: Source) -> SnapshotInfo:
 # ---------------------------------------------------------------------------
 # items (the payload of VMST and VCPU records)
 
-def pack_items(items: Sequence[Tuple[str, bytes]]) -> bytes:
-    out: List[bytes] = []
+def pack_items(items: Sequence[tuple[str, bytes]]) -> bytes:
+    out: list[bytes] = []
     for name, data in items:
         n = name.encode("ascii")
         out += [TLV.pack(len(n), len(data)), n, data]
     return b"".join(out)
 
 
-def unpack_items(payload: bytes, what: str, known: Any) -> Dict[str, bytes]:
+def unpack_items(payload: bytes, what: str, known: Any) -> dict[str, bytes]:
     """Split an items payload; names are ASCII, distinct and known; refuses anything else."""
-    out: Dict[str, bytes] = {}
+    out: dict[str, bytes] = {}
     pos = 0
     while pos < len(payload):
         if pos + TLV.size > len(payload):
@@ -486,7 +497,7 @@ def from_bytes(cls: Any, data: bytes, what: str) -> Any:
     return cls.from_buffer_copy(data)
 
 
-def cpuid_entries(blob: bytes, what: str = "cpuid") -> List[structs.kvm_cpuid_entry2]:
+def cpuid_entries(blob: bytes, what: str = "cpuid") -> list[structs.kvm_cpuid_entry2]:
     size = ctypes.sizeof(structs.kvm_cpuid_entry2)
     if len(blob) % size or len(blob) // size > MAX_CPUID_ENTRIES:
         raise SnapshotCorrupt(f"{what}: {len(blob)} bytes is not a table of at most "
@@ -494,11 +505,11 @@ def cpuid_entries(blob: bytes, what: str = "cpuid") -> List[structs.kvm_cpuid_en
     return [structs.kvm_cpuid_entry2.from_buffer_copy(blob, i) for i in range(0, len(blob), size)]
 
 
-def msr_values(blob: bytes, what: str) -> List[Tuple[int, int]]:
+def msr_values(blob: bytes, what: str) -> list[tuple[int, int]]:
     if len(blob) % MSR_ENTRY.size:
         raise SnapshotCorrupt(f"{what}: {len(blob)} bytes is not a list of {MSR_ENTRY.size}-byte entries")
-    out: List[Tuple[int, int]] = []
-    seen: Set[int] = set()
+    out: list[tuple[int, int]] = []
+    seen: set[int] = set()
     for index, reserved, value in MSR_ENTRY.iter_unpack(blob):
         if reserved:
             raise SnapshotCorrupt(f"{what}: MSR {index:#x} has a non-zero reserved field")
@@ -509,7 +520,7 @@ def msr_values(blob: bytes, what: str) -> List[Tuple[int, int]]:
     return out
 
 
-def check_vcpu_items(items: Dict[str, bytes], what: str) -> None:
+def check_vcpu_items(items: dict[str, bytes], what: str) -> None:
     """Sizes, counts and enumerations of one vCPU's items, exactly."""
     for name, cls in FIXED_VCPU_ITEMS.items():
         if name in items:
@@ -560,7 +571,7 @@ def check_vcpu_items(items: Dict[str, bytes], what: str) -> None:
             raise SnapshotCorrupt(f"{what} item nested: {len(data)} bytes but its size field says {size}")
 
 
-def check_vm_items(items: Dict[str, bytes], what: str) -> None:
+def check_vm_items(items: dict[str, bytes], what: str) -> None:
     for name, cls in VM_ITEMS.items():
         if name in items:
             obj = from_bytes(cls, items[name], f"{what} item {name}")
@@ -579,10 +590,10 @@ class Parsed:
     """The header and state records of a file, every one checked; memory not read yet."""
 
     info: SnapshotInfo
-    vm: Dict[str, bytes]
-    vcpus: List[Tuple[int, Dict[str, bytes]]]
-    regions: List[Tuple[int, int, int, int]]       # slot, flags, gpa, size
-    first_mem: Tuple[bytes, int, int, int]         # header of the first memory record
+    vm: dict[str, bytes]
+    vcpus: list[tuple[int, dict[str, bytes]]]
+    regions: list[tuple[int, int, int, int]]       # slot, flags, gpa, size
+    first_mem: tuple[bytes, int, int, int]         # header of the first memory record
     first_at: int
     records: int
 
@@ -591,9 +602,9 @@ def read_state(r: Reader) -> Parsed:
     """Header and every state record (up to the first memory record), all checked."""
     info = read_header(r)
     desc = info.header["vm"]
-    vm_items: Optional[Dict[str, bytes]] = None
-    vcpus: List[Tuple[int, Dict[str, bytes]]] = []
-    regions: List[Tuple[int, int, int, int]] = []
+    vm_items: dict[str, bytes] | None = None
+    vcpus: list[tuple[int, dict[str, bytes]]] = []
+    regions: list[tuple[int, int, int, int]] = []
     records = 0
     order = {TAG_VM: 0, TAG_VCPU: 1, TAG_MEMR: 2}
     stage = -1
@@ -642,9 +653,9 @@ def read_state(r: Reader) -> Parsed:
     return Parsed(info, vm_items, vcpus, regions, (tag, arg, length, crc), at, records)
 
 
-def _check_regions(regions: List[Tuple[int, int, int, int]], name: str) -> None:
+def _check_regions(regions: list[tuple[int, int, int, int]], name: str) -> None:
     """Slots distinct, regions page-aligned, non-empty, in range and not overlapping."""
-    slots: Set[int] = set()
+    slots: set[int] = set()
     for k, (slot, flags, gpa, size) in enumerate(regions):
         if slot in slots or slot > MAX_SLOT:
             raise SnapshotCorrupt(f"{name}: region {k}: slot {slot} is repeated or out of range")
@@ -663,7 +674,7 @@ def _check_regions(regions: List[Tuple[int, int, int, int]], name: str) -> None:
 # ---------------------------------------------------------------------------
 # reading the memory records
 
-def memory_records(r: Reader, p: Parsed) -> Iterator[Tuple[bytes, int, int, int, int, int]]:
+def memory_records(r: Reader, p: Parsed) -> Iterator[tuple[bytes, int, int, int, int, int]]:
     """Yield (tag, region, offset, length, payload crc, at) for each memory record in file order, then check END.
 
     Enforces exact coverage: region by region, offset by offset, each record

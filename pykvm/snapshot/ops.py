@@ -10,8 +10,9 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO
 
 from ..errors import KvmError
 from ..memory import GuestMemory
@@ -19,13 +20,40 @@ from ..system import Kvm
 from ..vm import Vm
 from . import compat, state
 from .atomic import AtomicFile
-from .fileformat import (DEFAULT_CHUNK, FILE_HDR, FORMAT_VERSION, MAGIC, MAX_CHUNK, MAX_HEADER,
-                         MEMR, QQ, REC_HDR, TAG_END, TAG_MEMD, TAG_MEMR, TAG_MEMZ, TAG_VCPU, TAG_VM,
-                         U32, U64, ZERO_BLOCK, Parsed, Reader, SnapshotCorrupt, SnapshotError,
-                         SnapshotIncompatible, SnapshotRestoreError, Source, check_memory, cpuid_entries,
-                         memory_records, pack_items, read_state)
+from .fileformat import (
+    DEFAULT_CHUNK,
+    FILE_HDR,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_CHUNK,
+    MAX_HEADER,
+    MEMR,
+    QQ,
+    REC_HDR,
+    TAG_END,
+    TAG_MEMD,
+    TAG_MEMR,
+    TAG_MEMZ,
+    TAG_VCPU,
+    TAG_VM,
+    U32,
+    U64,
+    ZERO_BLOCK,
+    Parsed,
+    Reader,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotIncompatible,
+    SnapshotRestoreError,
+    Source,
+    check_memory,
+    cpuid_entries,
+    memory_records,
+    pack_items,
+    read_state,
+)
 
-__all__ = ["SaveStats", "save", "restore", "check_compatible", "MAX_RESTORE_REGIONS"]
+__all__ = ["MAX_RESTORE_REGIONS", "SaveStats", "check_compatible", "restore", "save"]
 
 
 # ---------------------------------------------------------------------------
@@ -35,7 +63,7 @@ __all__ = ["SaveStats", "save", "restore", "check_compatible", "MAX_RESTORE_REGI
 class SaveStats:
     """What :func:`save` did: sizes in bytes, time in seconds."""
 
-    path: Optional[str]
+    path: str | None
     file_bytes: int
     memory_bytes: int       #: guest RAM covered (all regions)
     data_bytes: int         #: guest RAM written as data (the rest was all-zero)
@@ -51,12 +79,12 @@ class SaveStats:
 class _Records:
     """Frames records onto an :class:`AtomicFile` or a binary file object."""
 
-    def __init__(self, out: Union[AtomicFile, BinaryIO]) -> None:
+    def __init__(self, out: AtomicFile | BinaryIO) -> None:
         self.out = out
         self.count = 0
         self.records = 0
 
-    def write(self, *parts: Union[bytes, memoryview]) -> None:
+    def write(self, *parts: bytes | memoryview) -> None:
         if isinstance(self.out, AtomicFile):
             self.count += self.out.write(parts)
             return
@@ -68,7 +96,7 @@ class _Records:
                                     f"{e}") from None
             self.count += len(p)
 
-    def record(self, tag: bytes, arg: int, *payload: Union[bytes, memoryview]) -> None:
+    def record(self, tag: bytes, arg: int, *payload: bytes | memoryview) -> None:
         crc = 0
         length = 0
         for p in payload:
@@ -95,9 +123,9 @@ def _write_region(w: _Records, k: int, m: GuestMemory, mv: memoryview, chunk_siz
     return data
 
 
-def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
+def save(vm: Vm, dest: str | os.PathLike[str] | BinaryIO, *,
          metadata: Any = None, chunk_size: int = DEFAULT_CHUNK,
-         fsync: bool = True, kvm: Optional[Kvm] = None) -> SaveStats:
+         fsync: bool = True, kvm: Kvm | None = None) -> SaveStats:
     """Save the paused *vm* (state of every vCPU and device, and its memory) to *dest*.
 
     *dest* is a path or a binary file object open for writing.  A path is
@@ -124,13 +152,13 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
         meta_json = json.dumps(metadata if metadata is not None else {}, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise SnapshotError(f"metadata is not JSON-serialisable: {e}") from None
-    out: Union[AtomicFile, BinaryIO] = dest if hasattr(dest, "write") else AtomicFile(dest, fsync=fsync)  # type: ignore[assignment]
+    out: AtomicFile | BinaryIO = dest if hasattr(dest, "write") else AtomicFile(dest, fsync=fsync)  # type: ignore[assignment]
     t0 = time.perf_counter()
     own_kvm = kvm is None
     if kvm is None:
         kvm = Kvm()
     w = _Records(out)
-    locked: List[Any] = []
+    locked: list[Any] = []
     try:
         fp = compat.host_fingerprint(kvm)
         caps = fp["caps"]
@@ -139,10 +167,10 @@ def save(vm: Vm, dest: Union[str, "os.PathLike[str]", BinaryIO], *,
         for vcpu in vm.vcpus:
             state.complete_pending_io(vcpu)
         vm_items, vm_desc = state.vm_state(vm)
-        skipped: Dict[str, List[str]] = {}
+        skipped: dict[str, list[str]] = {}
         vcpu_items = [(v.id, state.vcpu_state(v, caps, msr_list, skipped)) for v in vm.vcpus]
         regions = vm.memory
-        guest_features: Dict[str, int] = {}
+        guest_features: dict[str, int] = {}
         for _, items in vcpu_items:
             for k, v in compat.feature_words(cpuid_entries(dict(items)["cpuid"])).items():
                 guest_features[k] = guest_features.get(k, 0) | v
@@ -222,7 +250,7 @@ def _stream_memory(r: Reader, p: Parsed, sink: Sequence[memoryview]) -> None:
     The CRC of a chunk is checked in a worker thread while the next one is
     read (both release the GIL); a mismatch raises before this returns.
     """
-    pending: Deque[Tuple["Future[int]", int, int, int, int]] = collections.deque()
+    pending: collections.deque[tuple[Future[int], int, int, int, int]] = collections.deque()
 
     def check(limit: int) -> None:
         while len(pending) > limit:
@@ -250,7 +278,7 @@ def _memory_limit() -> int:
         return 1 << 40
 
 
-def _build(r: Reader, p: Parsed, kvm: Kvm, prepare: Optional[Callable[[Vm], None]],
+def _build(r: Reader, p: Parsed, kvm: Kvm, prepare: Callable[[Vm], None] | None,
            clock: str, stream: bool) -> Vm:
     """Create the VM of *p*: devices, memory (streamed in if *stream*), vCPUs, state."""
     vm = kvm.create_vm()
@@ -302,7 +330,7 @@ def _build(r: Reader, p: Parsed, kvm: Kvm, prepare: Optional[Callable[[Vm], None
 MAX_RESTORE_REGIONS = 1024
 
 
-def _checked_state(r: Reader, kvm: Kvm, allow_tsc_mismatch: bool, max_memory: Optional[int]) -> Parsed:
+def _checked_state(r: Reader, kvm: Kvm, allow_tsc_mismatch: bool, max_memory: int | None) -> Parsed:
     p = read_state(r)
     if len(p.regions) > MAX_RESTORE_REGIONS:
         raise SnapshotIncompatible(f"{r.name}: the snapshot has {len(p.regions)} memory regions; restore "
@@ -318,9 +346,9 @@ def _checked_state(r: Reader, kvm: Kvm, allow_tsc_mismatch: bool, max_memory: Op
     return p
 
 
-def restore(src: Source, kvm: Optional[Kvm] = None, *,
-            prepare: Optional[Callable[[Vm], None]] = None, clock: str = "saved",
-            allow_tsc_mismatch: bool = False, max_memory: Optional[int] = None) -> Vm:
+def restore(src: Source, kvm: Kvm | None = None, *,
+            prepare: Callable[[Vm], None] | None = None, clock: str = "saved",
+            allow_tsc_mismatch: bool = False, max_memory: int | None = None) -> Vm:
     """Rebuild the VM saved in *src* in a fresh VM and return it, ready to ``run()``.
 
     * *kvm*: the ``/dev/kvm`` to use (opened and closed here if omitted; the
@@ -355,9 +383,9 @@ def restore(src: Source, kvm: Optional[Kvm] = None, *,
             kvm.close()
 
 
-def check_compatible(src: Source, kvm: Optional[Kvm] = None, *,
-                     prepare: Optional[Callable[[Vm], None]] = None, allow_tsc_mismatch: bool = False,
-                     max_memory: Optional[int] = None) -> List[str]:
+def check_compatible(src: Source, kvm: Kvm | None = None, *,
+                     prepare: Callable[[Vm], None] | None = None, allow_tsc_mismatch: bool = False,
+                     max_memory: int | None = None) -> list[str]:
     """Reasons the snapshot cannot be restored on this host (empty list: :func:`restore` succeeds).
 
     Checks the whole file as :func:`verify` does (raises
@@ -388,7 +416,7 @@ def check_compatible(src: Source, kvm: Optional[Kvm] = None, *,
             kvm.close()
 
 
-def _parse_time(s: str) -> Optional[float]:
+def _parse_time(s: str) -> float | None:
     try:
         return float(calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%SZ")))
     except (ValueError, OverflowError):

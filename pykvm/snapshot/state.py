@@ -14,19 +14,41 @@ import errno
 import mmap
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from .. import fd as kvmfd
 from ..errors import KvmError
 from ..uapi import ioctls, structs
 from ..vcpu import Vcpu
 from ..vm import Vm
-from .fileformat import (IRQCHIPS, MSR_ENTRY, U32, ZERO_BLOCK, SnapshotError, SnapshotIncompatible,
-                         SnapshotRestoreError, cpuid_entries, from_bytes, msr_values)
+from .fileformat import (
+    IRQCHIPS,
+    MSR_ENTRY,
+    U32,
+    ZERO_BLOCK,
+    SnapshotError,
+    SnapshotRestoreError,
+    cpuid_entries,
+    from_bytes,
+    msr_values,
+)
 
-__all__ = ["struct_bytes", "vcpu_state", "vm_state", "zero_runs", "lock_vcpus", "complete_pending_io",
-           "apply_vcpu", "apply_devices", "apply_clock", "has_irqchip", "has_pit", "has_lapic",
-           "foreign_slots"]
+__all__ = [
+    "apply_clock",
+    "apply_devices",
+    "apply_vcpu",
+    "complete_pending_io",
+    "foreign_slots",
+    "has_irqchip",
+    "has_lapic",
+    "has_pit",
+    "lock_vcpus",
+    "struct_bytes",
+    "vcpu_state",
+    "vm_state",
+    "zero_runs",
+]
 
 _MSR_TSC_DEADLINE = 0x6E0
 _ZEROS = bytes(ZERO_BLOCK)
@@ -37,7 +59,7 @@ def struct_bytes(obj: Any) -> bytes:
     return bytes(memoryview(obj).cast("B"))
 
 
-def foreign_slots(vm: Vm) -> List[int]:
+def foreign_slots(vm: Vm) -> list[int]:
     """Memory slots registered with ``set_user_memory_region`` (not ``add_memory``)."""
     known = {m.slot for m in vm.memory}
     return sorted(s for s in vm.memslots if s not in known)
@@ -46,10 +68,10 @@ def foreign_slots(vm: Vm) -> List[int]:
 # ---------------------------------------------------------------------------
 # capture
 
-def _read_msrs(vcpu: Vcpu, indices: Sequence[int]) -> Tuple[List[Tuple[int, int]], List[int]]:
+def _read_msrs(vcpu: Vcpu, indices: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
     """All readable MSRs of *indices*: ([(index, value)], [unreadable indices])."""
-    values: List[Tuple[int, int]] = []
-    skipped: List[int] = []
+    values: list[tuple[int, int]] = []
+    skipped: list[int] = []
     todo = list(indices)
     while todo:
         got = vcpu.get_msrs(todo)        # KVM stops at the first MSR it cannot read
@@ -81,9 +103,9 @@ def _absent(e: KvmError) -> bool:
     return e.errno in (errno.EINVAL, errno.ENXIO, errno.ENOTTY)
 
 
-def vcpu_state(vcpu: Vcpu, caps: Dict[str, int], msr_list: Sequence[int],
-                skipped_msrs: Dict[str, List[str]]) -> List[Tuple[str, bytes]]:
-    items: List[Tuple[str, bytes]] = [("regs", struct_bytes(vcpu.get_regs()))]
+def vcpu_state(vcpu: Vcpu, caps: dict[str, int], msr_list: Sequence[int],
+                skipped_msrs: dict[str, list[str]]) -> list[tuple[str, bytes]]:
+    items: list[tuple[str, bytes]] = [("regs", struct_bytes(vcpu.get_regs()))]
     if caps.get("SREGS2"):
         items.append(("sregs2", struct_bytes(vcpu.get_sregs2())))
     else:
@@ -126,9 +148,9 @@ def vcpu_state(vcpu: Vcpu, caps: Dict[str, int], msr_list: Sequence[int],
     return items
 
 
-def vm_state(vm: Vm) -> Tuple[List[Tuple[str, bytes]], Dict[str, Any]]:
-    items: List[Tuple[str, bytes]] = []
-    desc: Dict[str, Any] = {"irqchip": False, "pit": False}
+def vm_state(vm: Vm) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    items: list[tuple[str, bytes]] = []
+    desc: dict[str, Any] = {"irqchip": False, "pit": False}
     try:
         for chip in IRQCHIPS:
             items.append((f"irqchip.{chip}", struct_bytes(vm.get_irqchip(chip))))
@@ -159,7 +181,7 @@ _PAGE = mmap.PAGESIZE
 _PAGEMAP_USED = bytes(1 if x & 0xC0 else 0 for x in range(256))
 
 
-def _used_pages(addr: int, size: int) -> Optional[bytes]:
+def _used_pages(addr: int, size: int) -> bytes | None:
     """One byte per page of ``[addr, addr+size)``: 1 if present or swapped, 0 if never touched.
 
     Pages of a private anonymous mapping that were never touched (neither
@@ -189,7 +211,7 @@ def _used_pages(addr: int, size: int) -> Optional[bytes]:
     return bytes(buf[7::8]).translate(_PAGEMAP_USED)
 
 
-def zero_runs(mv: memoryview, addr: int, block: int = ZERO_BLOCK) -> Iterator[Tuple[int, int, bool]]:
+def zero_runs(mv: memoryview, addr: int, block: int = ZERO_BLOCK) -> Iterator[tuple[int, int, bool]]:
     """Split ``[0, size)`` of host memory at *addr* into maximal (offset, length, is_zero) runs.
 
     Blocks of *block* bytes are compared with zeros (``memcmp``); blocks with
@@ -219,12 +241,12 @@ def zero_runs(mv: memoryview, addr: int, block: int = ZERO_BLOCK) -> Iterator[Tu
         yield start, size - start, bool(cur_zero)
 
 
-def lock_vcpus(vm: Vm) -> List[Any]:
+def lock_vcpus(vm: Vm) -> list[Any]:
     """Hold every vCPU (``Vcpu.hold()``: no ``run()`` meanwhile), or raise.
 
     Returns the holds; the caller releases them.
     """
-    held: List[Any] = []
+    held: list[Any] = []
     for vcpu in vm.vcpus:
         try:
             held.append(vcpu.hold())
@@ -252,7 +274,7 @@ def _set(what: str, fn: Callable[..., Any], *args: Any) -> None:
         raise SnapshotRestoreError(f"restoring {what}: {e}") from None
 
 
-def apply_vcpu(vcpu: Vcpu, items: Dict[str, bytes], tag: str) -> None:
+def apply_vcpu(vcpu: Vcpu, items: dict[str, bytes], tag: str) -> None:
     """Load one vCPU's state in the order KVM needs (see docs/snapshot.md, "Restore order")."""
     # 1. CPUID first: KVM derives valid MSRs, CR4 bits and XSAVE features from it.
     entries = cpuid_entries(items.get("cpuid", b""), f"{tag} cpuid")
@@ -309,7 +331,7 @@ def apply_vcpu(vcpu: Vcpu, items: Dict[str, bytes], tag: str) -> None:
              from_bytes(structs.kvm_vcpu_events, items["events"], f"{tag} events"))
 
 
-def _write_msrs(vcpu: Vcpu, values: List[Tuple[int, int]], tag: str) -> None:
+def _write_msrs(vcpu: Vcpu, values: list[tuple[int, int]], tag: str) -> None:
     """KVM_SET_MSRS; an MSR KVM refuses is fine only if the new vCPU already holds the value.
 
     (The raw ioctl, not ``Vcpu.set_msrs``: the count KVM wrote tells which MSR it refused.)
@@ -337,7 +359,7 @@ def _write_msrs(vcpu: Vcpu, values: List[Tuple[int, int]], tag: str) -> None:
         todo = todo[n + 1:]
 
 
-def apply_devices(vm: Vm, items: Dict[str, bytes]) -> None:
+def apply_devices(vm: Vm, items: dict[str, bytes]) -> None:
     if "pit2" in items:
         _set("PIT state", vm.set_pit2, from_bytes(structs.kvm_pit_state2, items["pit2"], "PIT"))
     for chip in IRQCHIPS:
@@ -346,7 +368,7 @@ def apply_devices(vm: Vm, items: Dict[str, bytes]) -> None:
             _set(f"irqchip {chip}", vm.set_irqchip, from_bytes(structs.kvm_irqchip, items[key], key))
 
 
-def apply_clock(vm: Vm, items: Dict[str, bytes], clock: str, saved_at: Optional[float]) -> None:
+def apply_clock(vm: Vm, items: dict[str, bytes], clock: str, saved_at: float | None) -> None:
     if "clock" not in items:
         return
     c = from_bytes(structs.kvm_clock_data, items["clock"], "clock")

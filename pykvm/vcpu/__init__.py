@@ -25,7 +25,8 @@ kernel raises :class:`~pykvm.errors.KvmError` naming the ioctl.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any, Dict
 
 from ..fd import DeviceAttrs, EnableCap
 from .control import ControlMixin
@@ -37,9 +38,15 @@ from .msrs import MsrsMixin, msrs_buffer
 from .regs import RegsMixin
 from .run import RunEngine, Watchdog, ensure_kick_handler
 
-
-__all__ = ["Vcpu", "Watchdog", "lapic_get_reg", "lapic_set_reg", "msrs_buffer",
-           "ensure_kick_handler", "create_vcpu"]
+__all__ = [
+    "Vcpu",
+    "Watchdog",
+    "create_vcpu",
+    "ensure_kick_handler",
+    "lapic_get_reg",
+    "lapic_set_reg",
+    "msrs_buffer",
+]
 
 
 class Vcpu(RegsMixin, MsrsMixin, CpuidMixin, LapicMixin, EventsMixin, DebugMixin, ControlMixin,
@@ -56,7 +63,7 @@ class Vcpu(RegsMixin, MsrsMixin, CpuidMixin, LapicMixin, EventsMixin, DebugMixin
 # frees a vCPU before its VM (KVM_CREATE_VCPU with the same id answers EEXIST
 # even after the fd is closed), so closing the fd would lose the id for good:
 # the fd is parked here and the next create_vcpu() of that id adopts it.
-_parked: "weakref.WeakKeyDictionary[Any, Dict[int, _ParkedFd]]" = weakref.WeakKeyDictionary()
+_parked: weakref.WeakKeyDictionary[Any, dict[int, _ParkedFd]] = weakref.WeakKeyDictionary()
 
 
 class _ParkedFd:

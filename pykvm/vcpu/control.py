@@ -4,9 +4,12 @@ kvmclock, pre-faulting memory, ``KVM_ENABLE_CAP``, Xen attributes, statistics.""
 from __future__ import annotations
 
 import errno
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
-from .._check import U32 as _U32, expect as _expect, int_arg as _int_arg, uint as _uint
+from .._check import U32 as _U32
+from .._check import expect as _expect
+from .._check import int_arg as _int_arg
+from .._check import uint as _uint
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
@@ -18,7 +21,7 @@ class ControlMixin:
     _ioctl: Callable[..., int]
 
     # -- signals during KVM_RUN -----------------------------------------------------------
-    def set_signal_mask(self, signals: Optional[Iterable[int]]) -> None:
+    def set_signal_mask(self, signals: Iterable[int] | None) -> None:
         """``KVM_SET_SIGNAL_MASK``: the signals blocked *while inside* ``KVM_RUN``.
 
         KVM swaps this mask in for the duration of the run, so a signal the

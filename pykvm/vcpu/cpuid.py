@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Callable, Iterable, List, Union
+from collections.abc import Callable, Iterable
 
 from .._check import expect as _expect
 from ..errors import KvmError
@@ -23,7 +23,7 @@ class CpuidMixin:
 
     _ioctl: Callable[..., int]
 
-    def get_cpuid2(self, max_entries: int = 256) -> List[S.kvm_cpuid_entry2]:
+    def get_cpuid2(self, max_entries: int = 256) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_CPUID2``: the CPUID table set on this vCPU (grows on E2BIG)."""
         n = max_entries
         while True:
@@ -37,7 +37,7 @@ class CpuidMixin:
                 raise
             return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
 
-    def set_cpuid2(self, entries: Union[Iterable[S.kvm_cpuid_entry2], S.kvm_cpuid2]) -> None:
+    def set_cpuid2(self, entries: Iterable[S.kvm_cpuid_entry2] | S.kvm_cpuid2) -> None:
         """``KVM_SET_CPUID2``: the CPUID the guest sees (e.g. ``kvm.supported_cpuid()``).
 
         A ready ``kvm_cpuid2`` (from ``S.flex``) is passed as is once its ``nent``
@@ -73,7 +73,7 @@ class CpuidMixin:
             buf.entries[k] = e
         self._ioctl(I.KVM_SET_CPUID, buf)
 
-    def get_supported_hv_cpuid(self, max_entries: int = 64) -> List[S.kvm_cpuid_entry2]:
+    def get_supported_hv_cpuid(self, max_entries: int = 64) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_HV_CPUID`` on the vCPU fd: the Hyper-V leaves KVM
         could expose (``KVM_CAP_HYPERV_CPUID``; the kernel answers EINVAL when
         built without Hyper-V emulation).  Grows the buffer on E2BIG."""

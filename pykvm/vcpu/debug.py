@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
-from .._check import expect as _expect, uint as _uint
+from .._check import expect as _expect
+from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 
@@ -15,7 +16,7 @@ class DebugMixin:
     _ioctl: Callable[..., int]
 
     # -- debugging ----------------------------------------------------------------------------
-    def set_guest_debug(self, debug: Optional[S.kvm_guest_debug] = None, *, enable: bool = True,
+    def set_guest_debug(self, debug: S.kvm_guest_debug | None = None, *, enable: bool = True,
                         single_step: bool = False, sw_breakpoints: bool = False,
                         hw_breakpoints: Sequence[int] = (), inject_db: bool = False,
                         inject_bp: bool = False, block_irq: bool = False) -> S.kvm_guest_debug:

@@ -4,9 +4,11 @@ SMI injection, the interrupt-window fields of the run page, machine checks."""
 from __future__ import annotations
 
 import ctypes
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from .._check import U32 as _U32, expect as _expect, uint as _uint
+from .._check import U32 as _U32
+from .._check import expect as _expect
+from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 
@@ -95,7 +97,7 @@ class EventsMixin:
         bits from ``Kvm.mce_cap_supported()`` (e.g. MCG_CTL_P, bit 8)."""
         self._ioctl(I.KVM_X86_SETUP_MCE, ctypes.c_uint64(_uint("mcg_cap", mcg_cap)))
 
-    def set_mce(self, mce: Optional[S.kvm_x86_mce] = None, *, bank: int = 0, status: int = 0,
+    def set_mce(self, mce: S.kvm_x86_mce | None = None, *, bank: int = 0, status: int = 0,
                 addr: int = 0, misc: int = 0, mcg_status: int = 0) -> None:
         """``KVM_X86_SET_MCE``: report a machine check in *bank*.
 

@@ -3,9 +3,11 @@ and :func:`lapic_get_reg` / :func:`lapic_set_reg` for one register of a page."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from .._check import U32 as _U32, expect as _expect, uint as _uint
+from .._check import U32 as _U32
+from .._check import expect as _expect
+from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import errno
-from typing import Callable, Dict, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .._check import int_arg as _int_arg
 from ..errors import KvmError
@@ -29,7 +29,7 @@ class MsrsMixin:
 
     _ioctl: Callable[..., int]
 
-    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS``: ``{index: value}`` for the MSRs KVM could read.
 
         KVM stops at the first MSR it cannot read; missing keys were not read.

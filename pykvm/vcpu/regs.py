@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Callable, List
+from collections.abc import Callable
 
-from .._check import expect as _expect, uint as _uint
+from .._check import expect as _expect
+from .._check import uint as _uint
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
@@ -187,7 +188,7 @@ class RegsMixin:
         buf = (ctypes.c_uint8 * n).from_buffer_copy(value.to_bytes(n, "little"))
         self._ioctl(I.KVM_SET_ONE_REG, S.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
 
-    def get_reg_list(self) -> List[int]:
+    def get_reg_list(self) -> list[int]:
         """``KVM_GET_REG_LIST``: ONE_REG ids KVM enumerates.  x86 lists only
         KVM-defined registers (the CET SSP when the guest has shadow stacks),
         never MSRs, so an empty list is normal."""

@@ -14,12 +14,13 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
-from .._check import U32 as _U32, expect as _expect, uint as _uint
+from .._check import U32 as _U32
+from .._check import expect as _expect
+from .._check import uint as _uint
 from ..device import Device
 from ..errors import KvmClosedError, KvmError
 from ..fd import Capabilities, FdObject
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 from ..vcpu import Vcpu, create_vcpu
 from .coalesced import CoalescedIo, CoalescedRing
 from .dirty import DirtyLog, DirtyRing
@@ -31,7 +32,7 @@ from .msr_filter import MsrFilterRange, X86Policies
 if TYPE_CHECKING:  # pragma: no cover
     from ..stats import Stats
 
-__all__ = ["Vm", "MsrFilterRange", "GuestMemory", "GuestMemfd", "EventFd", "DirtyRing", "CoalescedRing"]
+__all__ = ["CoalescedRing", "DirtyRing", "EventFd", "GuestMemfd", "GuestMemory", "MsrFilterRange", "Vm"]
 
 
 class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo, X86Policies, FdObject):
@@ -48,7 +49,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
     _what = "VM"
 
     @classmethod
-    def _from_fd(cls, fd: int, vcpu_mmap_size: int, kvm: Any = None) -> "Vm":
+    def _from_fd(cls, fd: int, vcpu_mmap_size: int, kvm: Any = None) -> Vm:
         vm = cls.__new__(cls)
         FdObject.__init__(vm, fd)
         vm._vcpu_mmap_size = vcpu_mmap_size
@@ -85,7 +86,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         return vcpu
 
     @property
-    def vcpus(self) -> List[Vcpu]:
+    def vcpus(self) -> list[Vcpu]:
         """The vCPUs created so far, by id."""
         return [self._vcpus[k] for k in sorted(self._vcpus)]
 
@@ -111,7 +112,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         self._ioctl(ioctls.KVM_GET_CLOCK, c)
         return c
 
-    def set_clock(self, clock: Union[int, structs.kvm_clock_data], *, flags: int = 0, realtime: int = 0) -> None:
+    def set_clock(self, clock: int | structs.kvm_clock_data, *, flags: int = 0, realtime: int = 0) -> None:
         """``KVM_SET_CLOCK``: set the guest's kvmclock to *clock* ns.
 
         With ``flags=KVM_CLOCK_REALTIME`` and *realtime* (host ``CLOCK_REALTIME``
@@ -145,7 +146,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         return self._ioctl(ioctls.KVM_GET_NR_MMU_PAGES)
 
     # -- devices and statistics ---------------------------------------------------------------
-    def create_device(self, dev_type: int, *, test: bool = False) -> Optional[Device]:
+    def create_device(self, dev_type: int, *, test: bool = False) -> Device | None:
         """``KVM_CREATE_DEVICE``: an in-kernel device of *dev_type* (:class:`~pykvm.device.DeviceType`).
 
         Returns the :class:`~pykvm.device.Device` (closed with the VM).  With
@@ -173,7 +174,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
                 return False
             raise
 
-    def get_stats_fd(self) -> "Stats":
+    def get_stats_fd(self) -> Stats:
         """``KVM_GET_STATS_FD``: the VM's binary statistics (:class:`pykvm.stats.Stats`), closed with the VM."""
         from ..stats import open_stats
 
@@ -246,13 +247,13 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         from .. import coco
         coco.unregister_region(self, addr, size)
 
-    def sev_command(self, cmd_id: int, data: Optional[ctypes.Structure] = None,
+    def sev_command(self, cmd_id: int, data: ctypes.Structure | None = None,
                     sev_fd: int = 0) -> structs.kvm_sev_cmd:
         """``KVM_MEMORY_ENCRYPT_OP`` with SEV command *cmd_id*; see :func:`pykvm.coco.sev_command`."""
         from .. import coco
         return coco.sev_command(self, cmd_id, data, sev_fd)
 
-    def tdx_command(self, cmd_id: int, data: Union[None, int, ctypes.Structure] = None,
+    def tdx_command(self, cmd_id: int, data: int | ctypes.Structure | None = None,
                     flags: int = 0) -> structs.kvm_tdx_cmd:
         """``KVM_MEMORY_ENCRYPT_OP`` with TDX command *cmd_id*; see :func:`pykvm.coco.tdx_command`."""
         from .. import coco

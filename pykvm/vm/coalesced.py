@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from typing import List, Optional
 
-from .._check import U32 as _U32, U64 as _U64, uint as _uint
+from .._check import U32 as _U32
+from .._check import U64 as _U64
+from .._check import uint as _uint
 from ..fd import SingleOwner
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 from ..vcpu import Vcpu
 from .memory import PAGE_SIZE
 
-__all__ = ["CoalescedRing", "COALESCED_MMIO_MAX", "CoalescedIo"]
+__all__ = ["COALESCED_MMIO_MAX", "CoalescedIo", "CoalescedRing"]
 
 _HDR = struct.Struct("<II")  # first, last
 _HDR_FIRST = struct.Struct("<I")
@@ -61,7 +61,7 @@ class CoalescedRing(SingleOwner):
         first, last = _HDR.unpack_from(self.vcpu.run_mmap, _RING_OFFSET)
         return (last - first) % COALESCED_MMIO_MAX
 
-    def drain(self) -> List[structs.kvm_coalesced_mmio]:
+    def drain(self) -> list[structs.kvm_coalesced_mmio]:
         """Take every pending entry, oldest first, and free its place in the ring.
 
         Each entry is a ``kvm_coalesced_mmio`` copy: ``phys_addr`` (the port for
@@ -121,7 +121,7 @@ class CoalescedIo:
         """``KVM_UNREGISTER_COALESCED_MMIO`` with ``pio=1``."""
         self._ioctl(ioctls.KVM_UNREGISTER_COALESCED_MMIO, self._zone(port, size, True))
 
-    def coalesced_ring(self, vcpu: Optional[Vcpu] = None) -> CoalescedRing:
+    def coalesced_ring(self, vcpu: Vcpu | None = None) -> CoalescedRing:
         """The VM's coalesced MMIO/PIO ring, read through *vcpu*'s mapping (default: the first vCPU)."""
         if vcpu is None:
             if not self._vcpus:

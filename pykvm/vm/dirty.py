@@ -31,22 +31,30 @@ KVM offers two ways to learn which guest pages were written:
 from __future__ import annotations
 
 import array
-import errno
 import ctypes
+import errno
 import mmap
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union, overload
+from collections.abc import Iterable, Iterator, Sequence
+from typing import overload
 
-from .._check import U32 as _U32, uint as _uint
+from .._check import U32 as _U32
+from .._check import uint as _uint
 from ..errors import KvmClosedError, KvmError
 from ..fd import SingleOwner
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
 from ..vcpu import Vcpu
 from .memory import PAGE_SIZE
 
-__all__ = ["bitmap_to_pages", "pages_to_bitmap", "bitmap_words", "DirtyPages", "DirtyEntries",
-           "DirtyRing", "DirtyLog"]
+__all__ = [
+    "DirtyEntries",
+    "DirtyLog",
+    "DirtyPages",
+    "DirtyRing",
+    "bitmap_to_pages",
+    "bitmap_words",
+    "pages_to_bitmap",
+]
 
 _GFN_SIZE = ctypes.sizeof(structs.kvm_dirty_gfn)
 assert _GFN_SIZE == 16
@@ -72,7 +80,7 @@ _NONZERO = bytes.maketrans(bytes(range(256)), b"\x00" + b"\x01" * 255)
 _BIT_OFFSETS = tuple(tuple(i for i in range(8) if b >> i & 1) for b in range(256))
 
 
-def _trim(data: bytes, npages: Optional[int]) -> Tuple[bytes, int]:
+def _trim(data: bytes, npages: int | None) -> tuple[bytes, int]:
     """*data* cut to the bytes of *npages* bits, bits beyond it cleared; and the bit count."""
     if npages is not None:
         _uint("npages", npages, KVM_MEM_MAX_NR_PAGES)
@@ -83,11 +91,11 @@ def _trim(data: bytes, npages: Optional[int]) -> Tuple[bytes, int]:
     return data, total
 
 
-def _decode(data: bytes) -> List[int]:
+def _decode(data: bytes) -> list[int]:
     # Linear in the bitmap's size: translate/find skip zero bytes at C speed,
     # runs of 0xff become ranges.
     flags = data.translate(_NONZERO)
-    pages: List[int] = []
+    pages: list[int] = []
     app, ext, offsets = pages.append, pages.extend, _BIT_OFFSETS
     find, count, n = flags.find, data.count, len(data)
     i = find(1)
@@ -106,7 +114,7 @@ def _decode(data: bytes) -> List[int]:
     return pages
 
 
-def bitmap_to_pages(bitmap: object, npages: Optional[int] = None) -> List[int]:
+def bitmap_to_pages(bitmap: object, npages: int | None = None) -> list[int]:
     """Page numbers whose bit is set in *bitmap* (bytes-like or a ctypes array).
 
     Bit *i* (bit ``i % 8`` of byte ``i // 8``, i.e. little-endian 64-bit words)
@@ -116,7 +124,7 @@ def bitmap_to_pages(bitmap: object, npages: Optional[int] = None) -> List[int]:
     return _decode(data)
 
 
-def pages_to_bitmap(pages: Iterable[int], npages: int) -> "ctypes.Array[ctypes.c_uint64]":
+def pages_to_bitmap(pages: Iterable[int], npages: int) -> ctypes.Array[ctypes.c_uint64]:
     """A ``c_uint64`` array with the bits of *pages* set (each in ``[0, npages)``)."""
     words = (ctypes.c_uint64 * max(1, bitmap_words(npages)))()
     if isinstance(pages, range) and pages.step == 1:  # a whole range: set bytes in bulk
@@ -152,19 +160,19 @@ class DirtyPages(Sequence[int]):
     the same page numbers.
     """
 
-    __slots__ = ("bitmap", "npages", "_count", "_list")
+    __slots__ = ("_count", "_list", "bitmap", "npages")
 
-    def __init__(self, bitmap: Union[bytes, bytearray, memoryview], npages: Optional[int] = None) -> None:
+    def __init__(self, bitmap: bytes | bytearray | memoryview, npages: int | None = None) -> None:
         self.bitmap, self.npages = _trim(bytes(bitmap), npages)
-        self._count: Optional[int] = None
-        self._list: Optional[List[int]] = None
+        self._count: int | None = None
+        self._list: list[int] | None = None
 
     def __len__(self) -> int:
         if self._count is None:
             self._count = int.from_bytes(self.bitmap, "little").bit_count()
         return self._count
 
-    def tolist(self) -> List[int]:
+    def tolist(self) -> list[int]:
         """The page numbers as a new list (ascending)."""
         if self._list is None:
             self._list = _decode(self.bitmap)
@@ -178,8 +186,8 @@ class DirtyPages(Sequence[int]):
     @overload
     def __getitem__(self, i: int) -> int: ...
     @overload
-    def __getitem__(self, i: slice) -> List[int]: ...
-    def __getitem__(self, i: Union[int, slice]) -> Union[int, List[int]]:
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
         if self._list is None:
             self._list = _decode(self.bitmap)
         return self._list[i]
@@ -198,9 +206,9 @@ class DirtyPages(Sequence[int]):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def ranges(self) -> List[Tuple[int, int]]:
+    def ranges(self) -> list[tuple[int, int]]:
         """The dirty runs as ``(first, stop)`` page ranges, ascending."""
-        out: List[Tuple[int, int]] = []
+        out: list[tuple[int, int]] = []
         for p in self:
             if out and out[-1][1] == p:
                 out[-1] = (out[-1][0], p + 1)
@@ -221,22 +229,22 @@ class DirtyEntries(Sequence["structs.kvm_dirty_gfn"]):
     Compares equal to a list of entries with the same ``(slot, offset)`` pairs.
     """
 
-    __slots__ = ("slots", "offsets")
+    __slots__ = ("offsets", "slots")
 
-    def __init__(self, slots: "array.array[int]", offsets: "array.array[int]") -> None:
+    def __init__(self, slots: array.array[int], offsets: array.array[int]) -> None:
         self.slots, self.offsets = slots, offsets
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def _gfn(self, i: int) -> "structs.kvm_dirty_gfn":
+    def _gfn(self, i: int) -> structs.kvm_dirty_gfn:
         return structs.kvm_dirty_gfn(flags=_F_DIRTY, slot=self.slots[i], offset=self.offsets[i])
 
     @overload
-    def __getitem__(self, i: int) -> "structs.kvm_dirty_gfn": ...
+    def __getitem__(self, i: int) -> structs.kvm_dirty_gfn: ...
     @overload
-    def __getitem__(self, i: slice) -> List["structs.kvm_dirty_gfn"]: ...
-    def __getitem__(self, i: Union[int, slice]) -> Union["structs.kvm_dirty_gfn", List["structs.kvm_dirty_gfn"]]:
+    def __getitem__(self, i: slice) -> list[structs.kvm_dirty_gfn]: ...
+    def __getitem__(self, i: int | slice) -> structs.kvm_dirty_gfn | list[structs.kvm_dirty_gfn]:
         if isinstance(i, slice):
             return [self._gfn(k) for k in range(*i.indices(len(self)))]
         if i < 0:
@@ -245,10 +253,10 @@ class DirtyEntries(Sequence["structs.kvm_dirty_gfn"]):
             raise IndexError("dirty entry index out of range")
         return self._gfn(i)
 
-    def __iter__(self) -> Iterator["structs.kvm_dirty_gfn"]:
+    def __iter__(self) -> Iterator[structs.kvm_dirty_gfn]:
         return (self._gfn(k) for k in range(len(self)))
 
-    def pairs(self) -> List[Tuple[int, int]]:
+    def pairs(self) -> list[tuple[int, int]]:
         """``[(slot, offset), ...]`` in ring order."""
         return list(zip(self.slots, self.offsets))
 
@@ -288,7 +296,7 @@ class DirtyRing(SingleOwner):
         self.entries = size_bytes // _GFN_SIZE
         self._mask = self.entries - 1
         self._next = 0  # ring index (free-running) of the next entry to harvest
-        self._mm: Optional[mmap.mmap] = None
+        self._mm: mmap.mmap | None = None
         fd = vcpu.fileno()  # KvmClosedError when closed, before any syscall
         try:
             mm = mmap.mmap(
@@ -367,7 +375,7 @@ class DirtyRing(SingleOwner):
         if mm is not None:
             mm.close()
 
-    def __enter__(self) -> "DirtyRing":
+    def __enter__(self) -> DirtyRing:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -404,8 +412,8 @@ class DirtyLog:
         self._ioctl(ioctls.KVM_GET_DIRTY_LOG, arg)  # type: ignore[attr-defined]
         return DirtyPages(bitmap.raw, npages)
 
-    def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: Optional[int] = None,
-                        pages: Optional[Iterable[int]] = None) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,
+                        pages: Iterable[int] | None = None) -> None:
         """``KVM_CLEAR_DIRTY_LOG``: clear dirty bits and write-protect those pages again.
 
         Made for ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (where :meth:`get_dirty_log`
@@ -441,7 +449,7 @@ class DirtyLog:
                                     dirty_bitmap=ctypes.addressof(bitmap))
         self._ioctl(ioctls.KVM_CLEAR_DIRTY_LOG, arg)
 
-    def enable_dirty_ring(self, size_bytes: int, *, acq_rel: Optional[bool] = None) -> int:
+    def enable_dirty_ring(self, size_bytes: int, *, acq_rel: bool | None = None) -> int:
         """Turn on the per-vCPU dirty ring (``KVM_ENABLE_CAP`` of ``KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]``).
 
         Must come before any vCPU exists.  *size_bytes* is each ring's size:

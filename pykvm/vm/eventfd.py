@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 import select
-from typing import Optional, Union
 
-from .._check import U64 as _U64, uint as _uint
+from .._check import U64 as _U64
+from .._check import uint as _uint
 from ..errors import KvmError
 from ..fd import FdObject
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 
-__all__ = ["EventFd", "fd_of", "IoEvents"]
+__all__ = ["EventFd", "IoEvents", "fd_of"]
 
 
 class EventFd(FdObject):
@@ -85,7 +84,7 @@ class EventFd(FdObject):
         except OSError as e:
             raise KvmError(e.errno, "eventfd read") from None
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Wait until the counter is non-zero (readable); False on timeout.
 
         Does not consume the counter.  *timeout* is in seconds, ``None`` waits
@@ -106,7 +105,7 @@ class EventFd(FdObject):
         return self.wait(0)
 
 
-def fd_of(obj: Union[int, "FdObject", object], what: str = "fd") -> int:
+def fd_of(obj: int | FdObject | object, what: str = "fd") -> int:
     """The fd number of *obj*: an int, or anything with ``fileno()``.
 
     Raises ``TypeError`` for anything else, ``ValueError`` for a negative fd,
@@ -131,7 +130,7 @@ class IoEvents:
 
     # -- ioeventfd and coalesced I/O -------------------------------------------------------
     @staticmethod
-    def _ioeventfd(fd, addr: int, length: int, datamatch: Optional[int], pio: bool,
+    def _ioeventfd(fd, addr: int, length: int, datamatch: int | None, pio: bool,
                    deassign: bool) -> structs.kvm_ioeventfd:
         _uint("addr", addr, 0xFFFF if pio else _U64)
         if length not in (0, 1, 2, 4, 8):
@@ -149,7 +148,7 @@ class IoEvents:
             flags |= structs.KVM_IOEVENTFD_FLAG_DATAMATCH
         return structs.kvm_ioeventfd(datamatch=dm, addr=addr, len=length, fd=fd_of(fd, "fd"), flags=flags)
 
-    def register_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: Optional[int] = None,
+    def register_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: int | None = None,
                          pio: bool = False) -> None:
         """``KVM_IOEVENTFD``: a guest write to *addr* signals eventfd *fd* instead of exiting.
 
@@ -161,7 +160,7 @@ class IoEvents:
         """
         self._ioctl(ioctls.KVM_IOEVENTFD, self._ioeventfd(fd, addr, length, datamatch, pio, False))
 
-    def unregister_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: Optional[int] = None,
+    def unregister_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: int | None = None,
                            pio: bool = False) -> None:
         """``KVM_IOEVENTFD`` with ``DEASSIGN``: remove the matching ioeventfd (same arguments)."""
         self._ioctl(ioctls.KVM_IOEVENTFD, self._ioeventfd(fd, addr, length, datamatch, pio, True))

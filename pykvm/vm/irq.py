@@ -15,18 +15,28 @@ bits), the data holds the vector in bits 0-7 and the delivery mode in 8-10.
 
 from __future__ import annotations
 
-import ctypes
-from typing import Iterable, List, Optional, Union
+from collections.abc import Iterable
 
-from .._check import U32 as _U32, U64 as _U64, expect as _expect, flex_fits as _flex_fits, uint as _uint
-from ..uapi import ioctls
-from ..uapi import structs
+from .._check import U32 as _U32
+from .._check import U64 as _U64
+from .._check import expect as _expect
+from .._check import flex_fits as _flex_fits
+from .._check import uint as _uint
+from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
 from .eventfd import fd_of
 
 __all__ = [
-    "irqchip_route", "msi_route", "default_routes", "msi_address", "msi_data",
-    "ioapic_redirection", "PIC_MASTER", "PIC_SLAVE", "IOAPIC", "Interrupts",
+    "IOAPIC",
+    "PIC_MASTER",
+    "PIC_SLAVE",
+    "Interrupts",
+    "default_routes",
+    "ioapic_redirection",
+    "irqchip_route",
+    "msi_address",
+    "msi_data",
+    "msi_route",
 ]
 
 PIC_MASTER = structs.KVM_IRQCHIP_PIC_MASTER
@@ -44,7 +54,7 @@ def irqchip_route(gsi: int, irqchip: int, pin: int) -> structs.kvm_irq_routing_e
     return e
 
 
-def msi_route(gsi: int, address: int, data: int, *, devid: Optional[int] = None) -> structs.kvm_irq_routing_entry:
+def msi_route(gsi: int, address: int, data: int, *, devid: int | None = None) -> structs.kvm_irq_routing_entry:
     """A routing entry: GSI *gsi* sends the MSI (*address*, *data*).
 
     *devid* (sets ``KVM_MSI_VALID_DEVID``) is only meaningful on hosts with
@@ -61,7 +71,7 @@ def msi_route(gsi: int, address: int, data: int, *, devid: Optional[int] = None)
     return e
 
 
-def default_routes(ioapic_pins: int = structs.KVM_IOAPIC_NUM_PINS) -> List[structs.kvm_irq_routing_entry]:
+def default_routes(ioapic_pins: int = structs.KVM_IOAPIC_NUM_PINS) -> list[structs.kvm_irq_routing_entry]:
     """The table ``KVM_CREATE_IRQCHIP`` installs: GSI 0-15 to IOAPIC and PIC, 16-23 to IOAPIC."""
     out = []
     for gsi in range(_uint("ioapic_pins", ioapic_pins, structs.KVM_IOAPIC_NUM_PINS)):
@@ -131,12 +141,12 @@ class Interrupts:
         """
         self.enable_cap(Cap.SPLIT_IRQCHIP, _uint("ioapic_pins", ioapic_pins, _U32))
 
-    def _irq_level(self, irq: int, active: Union[bool, int]) -> structs.kvm_irq_level:
+    def _irq_level(self, irq: int, active: bool | int) -> structs.kvm_irq_level:
         lvl = structs.kvm_irq_level(level=1 if active else 0)
         lvl.irq = _uint("irq", irq, _U32)
         return lvl
 
-    def set_irq_line(self, irq: int, active: Union[bool, int]) -> None:
+    def set_irq_line(self, irq: int, active: bool | int) -> None:
         """``KVM_IRQ_LINE``: drive GSI *irq* high (*active*) or low.
 
         An edge-triggered interrupt fires on the low-to-high transition, so
@@ -144,7 +154,7 @@ class Interrupts:
         """
         self._ioctl(ioctls.KVM_IRQ_LINE, self._irq_level(irq, active))
 
-    def irq_line_status(self, irq: int, active: Union[bool, int]) -> int:
+    def irq_line_status(self, irq: int, active: bool | int) -> int:
         """``KVM_IRQ_LINE_STATUS``: like :meth:`set_irq_line`, returning KVM's status.
 
         The status is > 0 when the interrupt was delivered (to that many
@@ -155,7 +165,7 @@ class Interrupts:
         self._ioctl(ioctls.KVM_IRQ_LINE_STATUS, lvl)
         return lvl.status
 
-    def set_gsi_routing(self, entries: Iterable["structs.kvm_irq_routing_entry"], flags: int = 0) -> None:
+    def set_gsi_routing(self, entries: Iterable[structs.kvm_irq_routing_entry], flags: int = 0) -> None:
         """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table with *entries*.
 
         Build entries with :func:`pykvm.irq.irqchip_route` /

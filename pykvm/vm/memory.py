@@ -45,25 +45,33 @@ import ctypes
 import errno
 import fcntl
 import mmap
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple, Union
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .. import _sys
-from .._check import U32 as _U32, uint as _uint
+from .._check import U32 as _U32
+from .._check import uint as _uint
 from ..errors import KvmError
 from ..fd import FdObject, SingleOwner, raise_error
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
 from .eventfd import fd_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import Vm
+    pass
 
 _fcntl_ioctl = fcntl.ioctl
 _KVM_SET_USER_MEMORY_REGION = ioctls.KVM_SET_USER_MEMORY_REGION
 
-__all__ = ["GuestMemory", "GuestMemfd", "MemorySlots", "PAGE_SIZE", "set_cloexec",
-           "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
+__all__ = [
+    "GUEST_MEMFD_FLAG_INIT_SHARED",
+    "GUEST_MEMFD_FLAG_MMAP",
+    "PAGE_SIZE",
+    "GuestMemfd",
+    "GuestMemory",
+    "MemorySlots",
+    "set_cloexec",
+]
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -87,7 +95,7 @@ class GuestMemory(SingleOwner, mmap.mmap):
     _vm = None
 
     @classmethod
-    def _anonymous(cls, size: int) -> "GuestMemory":
+    def _anonymous(cls, size: int) -> GuestMemory:
         try:
             mem = cls(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -142,7 +150,7 @@ class GuestMemory(SingleOwner, mmap.mmap):
         return (f"<GuestMemory slot={self.slot} gpa={self.guest_phys_addr:#x} "
                 f"size={self.size:#x} flags={self.flags:#x}>")
 
-    def _unmap(self) -> Optional[str]:
+    def _unmap(self) -> str | None:
         """Unmap now if no buffer export is alive; else leave it to the GC."""
         self._vm = None
         try:
@@ -157,7 +165,7 @@ class GuestMemory(SingleOwner, mmap.mmap):
             raise ValueError("guest memory is registered with a VM: use vm.remove_memory(mem)")
         mmap.mmap.close(self)
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -245,11 +253,11 @@ class MemorySlots:
     """The memory-slot ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     _fd: int
-    _slots: Dict[int, Tuple[int, int, int, int]]
-    _regions: Dict[int, "structs.kvm_userspace_memory_region"]
-    _memory: Dict[int, GuestMemory]
-    _parked: List[GuestMemory]
-    _max_slots: Optional[int]
+    _slots: dict[int, tuple[int, int, int, int]]
+    _regions: dict[int, structs.kvm_userspace_memory_region]
+    _memory: dict[int, GuestMemory]
+    _parked: list[GuestMemory]
+    _max_slots: int | None
 
     # -- memory -----------------------------------------------------------------------
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
@@ -291,7 +299,7 @@ class MemorySlots:
 
     def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, flags: int = 0, *,
-                                guest_memfd: Union[GuestMemfd, int, None] = None,
+                                guest_memfd: GuestMemfd | int | None = None,
                                 guest_memfd_offset: int = 0) -> None:
         """``KVM_SET_USER_MEMORY_REGION2``: like :meth:`set_user_memory_region`, plus guest_memfd.
 
@@ -362,7 +370,7 @@ class MemorySlots:
         return self._max_slots
 
     @property
-    def memslots(self) -> Dict[int, Tuple[int, int, int, int]]:
+    def memslots(self) -> dict[int, tuple[int, int, int, int]]:
         """Every registered memory slot: ``{slot: (guest_phys_addr, size, userspace_addr, flags)}``.
 
         A copy of pykvm's table of what it told KVM (``add_memory`` and
@@ -380,7 +388,7 @@ class MemorySlots:
                        f"all {self.max_memslots} memory slots are in use")
 
     def add_memory(self, guest_phys_addr: int, size: int, *, flags: int = 0,
-                   slot: Optional[int] = None) -> GuestMemory:
+                   slot: int | None = None) -> GuestMemory:
         """Allocate *size* bytes of anonymous memory and map it at *guest_phys_addr*.
 
         Uses the lowest free slot unless *slot* is given.  The returned
@@ -432,11 +440,11 @@ class MemorySlots:
         mem._unmap()
 
     @property
-    def memory(self) -> List[GuestMemory]:
+    def memory(self) -> list[GuestMemory]:
         """The regions added with :meth:`add_memory`, by guest address."""
         return sorted(self._memory.values(), key=lambda m: m.guest_phys_addr)
 
-    def _chunks(self, gpa: int, n: int) -> Iterator[Tuple[GuestMemory, int, int]]:
+    def _chunks(self, gpa: int, n: int) -> Iterator[tuple[GuestMemory, int, int]]:
         _uint("gpa", gpa)
         if n < 0:
             raise ValueError("length must be >= 0")

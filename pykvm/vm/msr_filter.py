@@ -13,12 +13,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
-from typing import Iterable, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
-from .._check import U32 as _U32, expect as _expect, flex_fits as _flex_fits, uint as _uint
+from .._check import U32 as _U32
+from .._check import expect as _expect
+from .._check import flex_fits as _flex_fits
+from .._check import uint as _uint
 from ..errors import KvmError
-from ..uapi import ioctls
-from ..uapi import structs
+from ..uapi import ioctls, structs
 
 __all__ = ["MsrFilterRange", "X86Policies", "msr_filter_bitmap_size"]
 
@@ -36,7 +38,7 @@ class X86Policies:
     """The MSR and PMU filter ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- x86 policies ------------------------------------------------------------------------
-    def set_msr_filter(self, ranges: Sequence["MsrFilterRange"] = (), *, default_deny: bool = False) -> None:
+    def set_msr_filter(self, ranges: Sequence[MsrFilterRange] = (), *, default_deny: bool = False) -> None:
         """``KVM_X86_SET_MSR_FILTER``: which guest MSR accesses KVM handles and which it refuses.
 
         Each :class:`MsrFilterRange` covers ``nmsrs`` MSRs from ``base`` for
@@ -102,7 +104,7 @@ class MsrFilterRange:
     """
     # A plain frozen class, not a dataclass: importing dataclasses (and inspect
     # with it) is 5-6 ms of `import pykvm` (benchmarks/, -X importtime).
-    __slots__ = ("flags", "base", "bitmap", "nmsrs")
+    __slots__ = ("base", "bitmap", "flags", "nmsrs")
 
     def __init__(self, flags: int, base: int, bitmap: bytes, nmsrs: int = -1) -> None:
         if not isinstance(bitmap, (bytes, bytearray)):
@@ -140,7 +142,7 @@ class MsrFilterRange:
                 f"nmsrs={self.nmsrs!r})")
 
     @classmethod
-    def _of(cls, msrs: Iterable[int], flags: int, allowed: bool) -> "MsrFilterRange":
+    def _of(cls, msrs: Iterable[int], flags: int, allowed: bool) -> MsrFilterRange:
         idx = sorted({_uint("msr", m, _U32) for m in msrs})
         if not idx:
             raise ValueError("no MSRs given")
@@ -154,12 +156,12 @@ class MsrFilterRange:
 
     @classmethod
     def deny(cls, msrs: Iterable[int], flags: int = structs.KVM_MSR_FILTER_READ | structs.KVM_MSR_FILTER_WRITE
-             ) -> "MsrFilterRange":
+             ) -> MsrFilterRange:
         """A range from min(msrs) to max(msrs) that denies *msrs* and allows the rest of it."""
         return cls._of(msrs, flags, False)
 
     @classmethod
     def allow(cls, msrs: Iterable[int], flags: int = structs.KVM_MSR_FILTER_READ | structs.KVM_MSR_FILTER_WRITE
-              ) -> "MsrFilterRange":
+              ) -> MsrFilterRange:
         """A range from min(msrs) to max(msrs) that allows *msrs* and denies the rest of it."""
         return cls._of(msrs, flags, True)

@@ -17,12 +17,32 @@ reports); what is here is PC-specific:
 Submodules are imported on use, so ``import pykvm.vmm`` stays cheap.
 """
 
-from .status import (EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, LOAD_ERROR, RESET,
-                     TIMEOUT, TRIPLE_FAULT, VMM_ERROR, debug_exit_status)
+from .status import (
+    EMULATION_FAILURE,
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    LOAD_ERROR,
+    RESET,
+    TIMEOUT,
+    TRIPLE_FAULT,
+    VMM_ERROR,
+    debug_exit_status,
+)
 
-__all__ = ["Machine", "MachineError", "main", "RESET", "LOAD_ERROR", "TRIPLE_FAULT",
-           "EMULATION_FAILURE", "INTERNAL_ERROR", "VMM_ERROR", "TIMEOUT", "INTERRUPTED",
-           "debug_exit_status"]
+__all__ = [
+    "EMULATION_FAILURE",
+    "INTERNAL_ERROR",
+    "INTERRUPTED",
+    "LOAD_ERROR",
+    "RESET",
+    "TIMEOUT",
+    "TRIPLE_FAULT",
+    "VMM_ERROR",
+    "Machine",
+    "MachineError",
+    "debug_exit_status",
+    "main",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from ..command import UsageError, error, run_command
 from .status import GDB_SOCKET, LOAD_ERROR
 
-__all__ = ["main", "parse_args", "UsageError", "USAGE"]
+__all__ = ["USAGE", "UsageError", "main", "parse_args"]
 
 PROG = "vmm"
 
@@ -105,9 +106,9 @@ def _port(text: str) -> int:
     return _decimal("--gdb", text, 0, 0xFFFF, "a port")
 
 
-def parse_args(argv: List[str]) -> Dict[str, Any]:
+def parse_args(argv: list[str]) -> dict[str, Any]:
     """The options as a dict of :class:`~pykvm.vmm.machine.Machine` arguments (raises UsageError)."""
-    opts: Dict[str, Any] = {"smp": 1, "memory_mib": 128, "append": "", "modules": [],
+    opts: dict[str, Any] = {"smp": 1, "memory_mib": 128, "append": "", "modules": [],
                             "timeout": None, "gdb": None}
     kernel = None
     i = 0
@@ -174,8 +175,8 @@ def parse_args(argv: List[str]) -> Dict[str, Any]:
 _machine: Any = None
 
 
-def main(argv: Optional[List[str]] = None,
-         ready: Optional[Callable[[Any], None]] = None) -> int:
+def main(argv: list[str] | None = None,
+         ready: Callable[[Any], None] | None = None) -> int:
     """Run the VMM with *argv* (default ``sys.argv[1:]``); return the exit status.
 
     *ready(machine)* is called once the VM is set up, before the guest runs.
@@ -213,7 +214,7 @@ def main(argv: Optional[List[str]] = None,
     return run_command(PROG, body)
 
 
-def run_as_program(argv: Optional[List[str]] = None) -> int:
+def run_as_program(argv: list[str] | None = None) -> int:
     """``python -m pykvm.vmm`` (and ``pykvm vmm``, given *argv*): run :func:`main`,
     flush, and leave without teardown.  Returns (the status) only when no guest
     was started (``--help``, a usage or load error); otherwise never returns.
@@ -241,7 +242,7 @@ def run_as_program(argv: Optional[List[str]] = None) -> int:
 _CAT = ("/bin/cat", "/usr/bin/cat")
 
 
-def hand_over_teardown(machine: Any) -> Optional[int]:
+def hand_over_teardown(machine: Any) -> int | None:
     """Give the last references to the VM to a helper that outlives us; return its pid.
 
     KVM destroys a VM when the last reference goes: its fd, its vCPU fds (and
@@ -288,7 +289,7 @@ def hand_over_teardown(machine: Any) -> Optional[int]:
         if pid > 0:
             os.close(r)
             return pid
-    actions: List[Any] = [(os.POSIX_SPAWN_DUP2, r, 0),
+    actions: list[Any] = [(os.POSIX_SPAWN_DUP2, r, 0),
                           (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                           (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + k) for k, fd in enumerate(fds)]

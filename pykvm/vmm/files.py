@@ -14,7 +14,7 @@ import stat
 
 from .errors import MachineError
 
-__all__ = ["read_image", "STREAM_CAP"]
+__all__ = ["STREAM_CAP", "read_image"]
 
 STREAM_CAP = 64 << 20        #: the most read from a pipe or character device
 _CHUNK = 1 << 20

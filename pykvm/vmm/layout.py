@@ -19,15 +19,36 @@ controller 0x60/0x64, VGA 0x3c0-0x3df.  The PIC, PIT (and port 0x61) live in KVM
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 __all__ = [
-    "MiB", "GiB", "TSS_ADDR", "IDENTITY_MAP_ADDR", "BOOT_STACK", "MMAP_ADDR", "GDT_ADDR",
-    "INFO_ADDR", "INFO_AREA_END", "EBDA_ADDR", "BIOS_ADDR", "MP_ADDR", "RSDP_ADDR",
-    "HIGH_MEMORY", "KERNEL_AREA", "LOW_RAM_LIMIT", "PCI_HOLE_START", "HIGH_RAM_BASE",
-    "LAPIC_ADDR", "IOAPIC_ADDR", "VMM_AREAS", "split_ram",
-    "COM1", "COM1_IRQ", "FW_CFG_PORT", "CMOS_PORT", "PCI_CONFIG_PORT", "DEBUG_EXIT_PORT",
+    "BIOS_ADDR",
+    "BOOT_STACK",
+    "CMOS_PORT",
+    "COM1",
+    "COM1_IRQ",
     "DEBUG_CONSOLE_PORT",
+    "DEBUG_EXIT_PORT",
+    "EBDA_ADDR",
+    "FW_CFG_PORT",
+    "GDT_ADDR",
+    "HIGH_MEMORY",
+    "HIGH_RAM_BASE",
+    "IDENTITY_MAP_ADDR",
+    "INFO_ADDR",
+    "INFO_AREA_END",
+    "IOAPIC_ADDR",
+    "KERNEL_AREA",
+    "LAPIC_ADDR",
+    "LOW_RAM_LIMIT",
+    "MMAP_ADDR",
+    "MP_ADDR",
+    "PCI_CONFIG_PORT",
+    "PCI_HOLE_START",
+    "RSDP_ADDR",
+    "TSS_ADDR",
+    "VMM_AREAS",
+    "GiB",
+    "MiB",
+    "split_ram",
 ]
 
 MiB = 1 << 20
@@ -51,7 +72,7 @@ HIGH_MEMORY = 0x100000       #: 1 MiB: modules start here at the lowest
 KERNEL_AREA = HIGH_MEMORY
 
 #: Low memory the VMM writes itself: a kernel image must not overlap it.
-VMM_AREAS: List[Tuple[int, int, str]] = [
+VMM_AREAS: list[tuple[int, int, str]] = [
     (MMAP_ADDR, INFO_AREA_END, "the boot information and GDT"),
     (MP_ADDR, HIGH_MEMORY, "the MP and ACPI tables"),
 ]
@@ -64,7 +85,7 @@ IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
 
 
-def split_ram(memory: int) -> Tuple[int, int]:
+def split_ram(memory: int) -> tuple[int, int]:
     """``(low_end, high_size)``: RAM below the PCI hole and RAM from 4 GiB."""
     low = memory if memory <= LOW_RAM_LIMIT else PCI_HOLE_START
     return low, memory - low

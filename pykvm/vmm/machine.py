@@ -20,29 +20,31 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import Kvm, KvmError, KvmUnavailable
-from ..uapi.structs import (KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_INIT_RECEIVED,
-                           KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET,
-                           KVM_SYSTEM_EVENT_SHUTDOWN)
 from ..irq import IOAPIC, PIC_MASTER, PIC_SLAVE, irqchip_route
+from ..uapi.structs import (
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+)
 from ..vcpu import lapic_set_reg
 from ..x86.bus import Bus, RunLoop, RunResult
 from ..x86.consts import CR0
 from ..x86.cpu import prepare_vm, setup_cpuid
 from ..x86.descriptors import Gdt, dtable
 from ..x86.devices.uart16550 import Uart16550
-from . import layout
-from . import multiboot
-from . import tables
+from . import layout, multiboot, tables
 from .devices import Cmos, DebugExit, FdOutput, FwCfg, Misc, Pci
 from .errors import MachineError
 from .files import read_image
-from .status import (GDB_SOCKET, EMULATION_FAILURE, INTERNAL_ERROR, INTERRUPTED, RESET, TIMEOUT,
-                     TRIPLE_FAULT, VMM_ERROR)
+from .status import EMULATION_FAILURE, GDB_SOCKET, INTERNAL_ERROR, INTERRUPTED, RESET, TIMEOUT, TRIPLE_FAULT, VMM_ERROR
 
-__all__ = ["Machine", "MachineError", "MAX_CPUS", "MIN_MEMORY_MIB", "MAX_MEMORY_MIB"]
+__all__ = ["MAX_CPUS", "MAX_MEMORY_MIB", "MIN_MEMORY_MIB", "Machine", "MachineError"]
 
 MAX_CPUS = 255                  # xAPIC ids are 8 bits, 0xff is broadcast
 MIN_MEMORY_MIB = 2
@@ -72,9 +74,9 @@ class Machine:
     """
 
     def __init__(self, kernel: str, *, smp: int = 1, memory_mib: int = 128, append: str = "",
-                 modules: Sequence[str] = (), timeout: Optional[float] = None,
-                 stdout: int = 1, stdin: Optional[int] = 0, stderr: int = 2,
-                 gdb: Optional[int] = None) -> None:
+                 modules: Sequence[str] = (), timeout: float | None = None,
+                 stdout: int = 1, stdin: int | None = 0, stderr: int = 2,
+                 gdb: int | None = None) -> None:
         _check_number("--smp", smp, 1, MAX_CPUS, True)
         _check_number("--memory", memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, True)
         if timeout is not None:
@@ -91,20 +93,20 @@ class Machine:
         self.kernel, self.smp, self.memory = kernel, smp, memory_mib * layout.MiB
         self.append, self.modules, self.timeout = append, list(modules), timeout
         self.out_fd, self.in_fd, self.err_fd = stdout, stdin, stderr
-        self.status: Optional[int] = None
+        self.status: int | None = None
         self.reason = ""
         self._done = threading.Event()
         self._stop = False
         self._finish_lock = threading.Lock()
         self._lock = threading.Lock()      # the device lock: one handler at a time
-        self._logged: Set[Tuple[str, int]] = set()
+        self._logged: set[tuple[str, int]] = set()
         self._log_count = 0
-        self.kvm: Optional[Kvm] = None
+        self.kvm: Kvm | None = None
         self.vm: Any = None
-        self.vcpus: List[Any] = []
-        self.loops: List[RunLoop] = []
-        self._stop_hooks: List[Callable[[], None]] = []
-        self.threads: List[threading.Thread] = []
+        self.vcpus: list[Any] = []
+        self.loops: list[RunLoop] = []
+        self._stop_hooks: list[Callable[[], None]] = []
+        self.threads: list[threading.Thread] = []
         self.low_end, self.high_size = layout.split_ram(self.memory)
 
     # -- messages --------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class Machine:
         except OSError:
             pass
 
-    def _log_once(self, key: Tuple[str, int], msg: str) -> None:
+    def _log_once(self, key: tuple[str, int], msg: str) -> None:
         # The set is capped with the messages: a guest touching every address
         # cannot make it grow.
         if key in self._logged or self._log_count > _MAX_LOG_LINES:
@@ -144,13 +146,13 @@ class Machine:
         self.finish(RESET, why)
 
     # -- memory layout -------------------------------------------------------------------------
-    def ram_regions(self) -> List[multiboot.Region]:
+    def ram_regions(self) -> list[multiboot.Region]:
         r = [multiboot.Region(0, self.low_end)]
         if self.high_size:
             r.append(multiboot.Region(layout.HIGH_RAM_BASE, self.high_size))
         return r
 
-    def memory_map(self) -> List[multiboot.Region]:
+    def memory_map(self) -> list[multiboot.Region]:
         Region, RESERVED = multiboot.Region, multiboot.RESERVED
         m = [Region(0, layout.EBDA_ADDR), Region(layout.EBDA_ADDR, 0x400, RESERVED),
              Region(layout.BIOS_ADDR, layout.HIGH_MEMORY - layout.BIOS_ADDR, RESERVED),
@@ -161,7 +163,7 @@ class Machine:
         return m
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _read_inputs(self) -> Tuple[bytes, List[Tuple[bytes, str]]]:
+    def _read_inputs(self) -> tuple[bytes, list[tuple[bytes, str]]]:
         """The kernel and module files, together at most the guest RAM size."""
         room = self.memory
         kernel = read_image(self.kernel, "kernel", room)
@@ -281,7 +283,7 @@ class Machine:
         vcpu.set_lapic(lapic)
 
     # -- running ---------------------------------------------------------------------------------------
-    def _unhandled(self, kind: str, addr: int, size: int, data: Optional[bytes]) -> None:
+    def _unhandled(self, kind: str, addr: int, size: int, data: bytes | None) -> None:
         if kind == "out":
             value = int.from_bytes(data or b"", "little")
             msg = f"unhandled I/O port write {addr:#x} <- {value:#x} (size {size}): ignored"
@@ -337,11 +339,11 @@ class Machine:
             mp = None
         if mp in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
             return f"vCPU {vcpu.id}: waiting for INIT/SIPI (never started)"
-        from ..x86.report import describe_vcpu     # only for reports: keeps start-up light
+        from ..x86.report import describe_vcpu  # only for reports: keeps start-up light
 
         return describe_vcpu(vcpu)
 
-    def run(self, ready: Optional[Callable[["Machine"], None]] = None) -> int:
+    def run(self, ready: Callable[[Machine], None] | None = None) -> int:
         """Set up (unless done), run until an exit condition, stop the vCPUs; return the status.
 
         *ready(machine)*, if given, is called once the VM is set up, before any vCPU runs.

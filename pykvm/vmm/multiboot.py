@@ -22,13 +22,23 @@ the file's real size before use, and every malformed file raises
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Protocol, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Protocol
 
 from .layout import HIGH_MEMORY, INFO_ADDR, INFO_AREA_END, MMAP_ADDR
 
 __all__ = [
-    "BOOTLOADER_MAGIC", "HEADER_MAGIC", "MultibootError", "Header", "Image", "Region",
-    "find_header", "load_kernel", "build_info", "MMAP_ADDR", "INFO_ADDR",
+    "BOOTLOADER_MAGIC",
+    "HEADER_MAGIC",
+    "INFO_ADDR",
+    "MMAP_ADDR",
+    "Header",
+    "Image",
+    "MultibootError",
+    "Region",
+    "build_info",
+    "find_header",
+    "load_kernel",
 ]
 
 HEADER_MAGIC = 0x1BADB002
@@ -66,8 +76,15 @@ class MultibootError(ValueError):
 class Header:
     """The multiboot header: where it is, its flags, and the a.out-kludge address fields."""
 
-    __slots__ = ("offset", "flags", "header_addr", "load_addr", "load_end_addr",
-                 "bss_end_addr", "entry_addr")
+    __slots__ = (
+        "bss_end_addr",
+        "entry_addr",
+        "flags",
+        "header_addr",
+        "load_addr",
+        "load_end_addr",
+        "offset",
+    )
 
     def __init__(self, offset: int, flags: int) -> None:
         self.offset, self.flags = offset, flags      # file offset of the header, its flags
@@ -99,10 +116,10 @@ class Image:
     """Where a kernel went: entry point, lowest and highest (exclusive) address,
     the format ("ELF32" or "a.out kludge") and the (paddr, filesz, memsz) of each piece."""
 
-    __slots__ = ("entry", "low", "high", "format", "segments")
+    __slots__ = ("entry", "format", "high", "low", "segments")
 
     def __init__(self, entry: int, low: int, high: int, format: str,
-                 segments: List[Tuple[int, int, int]]) -> None:
+                 segments: list[tuple[int, int, int]]) -> None:
         self.entry, self.low, self.high, self.format, self.segments = entry, low, high, format, segments
 
     def __repr__(self) -> str:
@@ -189,7 +206,7 @@ def _load_elf32(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Im
     if e_phnum == 0 or e_phentsize < _PHDR32.size or e_phoff + e_phnum * e_phentsize > len(data):
         raise MultibootError("ELF program headers missing or truncated")
     segs = []
-    entry: Optional[int] = None
+    entry: int | None = None
     for i in range(e_phnum):
         p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _, _ = _PHDR32.unpack_from(
             data, e_phoff + i * e_phentsize)
@@ -220,7 +237,7 @@ def _load_elf32(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Im
     return Image(entry, low, high, "ELF32", [(p, f, m) for p, _, f, m in segs])
 
 
-def load_kernel(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> Tuple[Header, Image]:
+def load_kernel(ram: GuestRam, data: bytes, ram_regions: Sequence[Region]) -> tuple[Header, Image]:
     """Parse the header and load *data* into guest RAM; return both descriptions."""
     h = find_header(data)
     if h.aout_kludge:
@@ -232,9 +249,9 @@ def _align(x: int, a: int = PAGE) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence[Tuple[bytes, str]],
+def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence[tuple[bytes, str]],
                memory_map: Sequence[Region], ram_regions: Sequence[Region],
-               loader_name: str = "pykvm") -> Tuple[int, List[Tuple[int, int, str]]]:
+               loader_name: str = "pykvm") -> tuple[int, list[tuple[int, int, str]]]:
     """Write modules and the boot information; return (info address, [(start, end, string)]).
 
     Modules go page aligned after *image_end*, like QEMU.  The memory map and
@@ -258,7 +275,7 @@ def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence
         raise MultibootError("memory map too long")
 
     # Strings and the module list: packed after the info structure.
-    blobs: List[bytes] = []
+    blobs: list[bytes] = []
     strings = [cmdline, loader_name] + [s for _, _, s in placed]
     for s in strings:
         # surrogateescape: a non-UTF-8 file name or --append reaches the guest as given
@@ -292,7 +309,7 @@ def build_info(ram: GuestRam, *, image_end: int, cmdline: str, modules: Sequence
     return INFO_ADDR, placed
 
 
-def _mem_lower_upper(memory_map: Sequence[Region]) -> Tuple[int, int]:
+def _mem_lower_upper(memory_map: Sequence[Region]) -> tuple[int, int]:
     """KiB of RAM from 0 (below 640 KiB), and from 1 MiB up to the first hole."""
     lower = upper = 0
     for r in memory_map:

@@ -20,11 +20,10 @@ The routing matches the VMM's GSI table (``Machine._set_gsi_routing``).
 from __future__ import annotations
 
 import struct
-from typing import List
 
 from .layout import IOAPIC_ADDR, LAPIC_ADDR, MP_ADDR, RSDP_ADDR
 
-__all__ = ["MP_ADDR", "RSDP_ADDR", "mp_table", "acpi_tables", "checksum"]
+__all__ = ["MP_ADDR", "RSDP_ADDR", "acpi_tables", "checksum", "mp_table"]
 
 IOAPIC_ID = 0              # the in-kernel IOAPIC's ID register after reset (QEMU's MADT says 0 too)
 _OEM = b"PYKVM "
@@ -43,7 +42,7 @@ def _with_checksum(data: bytearray, at: int) -> bytes:
 
 def mp_table(cpus: int, addr: int = MP_ADDR) -> bytes:
     """The MP floating pointer at *addr* followed by the configuration table."""
-    entries: List[bytes] = []
+    entries: list[bytes] = []
     for i in range(cpus):
         flags = 1 | (2 if i == 0 else 0)                          # enabled, BSP
         entries.append(struct.pack("<BBBBIIQ", 0, i, 0x14, flags, 0x00000600, 0x00000201, 0))

@@ -51,26 +51,43 @@ import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
 if TYPE_CHECKING:  # what type checkers and IDEs follow; at run time __getattr__ below
+    from . import quirks
     from .asm import AssemblyError, Program, ToolMissing, assemble, assemble_file
+    from .bus import Bus, GuestError, RunLoop, RunResult
     from .consts import (
-        APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_DEFAULT_BASE, CR0, CR4, EFER, FEATURES, Feature,
-        GiB, IOAPIC_DEFAULT_BASE, KiB, MSR, MiB, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE,
-        RFLAGS, SegType, Vector, features_in, find_leaf
+        APIC_BASE_BSP,
+        APIC_BASE_ENABLE,
+        APIC_DEFAULT_BASE,
+        CR0,
+        CR4,
+        EFER,
+        FEATURES,
+        IOAPIC_DEFAULT_BASE,
+        MSR,
+        PAGE_1G,
+        PAGE_2M,
+        PAGE_4K,
+        PAGE_4M,
+        PTE,
+        RFLAGS,
+        Feature,
+        GiB,
+        KiB,
+        MiB,
+        SegType,
+        Vector,
+        features_in,
+        find_leaf,
     )
     from .cpu import cpuid_has, prepare_vm, setup_cpuid
-    from .descriptors import Gdt, Idt, STAR64, Segment, Tss32, Tss64, gate32, gate64, selector
+    from .descriptors import STAR64, Gdt, Idt, Segment, Tss32, Tss64, gate32, gate64, selector
     from .devices import COM1, Uart16550
     from .loader import ElfImage, load_elf64, load_flat, parse_elf64
-    from .modes import (
-        LongMode, ProtectedMode, UnsupportedMode, setup_long_mode, setup_protected_mode,
-        setup_real_mode
-    )
+    from .modes import LongMode, ProtectedMode, UnsupportedMode, setup_long_mode, setup_protected_mode, setup_real_mode
     from .paging import Arena, PageTables, PageTables32, translate
     from .report import cpu_mode, describe_vcpu, disassemble
-    from .bus import Bus, GuestError, RunLoop, RunResult
-    from . import quirks
 
-_SUBMODULE_OF: Dict[str, str] = {
+_SUBMODULE_OF: dict[str, str] = {
     **dict.fromkeys(
         ['AssemblyError', 'Program', 'ToolMissing', 'assemble', 'assemble_file'], 'asm'),
     **dict.fromkeys(
@@ -110,5 +127,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> "list[str]":
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -39,14 +39,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
 
 from .loader import ElfImage, parse_elf64
 from .paging import as_phys
 
-__all__ = ["assemble", "assemble_file", "expand_includes", "Program", "AssemblyError", "ToolMissing", "cache_dir"]
+__all__ = ["AssemblyError", "Program", "ToolMissing", "assemble", "assemble_file", "cache_dir", "expand_includes"]
 
 _LINKER_SCRIPT = """\
 ENTRY(_start)
@@ -79,7 +79,7 @@ class Program:
 
     code: bytes
     base: int
-    symbols: Dict[str, int] = field(default_factory=dict)
+    symbols: dict[str, int] = field(default_factory=dict)
 
     @property
     def entry(self) -> int:
@@ -114,11 +114,11 @@ def cache_dir() -> Path:
     return Path(xdg) / "pykvm" / "asm"
 
 
-_memo: Dict[str, Program] = {}
-_tools: Optional[Dict[str, str]] = None
+_memo: dict[str, Program] = {}
+_tools: dict[str, str] | None = None
 
 
-def _find_tools() -> Dict[str, str]:
+def _find_tools() -> dict[str, str]:
     global _tools
     if _tools is None:
         found = {}
@@ -133,7 +133,7 @@ def _find_tools() -> Dict[str, str]:
     return _tools
 
 
-def _tool_identity(tools: Dict[str, str]) -> str:
+def _tool_identity(tools: dict[str, str]) -> str:
     parts = []
     for name, path in sorted(tools.items()):
         st = os.stat(os.path.realpath(path))
@@ -142,7 +142,7 @@ def _tool_identity(tools: Dict[str, str]) -> str:
 
 
 def assemble(source: str, *, base: int = 0, bits: int = 64, syntax: str = "intel",
-             name: str = "guest.s", include_dirs: Sequence[Union[str, os.PathLike]] = (),
+             name: str = "guest.s", include_dirs: Sequence[str | os.PathLike] = (),
              cache: bool = True) -> Program:
     """Assemble and link *source* for loading at *base*; return a :class:`Program`.
 
@@ -223,12 +223,12 @@ def _program(elf: ElfImage, base: int) -> Program:
 _INCLUDE = re.compile(r'^[ \t]*\.include[ \t]+"([^"]+)"[ \t]*(?:#.*)?$', re.M)
 
 
-def expand_includes(text: str, search: Sequence[Union[str, os.PathLike]], depth: int = 0) -> str:
+def expand_includes(text: str, search: Sequence[str | os.PathLike], depth: int = 0) -> str:
     """Replace each ``.include "name"`` line of *text* by the file, looked up in *search* dirs."""
     if depth > 16:
         raise AssemblyError(".include nested too deeply")
 
-    def repl(m: "re.Match[str]") -> str:
+    def repl(m: re.Match[str]) -> str:
         for d in search:
             cand = Path(d) / m.group(1)
             if cand.is_file():
@@ -238,7 +238,7 @@ def expand_includes(text: str, search: Sequence[Union[str, os.PathLike]], depth:
     return _INCLUDE.sub(repl, text)
 
 
-def assemble_file(path: Union[str, os.PathLike], **kw) -> Program:
+def assemble_file(path: str | os.PathLike, **kw) -> Program:
     """Assemble the file at *path* (keywords as for :func:`assemble`).
 
     ``.include "other.s"`` is looked up next to the file, then in

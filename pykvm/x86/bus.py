@@ -37,24 +37,35 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 from ..exits import IO_LAYOUT, MMIO_DATA_OFFSET, MMIO_LAYOUT, Exit, decode, write_answer
 from ..uapi.enums import ExitReason
 
-__all__ = ["RunLoop", "Bus", "RunResult", "GuestError", "PortSpec", "OutHandler", "InHandler",
-           "MmioReadHandler", "MmioWriteHandler", "UnhandledHook"]
+__all__ = [
+    "Bus",
+    "GuestError",
+    "InHandler",
+    "MmioReadHandler",
+    "MmioWriteHandler",
+    "OutHandler",
+    "PortSpec",
+    "RunLoop",
+    "RunResult",
+    "UnhandledHook",
+]
 
 PortSpec = Union[int, range, Iterable[int]]
 OutHandler = Callable[[int, bytes], Any]
-InHandler = Callable[[int, int], Union[int, bytes]]
-MmioReadHandler = Callable[[int, int], Union[int, bytes]]
+InHandler = Callable[[int, int], int | bytes]
+MmioReadHandler = Callable[[int, int], int | bytes]
 MmioWriteHandler = Callable[[int, bytes], Any]
 #: ``fn(kind, address, size, data)`` told of an access nobody handles (non-strict loops):
 #: kind is ``"in"``, ``"out"``, ``"mmio-read"`` or ``"mmio-write"``; data is None for reads.
-UnhandledHook = Callable[[str, int, int, Optional[bytes]], Any]
+UnhandledHook = Callable[[str, int, int, bytes | None], Any]
 #: ``(start, end, read, write)`` of one MMIO range
-MmioEntry = Tuple[int, int, Optional[MmioReadHandler], Optional[MmioWriteHandler]]
+MmioEntry = tuple[int, int, MmioReadHandler | None, MmioWriteHandler | None]
 
 _IO = int(ExitReason.IO)
 _MMIO = int(ExitReason.MMIO)
@@ -64,7 +75,7 @@ _IO_AT = IO_LAYOUT.offset
 _MMIO_AT = MMIO_LAYOUT.offset
 
 
-def device_answer(value: Union[int, bytes, bytearray, memoryview], size: int) -> Union[int, bytes]:
+def device_answer(value: int | bytes | bytearray | memoryview, size: int) -> int | bytes:
     """A device handler's read result as exactly *size* bytes' worth, the way a bus
     delivers it: an int keeps its low *size* bytes (a 1-byte read of a 4-byte
     register sees its low byte), bytes are cut or zero-padded to *size*.  The run
@@ -82,7 +93,7 @@ _ERRORS = {
 }
 
 
-def _no_bisect(starts: List[int], addr: int) -> int:
+def _no_bisect(starts: list[int], addr: int) -> int:
     return 0                                    # no MMIO range registered yet
 
 
@@ -93,7 +104,7 @@ def _decode(mm: Any) -> Exit:
 class GuestError(RuntimeError):
     """The guest stopped abnormally; ``str()`` is a report of the vCPU state, ``.stop`` the details."""
 
-    def __init__(self, stop: "RunResult") -> None:
+    def __init__(self, stop: RunResult) -> None:
         super().__init__(f"guest stopped: {stop.reason}\n{stop.report}")
         self.stop = stop
 
@@ -108,9 +119,9 @@ class RunResult:
     (empty for normal stops).
     """
 
-    __slots__ = ("reason", "exit", "value", "exits", "report")
+    __slots__ = ("exit", "exits", "reason", "report", "value")
 
-    def __init__(self, reason: str, exit: Optional[Exit] = None, value: Any = None,
+    def __init__(self, reason: str, exit: Exit | None = None, value: Any = None,
                  exits: int = 0, report: str = "") -> None:
         self.reason, self.exit, self.value, self.exits, self.report = (
             reason, exit, value, exits, report)
@@ -132,13 +143,13 @@ class Bus:
     several vCPU threads then see one access at a time.
     """
 
-    def __init__(self, lock: Optional[Any] = None) -> None:
+    def __init__(self, lock: Any | None = None) -> None:
         self.lock = lock
-        self.outs: Dict[int, OutHandler] = {}
-        self.ins: Dict[int, InHandler] = {}
-        self._mmio: List[Tuple[int, int, Optional[MmioReadHandler], Optional[MmioWriteHandler]]] = []
-        self._starts: List[int] = []
-        self._bisect: Callable[[List[int], int], int] = _no_bisect
+        self.outs: dict[int, OutHandler] = {}
+        self.ins: dict[int, InHandler] = {}
+        self._mmio: list[tuple[int, int, MmioReadHandler | None, MmioWriteHandler | None]] = []
+        self._starts: list[int] = []
+        self._bisect: Callable[[list[int], int], int] = _no_bisect
 
     @staticmethod
     def _ports(ports: PortSpec) -> Iterable[int]:
@@ -157,8 +168,8 @@ class Bus:
         for p in self._ports(ports):
             self.ins[p] = fn
 
-    def on_io(self, ports: PortSpec, *, out: Optional[OutHandler] = None,
-              in_: Optional[InHandler] = None) -> None:
+    def on_io(self, ports: PortSpec, *, out: OutHandler | None = None,
+              in_: InHandler | None = None) -> None:
         """Register an out and/or an in handler for *ports*."""
         if out is not None:
             self.on_out(ports, out)
@@ -170,21 +181,21 @@ class Bus:
         device.attach(self)
         return device
 
-    def on_mmio(self, start: int, size: int, read: Optional[MmioReadHandler] = None,
-                write: Optional[MmioWriteHandler] = None) -> None:
+    def on_mmio(self, start: int, size: int, read: MmioReadHandler | None = None,
+                write: MmioWriteHandler | None = None) -> None:
         end = start + size
         for s, e, _, _ in self._mmio:
             if start < e and s < end:
                 raise ValueError(f"MMIO range [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x})")
         if self._bisect is _no_bisect:
-            from bisect import bisect_right     # only buses with MMIO ranges need it
+            from bisect import bisect_right  # only buses with MMIO ranges need it
 
             self._bisect = bisect_right
         self._mmio.append((start, end, read, write))
         self._mmio.sort(key=lambda t: t[0])
         self._starts = [t[0] for t in self._mmio]
 
-    def dispatch(self, exit: Exit, unhandled: Optional[UnhandledHook] = None) -> bool:
+    def dispatch(self, exit: Exit, unhandled: UnhandledHook | None = None) -> bool:
         """Handle a typed port or MMIO exit (``IoOut``, ``IoIn``, ``MmioWrite``, ``MmioRead``
         from :mod:`pykvm.exits`) with this bus's handlers; False for any other exit.
 
@@ -240,7 +251,7 @@ class Bus:
             return False
         return True
 
-    def find_mmio(self, addr: int) -> Optional[MmioEntry]:
+    def find_mmio(self, addr: int) -> MmioEntry | None:
         """The ``(start, end, read, write)`` entry holding *addr*, or None."""
         i = self._bisect(self._starts, addr) - 1
         if i >= 0:
@@ -259,22 +270,22 @@ class RunLoop:
     given) is told of each such access.
     """
 
-    def __init__(self, vcpu: Any, bus: Optional[Bus] = None, *, strict: bool = True,
-                 on_unhandled: Optional[UnhandledHook] = None) -> None:
+    def __init__(self, vcpu: Any, bus: Bus | None = None, *, strict: bool = True,
+                 on_unhandled: UnhandledHook | None = None) -> None:
         self.vcpu = vcpu
         self.bus = bus if bus is not None else Bus()
         self.strict = strict
         self.on_unhandled = on_unhandled
-        self.exit_handlers: Dict[int, Callable[[Exit], Any]] = {}
+        self.exit_handlers: dict[int, Callable[[Exit], Any]] = {}
         self._stopping = False
         self._stop_value: Any = None
         self._timed_out = False
-        self._deadline: Optional[float] = None
-        self._thread: Optional[int] = None
+        self._deadline: float | None = None
+        self._thread: int | None = None
         self.exits = 0  #: exits handled by the last run()
 
     # -- registration ---------------------------------------------------------
-    def on_out(self, ports: PortSpec, fn: Optional[OutHandler] = None) -> Any:
+    def on_out(self, ports: PortSpec, fn: OutHandler | None = None) -> Any:
         """Handle ``out`` to *ports* with ``fn(port, data)`` (usable as a decorator)."""
         if fn is None:
             def register(f: OutHandler) -> OutHandler:
@@ -284,7 +295,7 @@ class RunLoop:
         self.bus.on_out(ports, fn)
         return fn
 
-    def on_in(self, ports: PortSpec, fn: Optional[InHandler] = None) -> Any:
+    def on_in(self, ports: PortSpec, fn: InHandler | None = None) -> Any:
         """Handle ``in`` from *ports* with ``fn(port, size) -> int | bytes`` (usable as a decorator)."""
         if fn is None:
             def register(f: InHandler) -> InHandler:
@@ -294,16 +305,16 @@ class RunLoop:
         self.bus.on_in(ports, fn)
         return fn
 
-    def on_io(self, ports: PortSpec, *, out: Optional[OutHandler] = None,
-              in_: Optional[InHandler] = None) -> None:
+    def on_io(self, ports: PortSpec, *, out: OutHandler | None = None,
+              in_: InHandler | None = None) -> None:
         """Register an out and/or an in handler for *ports*."""
         if out is not None:
             self.bus.on_out(ports, out)
         if in_ is not None:
             self.bus.on_in(ports, in_)
 
-    def on_mmio(self, start: int, size: int, *, read: Optional[MmioReadHandler] = None,
-                write: Optional[MmioWriteHandler] = None) -> None:
+    def on_mmio(self, start: int, size: int, *, read: MmioReadHandler | None = None,
+                write: MmioWriteHandler | None = None) -> None:
         """Handle guest accesses to ``[start, start+size)`` that reach user space.
 
         Only addresses without guest RAM (no memslot) exit to user space.
@@ -338,7 +349,7 @@ class RunLoop:
             self.vcpu.kick()
 
     # -- running --------------------------------------------------------------------
-    def run(self, timeout: Optional[float] = None, *, check: bool = True) -> RunResult:
+    def run(self, timeout: float | None = None, *, check: bool = True) -> RunResult:
         """Run until HLT, :meth:`stop`, an error or *timeout* seconds; return a :class:`RunResult`.
 
         With *check* (default), abnormal stops raise :class:`GuestError`.
@@ -361,7 +372,7 @@ class RunLoop:
             if watchdog is not None:
                 watchdog.cancel()
         if not stop.ok:
-            from .report import describe_vcpu   # only when a guest died: keeps start-up light
+            from .report import describe_vcpu  # only when a guest died: keeps start-up light
 
             stop.report = describe_vcpu(self.vcpu, stop.exit)
             if check:
@@ -453,7 +464,7 @@ class RunLoop:
         finally:
             self.exits = n
 
-    def _stopped(self, mm: Any, n: int, ex: Optional[Exit] = None) -> RunResult:
+    def _stopped(self, mm: Any, n: int, ex: Exit | None = None) -> RunResult:
         if ex is None:
             ex = _decode(mm)
         if self._timed_out:

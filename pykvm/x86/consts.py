@@ -22,7 +22,8 @@ and a VMM that needs ``CR0`` should not pay for 90 CPUID features::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # defined in their own modules, loaded on first use (see __getattr__)
     from .features import FEATURES, Feature, features_in
@@ -30,10 +31,31 @@ if TYPE_CHECKING:  # defined in their own modules, loaded on first use (see __ge
     from .vectors import Vector
 
 __all__ = [
-    "CR0", "CR4", "EFER", "RFLAGS", "PTE", "MSR", "Vector", "SegType", "Feature",
-    "FEATURES", "KiB", "MiB", "GiB", "PAGE_4K", "PAGE_2M", "PAGE_4M", "PAGE_1G",
-    "decode_flags", "features_in", "find_leaf", "APIC_BASE_BSP", "APIC_BASE_EXTD",
-    "APIC_BASE_ENABLE", "APIC_DEFAULT_BASE", "IOAPIC_DEFAULT_BASE",
+    "APIC_BASE_BSP",
+    "APIC_BASE_ENABLE",
+    "APIC_BASE_EXTD",
+    "APIC_DEFAULT_BASE",
+    "CR0",
+    "CR4",
+    "EFER",
+    "FEATURES",
+    "IOAPIC_DEFAULT_BASE",
+    "MSR",
+    "PAGE_1G",
+    "PAGE_2M",
+    "PAGE_4K",
+    "PAGE_4M",
+    "PTE",
+    "RFLAGS",
+    "Feature",
+    "GiB",
+    "KiB",
+    "MiB",
+    "SegType",
+    "Vector",
+    "decode_flags",
+    "features_in",
+    "find_leaf",
 ]
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -60,18 +82,18 @@ def decode_flags(flag_type: Any, value: int) -> str:
 class _Flags:
     """A namespace of named bits (upper-case ``int`` class attributes)."""
 
-    _members: ClassVar[Dict[str, int]] = {}
+    _members: ClassVar[dict[str, int]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._members = {k: v for k, v in vars(cls).items()
                         if k.isupper() and isinstance(v, int)}
 
-    def __new__(cls, *args: object, **kwargs: object) -> "_Flags":
+    def __new__(cls, *args: object, **kwargs: object) -> _Flags:
         raise TypeError(f"{cls.__name__} is a namespace of constants, not a type to instantiate")
 
     @classmethod
-    def members(cls) -> Dict[str, int]:
+    def members(cls) -> dict[str, int]:
         """``{name: value}`` of every constant in the group."""
         return dict(cls._members)
 
@@ -212,7 +234,7 @@ class SegType(_Flags):
     TRAP_GATE = 0xF       #: leaves IF alone
 
 
-def find_leaf(entries: Iterable, leaf: int, subleaf: int = 0) -> Optional[object]:
+def find_leaf(entries: Iterable, leaf: int, subleaf: int = 0) -> object | None:
     """The ``kvm_cpuid_entry2`` for *leaf*/*subleaf* in *entries*, or None."""
     for e in entries:
         if e.function == leaf and (e.index == subleaf or not e.flags & 1):

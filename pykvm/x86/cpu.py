@@ -10,7 +10,8 @@ features you remove or add.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KvmError
 from ..uapi.structs import kvm_cpuid_entry2
@@ -19,7 +20,7 @@ from .consts import find_leaf
 if TYPE_CHECKING:
     from .consts import Feature
 
-__all__ = ["setup_cpuid", "prepare_vm", "cpuid_has", "TSS_ADDRESS", "IDENTITY_MAP_ADDRESS"]
+__all__ = ["IDENTITY_MAP_ADDRESS", "TSS_ADDRESS", "cpuid_has", "prepare_vm", "setup_cpuid"]
 
 #: Where :func:`prepare_vm` puts the three pages KVM needs for real mode on Intel without
 #: "unrestricted guest", and the EPT identity-map page just below them (both must not
@@ -28,10 +29,10 @@ TSS_ADDRESS = 0xFFFBD000
 IDENTITY_MAP_ADDRESS = 0xFFFBC000
 
 
-def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: Optional[int] = None,
-                disable: Iterable["Feature"] = (), enable: Iterable["Feature"] = (),
-                entries: Optional[Sequence[kvm_cpuid_entry2]] = None
-                ) -> List[kvm_cpuid_entry2]:
+def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: int | None = None,
+                disable: Iterable[Feature] = (), enable: Iterable[Feature] = (),
+                entries: Sequence[kvm_cpuid_entry2] | None = None
+                ) -> list[kvm_cpuid_entry2]:
     """Give *vcpu* the CPUID the host supports and return the table set.
 
     * *apic_id* (default ``vcpu.id``) goes into ``CPUID.1:EBX[31:24]``, the
@@ -42,7 +43,7 @@ def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: Optional[int] = None,
     * *entries* replaces ``kvm.supported_cpuid()`` as the starting table
       (fetch it once when setting up many vCPUs).
     """
-    table: List[kvm_cpuid_entry2] = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
+    table: list[kvm_cpuid_entry2] = [kvm_cpuid_entry2.from_buffer_copy(e) for e in
              (entries if entries is not None else kvm.supported_cpuid())]
     aid = vcpu.id if apic_id is None else apic_id
     for e in table:
@@ -68,13 +69,13 @@ def setup_cpuid(kvm: Any, vcpu: Any, *, apic_id: Optional[int] = None,
     return table
 
 
-def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature: "Feature") -> bool:
+def cpuid_has(entries: Iterable[kvm_cpuid_entry2], feature: Feature) -> bool:
     """True if *feature* is set in a CPUID entry list (e.g. ``kvm.supported_cpuid()``)."""
     return bool(feature.in_entries(entries))
 
 
 def prepare_vm(vm: Any, *, tss_address: int = TSS_ADDRESS,
-               identity_map_address: Optional[int] = IDENTITY_MAP_ADDRESS) -> None:
+               identity_map_address: int | None = IDENTITY_MAP_ADDRESS) -> None:
     """The VM-wide x86 set-up KVM expects before the first vCPU runs.
 
     Sets the TSS address (``KVM_SET_TSS_ADDR``: three pages Intel hosts

@@ -20,14 +20,25 @@ Layouts (Intel SDM vol. 3, 3.4.5 and 7.2.3, 6.14.1):
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, Optional, Tuple
 
 from ..uapi.structs import kvm_dtable, kvm_segment
 from .consts import SegType
 
 __all__ = [
-    "Segment", "Gdt", "Idt", "Tss64", "Tss32", "gate64", "gate32", "ivt_entry",
-    "selector", "FLAT64", "FLAT32", "STAR64", "decode_descriptor", "dtable",
+    "FLAT32",
+    "FLAT64",
+    "STAR64",
+    "Gdt",
+    "Idt",
+    "Segment",
+    "Tss32",
+    "Tss64",
+    "decode_descriptor",
+    "dtable",
+    "gate32",
+    "gate64",
+    "ivt_entry",
+    "selector",
 ]
 
 
@@ -70,10 +81,10 @@ class Segment:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Segment is immutable: use seg._replace({name}=...)")
 
-    def _astuple(self) -> Tuple[int, ...]:
+    def _astuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in self._fields)
 
-    def _replace(self, **changes: int) -> "Segment":
+    def _replace(self, **changes: int) -> Segment:
         """A copy with *changes* applied."""
         values = dict(zip(self._fields, self._astuple()))
         values.update(changes)
@@ -90,33 +101,33 @@ class Segment:
                                       else f"{f}={getattr(self, f)}" for f in self._fields) + ")"
 
     @classmethod
-    def code64(cls, dpl: int = 0) -> "Segment":
+    def code64(cls, dpl: int = 0) -> Segment:
         """A 64-bit code segment (L=1, D=0)."""
         return cls(type=SegType.CODE_XR_ACCESSED, dpl=dpl, long=1, db=0)
 
     @classmethod
-    def code32(cls, dpl: int = 0, base: int = 0, limit: int = 0xFFFFFFFF) -> "Segment":
+    def code32(cls, dpl: int = 0, base: int = 0, limit: int = 0xFFFFFFFF) -> Segment:
         """A 32-bit code segment (flat by default)."""
         return cls(base=base, limit=limit, type=SegType.CODE_XR_ACCESSED, dpl=dpl, db=1)
 
     @classmethod
-    def code16(cls, base: int = 0, limit: int = 0xFFFF) -> "Segment":
+    def code16(cls, base: int = 0, limit: int = 0xFFFF) -> Segment:
         """A 16-bit code segment (protected mode, D=0)."""
         return cls(base=base, limit=limit, type=SegType.CODE_XR_ACCESSED, db=0)
 
     @classmethod
-    def data(cls, dpl: int = 0, base: int = 0, limit: int = 0xFFFFFFFF) -> "Segment":
+    def data(cls, dpl: int = 0, base: int = 0, limit: int = 0xFFFFFFFF) -> Segment:
         """A writable data (or stack) segment, flat by default."""
         return cls(base=base, limit=limit, type=SegType.DATA_RW_ACCESSED, dpl=dpl, db=1)
 
     @classmethod
-    def tss(cls, base: int, limit: int = 103, busy: bool = False) -> "Segment":
+    def tss(cls, base: int, limit: int = 103, busy: bool = False) -> Segment:
         """A 32/64-bit TSS (a system descriptor, 16 bytes in a long-mode GDT)."""
         return cls(base=base, limit=limit,
                    type=SegType.TSS_BUSY if busy else SegType.TSS_AVAILABLE, s=0, db=0)
 
     @classmethod
-    def from_kvm(cls, seg: kvm_segment) -> "Segment":
+    def from_kvm(cls, seg: kvm_segment) -> Segment:
         """The segment a ``kvm_segment`` describes (selector dropped)."""
         return cls(base=seg.base, limit=seg.limit, type=seg.type, s=seg.s, dpl=seg.dpl,
                    present=seg.present, long=seg.l, db=seg.db, avl=seg.avl)
@@ -155,7 +166,7 @@ class Segment:
                            present=self.present, dpl=self.dpl, db=self.db, s=self.s,
                            l=self.long, g=self.granularity, avl=self.avl, unusable=0)
 
-    def with_dpl(self, dpl: int) -> "Segment":
+    def with_dpl(self, dpl: int) -> Segment:
         return self._replace(dpl=dpl)
 
 
@@ -188,11 +199,11 @@ class Gdt:
 
     def __init__(self, long_mode: bool = True) -> None:
         self.long_mode = long_mode
-        self.entries: List[Tuple[int, Optional[Segment]]] = [(0, None)]  # (index, segment)
+        self.entries: list[tuple[int, Segment | None]] = [(0, None)]  # (index, segment)
         self._next = 1
-        self.selectors: Dict[str, int] = {}
+        self.selectors: dict[str, int] = {}
 
-    def add(self, seg: Segment, name: Optional[str] = None) -> int:
+    def add(self, seg: Segment, name: str | None = None) -> int:
         """Append *seg*; return its selector (RPL = DPL; 0 for system segments)."""
         index = self._next
         self.entries.append((index, seg))
@@ -234,7 +245,7 @@ class Gdt:
         return 8 * self._next
 
     @classmethod
-    def standard64(cls, tss_base: int = 0) -> "Gdt":
+    def standard64(cls, tss_base: int = 0) -> Gdt:
         """Long-mode GDT: ``kernel_cs`` 0x08, ``kernel_ds`` 0x10, ``user_cs32`` 0x1b,
         ``user_ds`` 0x23, ``user_cs`` 0x2b, ``tss`` 0x30.
 
@@ -251,7 +262,7 @@ class Gdt:
         return g
 
     @classmethod
-    def flat32(cls, tss_base: Optional[int] = None) -> "Gdt":
+    def flat32(cls, tss_base: int | None = None) -> Gdt:
         """Protected-mode GDT: ``kernel_cs`` 0x08, ``kernel_ds`` 0x10, ``user_cs`` 0x1b,
         ``user_ds`` 0x23 (flat 4 GiB), and a ``tss`` 0x28 if *tss_base* is given."""
         g = cls(long_mode=False)
@@ -301,10 +312,10 @@ class Idt:
         self.long_mode = long_mode
         self.code_selector = code_selector
         self.size = entries
-        self._gates: Dict[int, bytes] = {}
+        self._gates: dict[int, bytes] = {}
 
     def set(self, vector: int, handler: int, *, dpl: int = 0, ist: int = 0, trap: bool = False,
-            sel: Optional[int] = None) -> None:
+            sel: int | None = None) -> None:
         """Install a gate for *vector*: ``dpl=3`` lets ``int n`` reach it from user mode."""
         if not 0 <= vector < self.size:
             raise ValueError(f"vector {vector} outside the table")
@@ -347,9 +358,9 @@ class Tss64:
     SIZE = 104
 
     def __init__(self, rsp0: int = 0, rsp1: int = 0, rsp2: int = 0,
-                 ist: Optional[List[int]] = None, iomap_base: int = 104) -> None:
+                 ist: list[int] | None = None, iomap_base: int = 104) -> None:
         self.rsp0, self.rsp1, self.rsp2 = rsp0, rsp1, rsp2
-        self.ist: List[int] = list(ist) if ist is not None else [0] * 8  # ist[0] unused
+        self.ist: list[int] = list(ist) if ist is not None else [0] * 8  # ist[0] unused
         self.iomap_base = iomap_base
 
     def __repr__(self) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
-__all__ = ["Feature", "FEATURES", "features_in"]
+__all__ = ["FEATURES", "Feature", "features_in"]
 
 
 class Feature(NamedTuple):
@@ -66,7 +67,7 @@ _FEATURE_TABLE = {
 }
 
 #: Every named feature, by name.
-FEATURES: Dict[str, Feature] = {n: Feature(n, *v) for n, v in _FEATURE_TABLE.items()}
+FEATURES: dict[str, Feature] = {n: Feature(n, *v) for n, v in _FEATURE_TABLE.items()}
 
 
 for _n, _v in _FEATURE_TABLE.items():
@@ -74,7 +75,7 @@ for _n, _v in _FEATURE_TABLE.items():
 del _n, _v
 
 
-def features_in(entries: Iterable) -> List[str]:
+def features_in(entries: Iterable) -> list[str]:
     """Names of the :data:`FEATURES` present in a CPUID entry list."""
     lst = list(entries)
     return [n for n, f in FEATURES.items() if f.in_entries(lst)]

@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Union
 
 from .paging import as_phys
 
-__all__ = ["load_flat", "load_elf64", "parse_elf64", "ElfImage", "ElfSegment", "ElfError"]
+__all__ = ["ElfError", "ElfImage", "ElfSegment", "load_elf64", "load_flat", "parse_elf64"]
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
@@ -52,8 +51,8 @@ class ElfImage:
     """A parsed ELF64 executable."""
 
     entry: int
-    segments: List[ElfSegment]
-    symbols: Dict[str, int] = field(default_factory=dict)
+    segments: list[ElfSegment]
+    symbols: dict[str, int] = field(default_factory=dict)
 
     @property
     def low(self) -> int:
@@ -96,7 +95,7 @@ def parse_elf64(image: bytes) -> ElfImage:
         segments.append(ElfSegment(paddr, vaddr, bytes(image[off:off + filesz]), memsz, p_flags))
     if not segments:
         raise ElfError("no PT_LOAD segment")
-    symbols: Dict[str, int] = {}
+    symbols: dict[str, int] = {}
     if shoff and shnum:
         sections = [_SHDR.unpack_from(image, shoff + i * shentsize) for i in range(shnum)]
         for sh in sections:
@@ -126,7 +125,7 @@ def load_flat(target, gpa: int, data) -> int:
     return gpa + len(data)
 
 
-def load_elf64(target, image: Union[bytes, str, os.PathLike]) -> ElfImage:
+def load_elf64(target, image: bytes | str | os.PathLike) -> ElfImage:
     """Load an ELF64 executable (bytes or a path) into guest memory; return the parsed image.
 
     Segments go to their physical addresses (``p_paddr``); ``.bss`` is zeroed.

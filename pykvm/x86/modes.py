@@ -21,15 +21,23 @@ user mode.  Give the vCPU its CPUID (:func:`pykvm.x86.cpu.setup_cpuid`) too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 from ..uapi.structs import kvm_segment
-from .consts import CR0, CR4, EFER, GiB, PAGE_2M, PAGE_4K, PAGE_4M, RFLAGS
+from .consts import CR0, CR4, EFER, PAGE_2M, PAGE_4K, PAGE_4M, RFLAGS, GiB
 from .descriptors import Gdt, Idt, Segment, Tss32, Tss64, dtable
 from .paging import Arena, PageTables, PageTables32
 
-__all__ = ["UnsupportedMode", "setup_real_mode", "ProtectedMode", "LongMode", "setup_protected_mode",
-           "setup_long_mode", "LONG_MODE_CR0", "LONG_MODE_CR4", "LONG_MODE_EFER"]
+__all__ = [
+    "LONG_MODE_CR0",
+    "LONG_MODE_CR4",
+    "LONG_MODE_EFER",
+    "LongMode",
+    "ProtectedMode",
+    "UnsupportedMode",
+    "setup_long_mode",
+    "setup_protected_mode",
+    "setup_real_mode",
+]
 
 _DATA_SEGS = ("ds", "es", "fs", "gs", "ss")
 
@@ -77,7 +85,7 @@ def setup_real_mode(vcpu, *, cs: int = 0, ip: int = 0, ss: int = 0, sp: int = 0,
 
 
 def _set_common(vcpu, *, gdt: Gdt, gdt_base: int, idt_limit: int, idt_base: int, cs: Segment,
-                cs_sel: int, data: Segment, data_sel: int, tr: Optional[Tuple[Segment, int]],
+                cs_sel: int, data: Segment, data_sel: int, tr: tuple[Segment, int] | None,
                 cr0: int, cr3: int, cr4: int, efer: int, entry: int, stack: int, rflags: int,
                 regs: dict) -> None:
     s = vcpu.get_sregs()
@@ -113,15 +121,15 @@ class ProtectedMode:
     gdt: Gdt
     gdt_base: int
     tss_base: int
-    idt: Optional[Idt] = None
+    idt: Idt | None = None
     idt_base: int = 0
-    page_tables: Optional[PageTables32] = None
+    page_tables: PageTables32 | None = None
     kernel_stack: int = 0
 
     @classmethod
     def build(cls, arena: Arena, *, paging: bool = False, page_size: int = PAGE_4M,
-              identity: Tuple[int, int] = (0, 4 * GiB), user: bool = False,
-              idt: Optional[Idt] = None, kernel_stack_size: int = PAGE_4K) -> "ProtectedMode":
+              identity: tuple[int, int] = (0, 4 * GiB), user: bool = False,
+              idt: Idt | None = None, kernel_stack_size: int = PAGE_4K) -> ProtectedMode:
         """Place the tables in *arena*.
 
         With ``paging=True``, identity-map ``identity`` (default all 4 GiB)
@@ -178,9 +186,9 @@ class LongMode:
     gdt: Gdt
     gdt_base: int
     page_tables: PageTables
-    tss_bases: List[int] = field(default_factory=list)
-    kernel_stacks: List[int] = field(default_factory=list)  #: rsp0 of each vCPU's TSS
-    idt: Optional[Idt] = None
+    tss_bases: list[int] = field(default_factory=list)
+    kernel_stacks: list[int] = field(default_factory=list)  #: rsp0 of each vCPU's TSS
+    idt: Idt | None = None
     idt_base: int = 0
     nx: bool = False
 
@@ -189,10 +197,10 @@ class LongMode:
         return self.page_tables.cr3
 
     @classmethod
-    def build(cls, arena: Arena, *, identity: Optional[Tuple[int, int]] = (0, 4 * GiB),
+    def build(cls, arena: Arena, *, identity: tuple[int, int] | None = (0, 4 * GiB),
               page_size: int = PAGE_2M, user: bool = False, writable: bool = True,
-              nx: bool = False, idt: Optional[Idt] = None, cpus: int = 1,
-              kernel_stack_size: int = PAGE_4K) -> "LongMode":
+              nx: bool = False, idt: Idt | None = None, cpus: int = 1,
+              kernel_stack_size: int = PAGE_4K) -> LongMode:
         """Place the tables in *arena*.
 
         * *identity* — ``(start, end)`` mapped onto itself (default the low
@@ -226,7 +234,7 @@ class LongMode:
             pt.identity(start, end, page_size=page_size, user=user, writable=writable)
         return cls(gdt, gdt_base, pt, tss_bases, stacks, idt, idt_base, nx)
 
-    def write_idt(self, arena: Optional[Arena] = None, idt: Optional[Idt] = None) -> None:
+    def write_idt(self, arena: Arena | None = None, idt: Idt | None = None) -> None:
         """(Re)write the IDT after changing it; a new *idt* needs an *arena* the first time."""
         if idt is not None:
             self.idt = idt
@@ -242,7 +250,7 @@ class LongMode:
         return self.gdt.selectors["tss" if cpu == 0 else f"tss{cpu}"]
 
     def load(self, vcpu, *, entry: int, stack: int, cpl: int = 0, iopl: int = 0,
-             interrupts: bool = False, cpu: Optional[int] = None, **regs: int) -> None:
+             interrupts: bool = False, cpu: int | None = None, **regs: int) -> None:
         """Set *vcpu* to 64-bit mode at *entry* with RSP *stack*.
 
         * *cpl* 0 (kernel) or 3 (user: CS 0x2b, SS 0x23);

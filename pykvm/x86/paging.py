@@ -25,12 +25,21 @@ a PDPTE as reserved and faults.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Tuple, Union
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from .consts import CR0, CR4, EFER, PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PTE
 
-__all__ = ["Arena", "PageTables", "PageTables32", "translate", "walk", "GuestPhys", "as_phys",
-           "iter_mappings"]
+__all__ = [
+    "Arena",
+    "GuestPhys",
+    "PageTables",
+    "PageTables32",
+    "as_phys",
+    "iter_mappings",
+    "translate",
+    "walk",
+]
 
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 of an entry
 _RW_US = 0x6
@@ -158,7 +167,7 @@ class PageTables:
             | (PTE.NX if nx else 0) | (PTE.G if global_ else 0) | (PTE.PS if leaf_level < 3 else 0)
         inter = PTE.P | PTE.RW | PTE.US
         # Cache of the table at each level for the current walk (speeds big identity maps).
-        cache: Dict[Tuple[int, int], int] = {}
+        cache: dict[tuple[int, int], int] = {}
         for off in range(0, size, page_size):
             va = (virt + off) & ((1 << 48) - 1)
             table = self.cr3
@@ -190,12 +199,12 @@ class PageTables:
         raw = b"".join(_q.pack((base + k * child) | flags) for k in range(512))
         self.phys.write(table, raw)
 
-    def identity(self, start: int, end: int, **kw: Any) -> "PageTables":
+    def identity(self, start: int, end: int, **kw: Any) -> PageTables:
         """Map ``[start, end)`` onto itself (keywords as for :meth:`map`); returns self."""
         self.map(start, start, end - start, **kw)
         return self
 
-    def translate(self, virt: int) -> Optional[Tuple[int, int]]:
+    def translate(self, virt: int) -> tuple[int, int] | None:
         """``(physical address, leaf flags)`` for *virt*, or None if not mapped."""
         return _walk4(self.phys.read, self.cr3, virt)
 
@@ -238,12 +247,12 @@ class PageTables32:
                 self._set(self.cr3, pdi, pt | int(PTE.P | PTE.RW | PTE.US))
             self._set(pt, va >> 12 & 1023, (phys + off) | int(flags))
 
-    def identity(self, start: int, end: int, **kw: Any) -> "PageTables32":
+    def identity(self, start: int, end: int, **kw: Any) -> PageTables32:
         """Map ``[start, end)`` onto itself; returns self."""
         self.map(start, start, end - start, **kw)
         return self
 
-    def translate(self, virt: int) -> Optional[Tuple[int, int]]:
+    def translate(self, virt: int) -> tuple[int, int] | None:
         """``(physical address, leaf flags)`` for *virt*, or None if not mapped."""
         return _walk2(self.phys.read, self.cr3, virt, pse=True)
 
@@ -266,7 +275,7 @@ class PageFault(LookupError):
 _U64 = (1 << 64) - 1
 
 
-def _walk_long(read: ReadPhys, cr3: int, virt: int, levels: int) -> Optional[Tuple[int, int]]:
+def _walk_long(read: ReadPhys, cr3: int, virt: int, levels: int) -> tuple[int, int] | None:
     """4-level (``levels=4``) or 5-level (``levels=5``, ``CR4.LA57``) IA-32e walk."""
     top = 12 + 9 * levels                               # 48 or 57 bits of linear address
     high = virt >> (top - 1)
@@ -288,11 +297,11 @@ def _walk_long(read: ReadPhys, cr3: int, virt: int, levels: int) -> Optional[Tup
     return None  # pragma: no cover
 
 
-def _walk4(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+def _walk4(read: ReadPhys, cr3: int, virt: int) -> tuple[int, int] | None:
     return _walk_long(read, cr3, virt, 4)
 
 
-def _walk_pae(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
+def _walk_pae(read: ReadPhys, cr3: int, virt: int) -> tuple[int, int] | None:
     pdpte = _q.unpack(read((cr3 & 0xFFFFFFE0) + 8 * (virt >> 30 & 3), 8))[0]
     if not pdpte & PTE.P:
         return None
@@ -309,7 +318,7 @@ def _walk_pae(read: ReadPhys, cr3: int, virt: int) -> Optional[Tuple[int, int]]:
     return (e2 & _ADDR_MASK) | (virt & 0xFFF), e2 & (e | ~_RW_US)
 
 
-def _walk2(read: ReadPhys, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int, int]]:
+def _walk2(read: ReadPhys, cr3: int, virt: int, pse: bool) -> tuple[int, int] | None:
     virt &= 0xFFFFFFFF
     pde = _l.unpack(read((cr3 & 0xFFFFF000) + 4 * (virt >> 22), 4))[0]
     if not pde & PTE.P:
@@ -324,7 +333,7 @@ def _walk2(read: ReadPhys, cr3: int, virt: int, pse: bool) -> Optional[Tuple[int
     return (pte & 0xFFFFF000) | (virt & 0xFFF), pte & (pde | ~_RW_US)
 
 
-def walk(target: Any, sregs: Any, virt: int) -> Optional[Tuple[int, int]]:
+def walk(target: Any, sregs: Any, virt: int) -> tuple[int, int] | None:
     """``(guest physical address, leaf flags)`` of linear *virt* under *sregs*, or None.
 
     Like :func:`translate`, plus the flags of the leaf entry (``PTE.*``; the
@@ -348,7 +357,7 @@ def walk(target: Any, sregs: Any, virt: int) -> Optional[Tuple[int, int]]:
         return None
 
 
-def translate(target: Any, sregs: Any, virt: int) -> Optional[int]:
+def translate(target: Any, sregs: Any, virt: int) -> int | None:
     """The guest physical address of linear address *virt* under *sregs* (None if unmapped).
 
     *target* is a ``Vm`` (or ``GuestMemory``) whose memory holds the tables;
@@ -369,11 +378,11 @@ def translate(target: Any, sregs: Any, virt: int) -> Optional[int]:
     return None if r is None else r[0]
 
 
-def iter_mappings(pt: PageTables) -> Iterator[Tuple[int, int, int, int]]:
+def iter_mappings(pt: PageTables) -> Iterator[tuple[int, int, int, int]]:
     """Yield ``(virt, phys, size, flags)`` for every leaf of 4-level tables (for debugging)."""
     read = pt.phys.read
 
-    def rec(table: int, level: int, base: int) -> Iterator[Tuple[int, int, int, int]]:
+    def rec(table: int, level: int, base: int) -> Iterator[tuple[int, int, int, int]]:
         shift = PageTables.LEVEL_SHIFTS[level]
         raw = read(table, 4096)
         for i in range(512):

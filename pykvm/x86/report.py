@@ -11,12 +11,10 @@ If the optional ``capstone`` disassembler is installed (``pip install
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 from .consts import CR0, CR4, EFER, RFLAGS
 from .paging import translate
 
-__all__ = ["describe_vcpu", "cpu_mode", "bytes_at_rip", "disassemble", "MP_STATES"]
+__all__ = ["MP_STATES", "bytes_at_rip", "cpu_mode", "describe_vcpu", "disassemble"]
 
 MP_STATES = {0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",
              4: "SIPI_RECEIVED", 5: "STOPPED", 6: "CHECK_STOP", 7: "OPERATING", 8: "LOAD",
@@ -60,7 +58,7 @@ def bytes_at_rip(vcpu, regs=None, sregs=None, n: int = 16):
     return lin, phys, out
 
 
-def disassemble(code: bytes, address: int, bits: int = 64, count: int = 1) -> Optional[List[str]]:
+def disassemble(code: bytes, address: int, bits: int = 64, count: int = 1) -> list[str] | None:
     """Up to *count* instructions as text with capstone, or None if capstone is not installed."""
     try:
         import capstone  # type: ignore
@@ -85,7 +83,7 @@ def code_bits(sregs) -> int:
     return 16
 
 
-def mp_state(vcpu) -> Optional[int]:
+def mp_state(vcpu) -> int | None:
     """``KVM_GET_MP_STATE`` (None if unavailable)."""
     try:
         return vcpu.get_mp_state()
@@ -100,7 +98,7 @@ def _seg(name: str, s) -> str:
             f"dpl={s.dpl}{' L' if s.l else ''}{' D' if s.db else ''}")
 
 
-def describe_vcpu(vcpu, exit=None, *, title: Optional[str] = None) -> str:
+def describe_vcpu(vcpu, exit=None, *, title: str | None = None) -> str:
     """A multi-line description of *vcpu*'s state (and of *exit*, if given)."""
     lines = []
     head = title or f"vCPU {vcpu.id}"

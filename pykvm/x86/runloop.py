@@ -10,4 +10,4 @@ from .bus import Bus, GuestError, PortSpec, RunLoop, RunResult
 
 Stop = RunResult
 
-__all__ = ["RunLoop", "Bus", "RunResult", "GuestError", "PortSpec", "ExitReason"]
+__all__ = ["Bus", "ExitReason", "GuestError", "PortSpec", "RunLoop", "RunResult"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from typing import List, Tuple, Union
 
 from pykvm.gdbstub import REGISTERS
 
@@ -11,7 +10,7 @@ from pykvm.gdbstub import REGISTERS
 class Client:
     """Just enough of gdb's side of the protocol (ack mode) to test the stub directly."""
 
-    def __init__(self, address: Union[str, Tuple[str, int]], timeout: float = 20) -> None:
+    def __init__(self, address: str | tuple[str, int], timeout: float = 20) -> None:
         if isinstance(address, str):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
@@ -20,7 +19,7 @@ class Client:
             self.sock = socket.create_connection(address, timeout=timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
-        self.console: List[str] = []
+        self.console: list[str] = []
 
     def close(self) -> None:
         self.sock.close()

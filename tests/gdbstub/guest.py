@@ -18,7 +18,7 @@ instruction.
 from __future__ import annotations
 
 import threading
-from typing import Any, List, Optional
+from typing import Any
 
 import pykvm
 from pykvm import x86
@@ -104,12 +104,12 @@ class ServedGuest:
     a session and kicks a running vCPU) after *timeout* seconds.
     """
 
-    def __init__(self, vm: pykvm.Vm, timeout: float = 30.0, log: Optional[List[str]] = None,
+    def __init__(self, vm: pykvm.Vm, timeout: float = 30.0, log: list[str] | None = None,
                  sessions: int = 1, **stub_args: Any) -> None:
         self.vm = vm
         self.output = bytearray()
-        self.results: List[SessionEnd] = []
-        self.error: Optional[BaseException] = None
+        self.results: list[SessionEnd] = []
+        self.error: BaseException | None = None
         self.sessions = sessions
         self.stub = GdbStub(vm.vcpus[0], on_exit=self._on_exit,
                             log=(log.append if log is not None else None), **stub_args)
@@ -119,10 +119,10 @@ class ServedGuest:
         self._watchdog.daemon = True
 
     @property
-    def result(self) -> Optional[SessionEnd]:
+    def result(self) -> SessionEnd | None:
         return self.results[-1] if self.results else None
 
-    def _on_exit(self, ex: pykvm.Exit) -> Optional[Exited]:
+    def _on_exit(self, ex: pykvm.Exit) -> Exited | None:
         if isinstance(ex, pykvm.IoOut) and ex.port == PORT_OUT:
             self.output += ex.data
             return None
@@ -140,7 +140,7 @@ class ServedGuest:
         except BaseException as e:  # reported by join()
             self.error = e
 
-    def __enter__(self) -> "ServedGuest":
+    def __enter__(self) -> ServedGuest:
         self._thread.start()
         self._watchdog.start()
         return self

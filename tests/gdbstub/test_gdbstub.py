@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from typing import List
 
 import pytest
 
@@ -22,9 +21,23 @@ from pykvm import gdbstub, x86
 from pykvm.gdbstub import REGISTERS, GdbStub, debug_support, kvm_translate
 
 from .client import Client
-from .guest import (AFTER_BP, BP_HERE, CODE, DATA_PA, DATA_PA2, DATA_VA, EXPECTED, OUT_DIGIT, PORT_EXIT,
-                    PORT_OUT, SPIN, STACK_TOP, CODE_ALIAS, ServedGuest, build_guest)
-
+from .guest import (
+    AFTER_BP,
+    BP_HERE,
+    CODE,
+    CODE_ALIAS,
+    DATA_PA,
+    DATA_PA2,
+    DATA_VA,
+    EXPECTED,
+    OUT_DIGIT,
+    PORT_EXIT,
+    PORT_OUT,
+    SPIN,
+    STACK_TOP,
+    ServedGuest,
+    build_guest,
+)
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -135,7 +148,7 @@ def test_gdb_hardware_breakpoint_registers_and_disassembly(kvm, gdb) -> None:
 
 def test_gdb_ctrl_c_interrupts_a_running_guest(kvm, gdb) -> None:
     with build_guest(kvm, entry=SPIN) as vm:
-        log: List[str] = []
+        log: list[str] = []
         with ServedGuest(vm, log=log) as g:
             args = [gdb, "-nx", "-batch", "-ex", "set architecture i386:x86-64",
                     "-ex", f"target remote {_where(g.address)}", "-ex", "continue",

@@ -188,9 +188,8 @@ def test_real_gdb_over_tcp_with_the_token(kvm) -> None:
     ({"port": "1234"}, ValueError),
 ])
 def test_bad_stub_arguments(kvm, kwargs, error) -> None:
-    with build_guest(kvm) as vm:
-        with pytest.raises(error):
-            GdbStub(vm.vcpus[0], **kwargs)
+    with build_guest(kvm) as vm, pytest.raises(error):
+        GdbStub(vm.vcpus[0], **kwargs)
 
 
 def test_cli_help_and_probe() -> None:

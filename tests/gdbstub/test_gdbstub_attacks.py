@@ -8,28 +8,26 @@ session works.
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import threading
 import time
-from typing import Iterator, List
+from collections.abc import Iterator
 
 import pytest
 
-from pykvm.gdbstub import PACKET_SIZE, SessionEnd, target as target_module
+from pykvm.gdbstub import PACKET_SIZE, SessionEnd
+from pykvm.gdbstub import target as target_module
 
 from .client import Client
-from .guest import (ALIAS_VA, BP_HERE, CODE, CODE_ALIAS, DATA_PA, DATA_VA, GUEST_CODE, SPIN,
-                    ServedGuest, build_guest)
+from .guest import ALIAS_VA, BP_HERE, CODE, CODE_ALIAS, DATA_PA, DATA_VA, GUEST_CODE, SPIN, ServedGuest, build_guest
 
 RAM = 0x200000
 
 
 @pytest.fixture
-def thread_errors() -> Iterator[List[BaseException]]:
+def thread_errors() -> Iterator[list[BaseException]]:
     """Exceptions that reached ``threading.excepthook`` (a reader thread dying noisily)."""
-    seen: List[BaseException] = []
+    seen: list[BaseException] = []
     old = threading.excepthook
     threading.excepthook = lambda args: seen.append(args.exc_value)  # type: ignore[assignment]
     try:

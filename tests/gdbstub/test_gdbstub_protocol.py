@@ -6,28 +6,26 @@
 from __future__ import annotations
 
 import os
-from typing import List
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.gdbstub import protocol
-from pykvm.gdbstub.protocol import (Ack, BadChecksum, Interrupt, Nak, Packet, PacketReader,
-                                    ProtocolError)
+from pykvm.gdbstub.protocol import Ack, BadChecksum, Interrupt, Nak, Packet, PacketReader, ProtocolError
 
 EXAMPLES = int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "200"))
 pytestmark = pytest.mark.no_kvm_needed
 
 
-def feed_all(reader: PacketReader, chunks: List[bytes]) -> list:
+def feed_all(reader: PacketReader, chunks: list[bytes]) -> list:
     events: list = []
     for c in chunks:
         events += reader.feed(c)
     return events
 
 
-def pieces(data: bytes, cuts: List[int]) -> List[bytes]:
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({min(c, len(data)) for c in cuts})
     out, last = [], 0
     for p in points + [len(data)]:
@@ -45,9 +43,9 @@ _PACKETISH = st.lists(st.one_of(
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(_PACKETISH, st.lists(st.integers(min_value=0, max_value=2000), max_size=10))
-def test_chunking_never_changes_the_events(data: bytes, cuts: List[int]) -> None:
+def test_chunking_never_changes_the_events(data: bytes, cuts: list[int]) -> None:
     """Whatever the stream and however recv() splits it: same events, or the same refusal."""
-    def run(chunks: List[bytes]):
+    def run(chunks: list[bytes]):
         reader = PacketReader(64)
         try:
             events = feed_all(reader, chunks)

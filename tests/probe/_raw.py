@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from typing import Dict, List, Tuple
 
 KVMIO = 0xAE
 
@@ -35,7 +34,7 @@ KVM_GET_EMULATED_CPUID = _iowr(0x09, 8)
 KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, 4)
 KVM_GET_MSRS = _iowr(0x88, 8)                    # struct kvm_msrs header: u32 nmsrs, u32 pad
 
-Entry = Tuple[int, int, int, int, int, int, int]  # function index flags eax ebx ecx edx
+Entry = tuple[int, int, int, int, int, int, int]  # function index flags eax ebx ecx edx
 
 
 def check(fd: int, cap: int) -> int:
@@ -45,7 +44,7 @@ def check(fd: int, cap: int) -> int:
         return 0
 
 
-def cpuid(fd: int, request: int, n: int = 1024) -> List[Entry]:
+def cpuid(fd: int, request: int, n: int = 1024) -> list[Entry]:
     buf = bytearray(8 + 40 * n)
     struct.pack_into("=II", buf, 0, n, 0)
     fcntl.ioctl(fd, request, buf, True)
@@ -53,7 +52,7 @@ def cpuid(fd: int, request: int, n: int = 1024) -> List[Entry]:
     return [struct.unpack_from("=7I", buf, 8 + 40 * i) for i in range(nent)]
 
 
-def msr_list(fd: int, request: int, n: int = 4096) -> List[int]:
+def msr_list(fd: int, request: int, n: int = 4096) -> list[int]:
     buf = bytearray(4 + 4 * n)
     struct.pack_into("=I", buf, 0, n)
     fcntl.ioctl(fd, request, buf, True)
@@ -68,7 +67,7 @@ def get_msr(fd: int, index: int):
     return struct.unpack_from("=Q", buf, 16)[0] if n == 1 else None
 
 
-def stats(owner_fd: int) -> Dict[str, object]:
+def stats(owner_fd: int) -> dict[str, object]:
     """Header, id, descriptors and data of a stats fd, read with os.pread."""
     sfd = fcntl.ioctl(owner_fd, KVM_GET_STATS_FD, 0)
     try:

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 import pykvm
-
 from pykvm import cli
 from pykvm.cli import main
 

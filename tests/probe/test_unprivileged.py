@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+import ioctl_opt
 import pytest
 
-import ioctl_opt
 import pykvm
 
 PYTHON = "/usr/bin/python3"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import pykvm
 from pykvm import uapi
@@ -24,8 +24,8 @@ from . import _x86 as X
 SKIP = {"run", "run_raw", "close", "wait", "kick", "kick_after", "fileno"}  # kick_after: tests/vcpu/test_run_page.py
 
 
-def make_world(kvm: pykvm.Kvm) -> Dict[str, object]:
-    w: Dict[str, object] = {"kvm": kvm}
+def make_world(kvm: pykvm.Kvm) -> dict[str, object]:
+    w: dict[str, object] = {"kvm": kvm}
     vm = kvm.create_vm()
     w["vm"] = vm
     if kvm.check_extension(pykvm.Cap.DIRTY_LOG_RING):
@@ -58,7 +58,7 @@ class Constructors:
         self.Kvm = pykvm.Kvm            # paths are stat()ed, only 10:232 is ever opened
 
 
-def _module_targets(kind: str, mod) -> List[Tuple[str, str, Callable]]:
+def _module_targets(kind: str, mod) -> list[tuple[str, str, Callable]]:
     out = []
     for name in getattr(mod, "__all__", ()):
         obj = getattr(mod, name)
@@ -67,7 +67,7 @@ def _module_targets(kind: str, mod) -> List[Tuple[str, str, Callable]]:
     return out
 
 
-def close_world(w: Dict[str, object]) -> None:
+def close_world(w: dict[str, object]) -> None:
     for k in ("efd", "vm-stats", "vm"):
         w[k].close()
 
@@ -80,7 +80,7 @@ def _own(obj, name: str) -> bool:
     return False
 
 
-def targets(w: Dict[str, object]) -> List[Tuple[str, str, Callable]]:
+def targets(w: dict[str, object]) -> list[tuple[str, str, Callable]]:
     """Every public method of the world's objects, the module-level helpers of
     pykvm.irq / pykvm.dirty / pykvm.eventfd, and the fd-less constructors."""
     import pykvm.dirty
@@ -104,7 +104,7 @@ def targets(w: Dict[str, object]) -> List[Tuple[str, str, Callable]]:
     return out
 
 
-def parameters(fn) -> List[inspect.Parameter]:
+def parameters(fn) -> list[inspect.Parameter]:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -121,7 +121,7 @@ def _struct_for(ann: str):
     return None
 
 
-def valid_value(p: inspect.Parameter, w: Dict[str, object]):
+def valid_value(p: inspect.Parameter, w: dict[str, object]):
     """A value a type-correct caller could pass for parameter *p*."""
     if p.default is not p.empty:
         return p.default
@@ -156,11 +156,11 @@ def valid_value(p: inspect.Parameter, w: Dict[str, object]):
     return 0
 
 
-def valid_args(fn, w) -> Dict[str, object]:
+def valid_args(fn, w) -> dict[str, object]:
     return {p.name: valid_value(p, w) for p in parameters(fn)}
 
 
-def call(fn, kwargs: Dict[str, object]) -> Tuple[str, BaseException]:
+def call(fn, kwargs: dict[str, object]) -> tuple[str, BaseException]:
     """Call ``fn(**kwargs)``; return (outcome, exception or None)."""
     pos, kw = [], {}
     for p in parameters(fn):
@@ -173,7 +173,7 @@ def call(fn, kwargs: Dict[str, object]) -> Tuple[str, BaseException]:
     try:
         fn(*pos, **kw)
         return "ok", None
-    except BaseException as e:  # noqa: BLE001 - classified by the caller
+    except BaseException as e:
         return type(e).__name__, e
 
 

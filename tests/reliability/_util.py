@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Dict, List
 
 import pykvm
 from pykvm import uapi
@@ -17,7 +16,7 @@ from . import _x86 as X
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def fds() -> Dict[int, str]:
+def fds() -> dict[int, str]:
     """{fd: readlink target} of this process."""
     out = {}
     for fd in os.listdir("/proc/self/fd"):
@@ -28,7 +27,7 @@ def fds() -> Dict[int, str]:
     return out
 
 
-def kvm_fds() -> Dict[int, str]:
+def kvm_fds() -> dict[int, str]:
     """The fds that point at KVM objects (device, VMs, vCPUs, devices, stats, guest_memfd)."""
     return {fd: t for fd, t in fds().items() if "kvm" in t}
 
@@ -37,7 +36,7 @@ def cloexec(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 
 
-def maps() -> List[str]:
+def maps() -> list[str]:
     with open("/proc/self/maps") as f:
         return f.read().splitlines()
 
@@ -51,7 +50,7 @@ def mapped(addr: int) -> bool:
     return False
 
 
-def kvm_run_mappings() -> List[str]:
+def kvm_run_mappings() -> list[str]:
     """Lines of /proc/self/maps that map a vCPU fd (the kvm_run areas)."""
     return [line for line in maps() if "kvm-vcpu" in line]
 
@@ -62,7 +61,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_fds(**kw) -> Dict[int, str]:
+def child_fds(**kw) -> dict[int, str]:
     """Exec a fresh interpreter that inherits every inheritable fd; return its fd table."""
     code = ("import os\n"
             "for fd in sorted(os.listdir('/proc/self/fd'), key=int):\n"
@@ -118,7 +117,7 @@ def build_zoo(kvm: pykvm.Kvm) -> dict:
 
 
 # --- calling every public method with made-up arguments ---------------------------------
-def public_methods(obj) -> List[str]:
+def public_methods(obj) -> list[str]:
     """Names of the public callables and properties of *obj*'s class (not dunders)."""
     names = []
     for name in sorted(dir(type(obj))):

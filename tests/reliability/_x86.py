@@ -12,7 +12,6 @@ code it helps to test).  Layout of the long-mode guests (guest physical):
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 import pykvm
 
@@ -65,7 +64,7 @@ def set_long_mode(vcpu: pykvm.Vcpu, *, cpl: int = 0, rip: int = CODE, rsp: int =
 
 
 def long_mode_vm(vm: pykvm.Vm, code: bytes, *, cpl: int = 0, vcpus: int = 1,
-                 rflags: int = 2, mem: Optional[pykvm.GuestMemory] = None):
+                 rflags: int = 2, mem: pykvm.GuestMemory | None = None):
     """Memory + *vcpus* vCPUs in long mode at *cpl*, all starting at CODE; returns the list."""
     if mem is None:
         mem = vm.add_memory(0, RAM)

@@ -33,7 +33,6 @@ import time
 
 import pykvm
 from pykvm import KvmError
-
 from pykvm.x86.report import describe_vcpu
 
 from . import _x86 as X

@@ -22,7 +22,6 @@ A crash of the interpreter shows as a non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import json
 import sys

@@ -246,7 +246,7 @@ def test_guest_memory_read_bounds(shared_vm, offset, n):
         assert str(e)
     else:
         assert type(offset) is int and type(n) is int
-        assert 0 <= offset and 0 <= n and offset + n <= mem.size and len(data) == n
+        assert offset >= 0 and n >= 0 and offset + n <= mem.size and len(data) == n
 
 
 @SETTINGS
@@ -260,7 +260,7 @@ def test_vm_write_bounds(shared_vm, gpa, data):
         assert str(e)
     else:
         if len(data):                       # a zero-length write is a no-op anywhere
-            assert 0 <= gpa and gpa + len(data) <= X.RAM
+            assert gpa >= 0 and gpa + len(data) <= X.RAM
         assert vm.read(gpa, len(data)) == data
 
 
@@ -279,7 +279,7 @@ def test_add_memory(kvm, gpa, size, slot, flags):
             return
         assert (mem.guest_phys_addr, mem.size, mem.flags) == (gpa, size, flags)
         assert slot is None or mem.slot == slot
-        assert gpa % 4096 == 0 and size % 4096 == 0 and 0 < size
+        assert gpa % 4096 == 0 and size % 4096 == 0 and size > 0
 
 
 @SETTINGS

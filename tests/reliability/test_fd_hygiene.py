@@ -12,12 +12,11 @@ import weakref
 import pytest
 
 import pykvm
-from pykvm import uapi
 
-from . import _util as U
-from ._util import build_zoo
-from . import _x86 as X
 from ..guests import REAL_MODE_HELLO, real_mode
+from . import _util as U
+from . import _x86 as X
+from ._util import build_zoo
 
 
 def test_every_pykvm_fd_is_close_on_exec_through_an_execd_child(kvm):
@@ -139,9 +138,8 @@ def test_close_is_idempotent_in_any_order(kvm):
     with k2:
         pass
     k2.close()
-    with pytest.raises(pykvm.KvmClosedError):
-        with k2:
-            pass
+    with pytest.raises(pykvm.KvmClosedError), k2:
+        pass
 
 
 def test_close_failure_still_marks_closed(kvm, monkeypatch):

@@ -146,6 +146,7 @@ def test_fatal_stops_are_reported_with_the_vcpu_state(vm, code, cpl, reason, wor
 def test_next_vm_works_after_thousands_of_dead_guests_in_this_process(kvm):
     """In-process: 200 quick hostile guests, then a normal guest in a fresh VM."""
     import random
+
     from . import fuzz_guests as F
 
     dog = F.Watchdog()

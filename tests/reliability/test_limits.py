@@ -224,7 +224,7 @@ def test_a_forked_child_cannot_use_the_parents_vm_and_is_told_why(vm):
             msg = "no error"
         except pykvm.KvmError as e:
             msg = f"{e.errno} {e}"
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             msg = repr(e)
         os.write(w, msg.encode())
         os._exit(0)

@@ -16,9 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-
 import ioctl_opt
+import pytest
 
 from . import _util as U
 

@@ -37,7 +37,7 @@ class Runner(threading.Thread):
         self.started.set()
         try:
             self.result = getattr(self.vcpu, self.method)()
-        except BaseException as e:  # noqa: BLE001 - recorded for the test
+        except BaseException as e:
             self.error = e
 
 
@@ -367,7 +367,7 @@ def test_close_racing_a_busy_run_loop_gives_only_closed_errors(kvm):
                     vcpu.run()
             except pykvm.KvmClosedError:
                 pass
-            except BaseException as e:  # noqa: BLE001 - recorded
+            except BaseException as e:
                 errs.append(repr(e))
 
         t = threading.Thread(target=loop, daemon=True)

@@ -79,9 +79,9 @@ def test_closed_objects_never_touch_their_old_fd_numbers(tmp_path):
     proc = U.run_python(f"import sys; sys.argv=['x']\n{code}", timeout=300)
     assert proc.returncode == 0, proc.stderr
     # Again under strace (the first run is a plain sanity check of the script itself).
+    import os
     import subprocess
     import sys as _sys
-    import os
 
     env = dict(os.environ, PYTHONPATH=U.REPO)
     proc = subprocess.run(["strace", "-f", "-qq", "-o", str(log), _sys.executable, "-c", code],

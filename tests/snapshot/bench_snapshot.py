@@ -21,7 +21,6 @@ import os
 import statistics
 import time
 import zlib
-from typing import Dict, List
 
 import pykvm
 from pykvm import snapshot
@@ -72,7 +71,7 @@ def _raw_read_fresh(path: str, size: int) -> float:
         m.close()
 
 
-def _stats(label: str, mb: float, times: List[float]) -> None:
+def _stats(label: str, mb: float, times: list[float]) -> None:
     rates = sorted(mb / t for t in times)
     print(f"{label:34s} median {statistics.median(rates):6.0f} MB/s  "
           f"(min {rates[0]:.0f}, max {rates[-1]:.0f}; {len(times)} runs)")
@@ -89,7 +88,7 @@ def main() -> None:
     path = os.path.join(a.dir, "pykvm-bench.snap")
     raw = os.path.join(a.dir, "pykvm-bench.raw")
     print(f"guest RAM {size / 2**30:.2f} GiB of non-zero data, files in {a.dir}, MB = 10**6 bytes")
-    t: Dict[str, List[float]] = {k: [] for k in (
+    t: dict[str, list[float]] = {k: [] for k in (
         "plain write", "snapshot.save", "plain write + fsync", "snapshot.save(fsync=True)",
         "plain read into fresh memory", "snapshot.restore")}
     file_bytes = 0

@@ -10,21 +10,21 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pykvm
 from pykvm import snapshot
 
-Record = Tuple[bytes, int, bytes]            # tag, arg, payload
+Record = tuple[bytes, int, bytes]            # tag, arg, payload
 
 
-def parse(data: bytes) -> Tuple[int, bytes, List[Record]]:
+def parse(data: bytes) -> tuple[int, bytes, list[Record]]:
     """(version, JSON header bytes, records) of a well-formed file."""
     magic, version, hlen = struct.unpack_from("<8sII", data, 0)
     assert magic == b"PYKVMSNP"
     hjson = data[16:16 + hlen]
     pos = 16 + hlen + 4
-    recs: List[Record] = []
+    recs: list[Record] = []
     while pos < len(data):
         tag, arg, length, _crc, _hcrc = struct.unpack_from("<4sIQII", data, pos)
         recs.append((tag, arg, data[pos + 24:pos + 24 + length]))
@@ -45,12 +45,12 @@ def record(tag: bytes, arg: int, payload: bytes, length: int = -1) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def build(hjson: bytes, recs: List[Record], version: int = 1) -> bytes:
+def build(hjson: bytes, recs: list[Record], version: int = 1) -> bytes:
     return header_bytes(hjson, version) + b"".join(record(t, a, p) for t, a, p in recs)
 
 
-def header(hjson: bytes) -> Dict[str, Any]:
-    out: Dict[str, Any] = json.loads(hjson)
+def header(hjson: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(hjson)
     return out
 
 
@@ -58,7 +58,7 @@ def dump(h: Any) -> bytes:
     return json.dumps(h).encode()
 
 
-def items(payload: bytes) -> List[Tuple[str, bytes]]:
+def items(payload: bytes) -> list[tuple[str, bytes]]:
     out, pos = [], 0
     while pos < len(payload):
         nlen, dlen = struct.unpack_from("<HI", payload, pos)
@@ -67,11 +67,11 @@ def items(payload: bytes) -> List[Tuple[str, bytes]]:
     return out
 
 
-def pack_items(pairs: List[Tuple[str, bytes]]) -> bytes:
+def pack_items(pairs: list[tuple[str, bytes]]) -> bytes:
     return b"".join(struct.pack("<HI", len(n.encode()), len(d)) + n.encode() + d for n, d in pairs)
 
 
-def end_record(recs: List[Record]) -> Record:
+def end_record(recs: list[Record]) -> Record:
     """A correct END record for *recs* (which must not hold one)."""
     total = sum(struct.unpack("<IIQQ", p)[3] for t, _, p in recs if t == b"MEMR")
     return (b"END ", 0, struct.pack("<QQ", len(recs), total))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pykvm
 
@@ -152,8 +152,8 @@ class GuestTimeout(AssertionError):
     """The guest did not finish in time (the watchdog kicked it)."""
 
 
-def run_guest(vcpu: pykvm.Vcpu, out: bytearray, *, stop: Optional[Callable[[bytearray], bool]] = None,
-              timeout: float = 20.0, stop_on_interrupt: bool = False) -> Optional[int]:
+def run_guest(vcpu: pykvm.Vcpu, out: bytearray, *, stop: Callable[[bytearray], bool] | None = None,
+              timeout: float = 20.0, stop_on_interrupt: bool = False) -> int | None:
     """Run until the guest's exit port (return its code) or until *stop(out)* is true.
 
     Bytes written to port 0x3f8 are appended to *out*.  Returns None when

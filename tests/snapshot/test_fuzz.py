@@ -22,7 +22,7 @@ import json
 import os
 import struct
 import tracemalloc
-from typing import Any, List, Optional
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,8 +34,8 @@ from pykvm import snapshot
 from . import forge
 
 EXAMPLES = int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "120"))
-_BASE: List[bytes] = []
-_KVM: List[pykvm.Kvm] = []
+_BASE: list[bytes] = []
+_KVM: list[pykvm.Kvm] = []
 STATS = {"examples": 0, "verify_ok": 0, "restored": 0}
 
 INTERESTING = [0, 1, 7, 8, 24, 4095, 4096, 0x7FFFFFFF, 0xFFFFFFFF, 2**32, 2**63, 2**64 - 1]
@@ -48,7 +48,7 @@ def _base() -> bytes:
     return _BASE[0]
 
 
-def _leaf_paths(obj: Any, path: tuple = ()) -> List[tuple]:
+def _leaf_paths(obj: Any, path: tuple = ()) -> list[tuple]:
     if isinstance(obj, dict):
         out = [path]
         for k, v in obj.items():
@@ -92,7 +92,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return data
 
 
-def _forge(draw: st.DrawFn, data: bytes, kind: str) -> Optional[bytes]:
+def _forge(draw: st.DrawFn, data: bytes, kind: str) -> bytes | None:
     """A mutation behind valid CRCs (None if *data* no longer parses as records)."""
     try:
         version, hjson, recs = forge.parse(data)

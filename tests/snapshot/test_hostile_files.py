@@ -8,15 +8,13 @@ not hold (tracemalloc peak stays small for files of a few KB).
 
 from __future__ import annotations
 
-import ctypes
-import io
 import os
 import struct
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple, Type
 
 import pytest
 
@@ -43,14 +41,14 @@ def _with_header(data: bytes, edit: Callable[[dict], None]) -> bytes:
     return forge.build(forge.dump(h), recs)
 
 
-def _with_records(data: bytes, edit: Callable[[List[forge.Record]], None]) -> bytes:
+def _with_records(data: bytes, edit: Callable[[list[forge.Record]], None]) -> bytes:
     _, hjson, recs = forge.parse(data)
     edit(recs)
     return forge.build(hjson, recs)
 
 
-def _with_item(data: bytes, tag: bytes, edit: Callable[[List[Tuple[str, bytes]]], None]) -> bytes:
-    def go(recs: List[forge.Record]) -> None:
+def _with_item(data: bytes, tag: bytes, edit: Callable[[list[tuple[str, bytes]]], None]) -> bytes:
+    def go(recs: list[forge.Record]) -> None:
         k = next(i for i, r in enumerate(recs) if r[0] == tag)
         pairs = forge.items(recs[k][2])
         edit(pairs)
@@ -58,8 +56,8 @@ def _with_item(data: bytes, tag: bytes, edit: Callable[[List[Tuple[str, bytes]]]
     return _with_records(data, go)
 
 
-def _set_item(name: str, value: bytes) -> Callable[[List[Tuple[str, bytes]]], None]:
-    def go(pairs: List[Tuple[str, bytes]]) -> None:
+def _set_item(name: str, value: bytes) -> Callable[[list[tuple[str, bytes]]], None]:
+    def go(pairs: list[tuple[str, bytes]]) -> None:
         k = next(i for i, (n, _) in enumerate(pairs) if n == name)
         pairs[k] = (name, value)
     return go
@@ -70,7 +68,7 @@ def _item(data: bytes, tag: bytes, name: str) -> bytes:
     return dict(forge.items(next(p for t, _, p in recs if t == tag)))[name]
 
 
-def _mem_first(recs: List[forge.Record]) -> int:
+def _mem_first(recs: list[forge.Record]) -> int:
     return next(i for i, r in enumerate(recs) if r[0] in (b"MEMD", b"MEMZ"))
 
 
@@ -82,7 +80,7 @@ def _lying_length(data: bytes, tag: bytes, length: int) -> bytes:
     return out + forge.record(recs[k][0], recs[k][1], recs[k][2], length=length)
 
 
-def _cases(d: bytes) -> Iterator[Tuple[str, bytes, Type[Exception], str]]:
+def _cases(d: bytes) -> Iterator[tuple[str, bytes, type[Exception], str]]:
     mp = struct.pack("<I", 77)
     xcrs = structs.kvm_xcrs.from_buffer_copy(_item(d, b"VCPU", "xcrs"))
     xcrs.nr_xcrs = 99
@@ -244,7 +242,7 @@ def _many_regions(base: bytes, n: int, repeat: int = -1) -> bytes:
     h = forge.header(hjson)
     h["vm"]["memory"] = [{"slot": k, "flags": 0, "guest_phys_addr": k * 4096, "size": 4096} for k in range(n)]
     state = [r for r in recs if r[0] in (b"VMST", b"VCPU")]
-    mem: List[forge.Record] = [(b"MEMR", k, struct.pack("<IIQQ", k, 0, k * 4096, 4096)) for k in range(n)]
+    mem: list[forge.Record] = [(b"MEMR", k, struct.pack("<IIQQ", k, 0, k * 4096, 4096)) for k in range(n)]
     mem += [(b"MEMZ", k, struct.pack("<QQ", 0, 4096)) for k in range(n)]
     if repeat >= 0:
         mem[n + repeat + 1] = (b"MEMZ", repeat, struct.pack("<QQ", 0, 4096))

@@ -14,9 +14,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
 
@@ -41,7 +40,7 @@ def vm(kvm: pykvm.Kvm) -> Iterator[pykvm.Vm]:
         yield v
 
 
-def _stray(d: Path) -> List[str]:
+def _stray(d: Path) -> list[str]:
     return [n for n in os.listdir(d) if TMP_MARK in n]
 
 
@@ -132,7 +131,7 @@ def test_read_only_directory_keeps_the_old_file(vm: pykvm.Vm, kvm: pykvm.Kvm, tm
         _umount(mnt)
 
 
-def _saver(path: Path, byte: int, count: int, *extra: str) -> "subprocess.Popen[str]":
+def _saver(path: Path, byte: int, count: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "tests.snapshot.saver", str(path), str(byte), str(count),
                              *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Tuple
 
 import pytest
 
@@ -28,8 +28,7 @@ import pykvm
 from pykvm import snapshot
 from pykvm.uapi import structs as S
 
-from .guest import (COUNTER_ADDR, EXTRA_GPA, EXTRA_SIZE, GuestTimeout, build_counter,
-                    run_guest)
+from .guest import COUNTER_ADDR, EXTRA_GPA, EXTRA_SIZE, GuestTimeout, build_counter, run_guest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES, ITERS = 48, 100000
@@ -48,7 +47,7 @@ def reference() -> bytes:
     return bytes(out)
 
 
-def _restore_in_new_process(path: Path) -> Tuple[int, bytes, str]:
+def _restore_in_new_process(path: Path) -> tuple[int, bytes, str]:
     p = subprocess.run([sys.executable, "-m", "tests.snapshot.runner", str(path)], cwd=ROOT,
                        capture_output=True, timeout=60)
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
@@ -58,7 +57,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _records(data: bytes) -> List[Tuple[int, bytes, int, int]]:
+def _records(data: bytes) -> list[tuple[int, bytes, int, int]]:
     """(offset, tag, arg, payload length) of every record, per docs/snapshot.md."""
     magic, version, hlen = struct.unpack_from("<8sII", data, 0)
     assert magic == b"PYKVMSNP" and version == 1
@@ -104,7 +103,7 @@ def _tlv(payload: bytes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def midrun(tmp_path_factory, reference) -> Tuple[Path, bytes]:
+def midrun(tmp_path_factory, reference) -> tuple[Path, bytes]:
     """A snapshot of the counter taken at an I/O exit in the middle of line 17."""
     path = tmp_path_factory.mktemp("snap") / "midrun.snap"
     with pykvm.Kvm() as kvm, build_counter(kvm, lines=LINES, iters=ITERS) as vm:
@@ -137,7 +136,7 @@ def test_restore_in_new_process_after_async_kick(tmp_path) -> None:
         with build_counter(kvm, lines=lines, iters=iters) as vm:
             vcpu = vm.vcpus[0]
             out = bytearray()
-            timers: List[threading.Timer] = []
+            timers: list[threading.Timer] = []
 
             def arm(o: bytearray) -> bool:
                 if o.endswith(b"\n") and o.count(b"\n") == 4:   # kick 2 ms into line 5's work
@@ -192,7 +191,7 @@ def test_two_vcpus_and_prepare_hook(tmp_path, reference) -> None:
         ap_state = (ap.get_mp_state(), bytes(ap.get_lapic().regs[0x20:0x24]), bytes(ap.get_regs()))
         bsp_lapic_id = bytes(vm.vcpus[0].get_lapic().regs[0x20:0x24])
         snapshot.save(vm, path, fsync=False, kvm=kvm)
-        seen: List[str] = []
+        seen: list[str] = []
 
         def prepare(new_vm: pykvm.Vm) -> None:
             assert not new_vm.vcpus and not new_vm.memory      # called on the empty VM
@@ -374,7 +373,7 @@ def test_unknown_format_version_is_refused(midrun, tmp_path) -> None:
 def test_save_refuses_a_running_vcpu(tmp_path) -> None:
     with pykvm.Kvm() as kvm, build_counter(kvm, lines=10**6, iters=10**6) as vm:
         vcpu = vm.vcpus[0]
-        err: List[BaseException] = []
+        err: list[BaseException] = []
         started = threading.Event()
 
         def runner() -> None:
@@ -420,9 +419,8 @@ def test_command_line(midrun) -> None:
 
 def test_guest_timeout_is_reported() -> None:
     """The watchdog of the run loop works (a hung guest fails the test instead of hanging it)."""
-    with pykvm.Kvm() as kvm, build_counter(kvm, lines=10**6, iters=10**7) as vm:
-        with pytest.raises(GuestTimeout):
-            run_guest(vm.vcpus[0], bytearray(), timeout=0.2)
+    with pykvm.Kvm() as kvm, build_counter(kvm, lines=10**6, iters=10**7) as vm, pytest.raises(GuestTimeout):
+        run_guest(vm.vcpus[0], bytearray(), timeout=0.2)
 
 
 def test_command_line_errors(midrun, tmp_path, capsys) -> None:

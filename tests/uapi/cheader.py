@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 from .layout import ctypes_paths
 
@@ -23,7 +23,7 @@ HEADERS = ("/usr/include/linux/kvm.h", "/usr/include/x86_64-linux-gnu/asm/kvm.h"
            "/usr/include/asm/kvm.h")
 
 
-def available() -> Optional[str]:
+def available() -> str | None:
     """Return why the C check cannot run here, or None when it can."""
     if shutil.which("gcc") is None:
         return "gcc not installed"
@@ -40,7 +40,7 @@ def header_structs() -> set:
     return names
 
 
-def lines(macros: Iterable[str], structs: Iterable[Tuple[str, type]]) -> List[str]:
+def lines(macros: Iterable[str], structs: Iterable[tuple[str, type]]) -> list[str]:
     out = []
     for m in macros:
         out.append(f'#ifdef {m}\n  printf("{m} %llu\\n", (unsigned long long)({m}));\n#endif')
@@ -52,8 +52,8 @@ def lines(macros: Iterable[str], structs: Iterable[Tuple[str, type]]) -> List[st
     return out
 
 
-def run(macros: Iterable[str], structs: Iterable[Tuple[str, type]],
-        include: Optional[List[str]] = None) -> Dict[str, int]:
+def run(macros: Iterable[str], structs: Iterable[tuple[str, type]],
+        include: list[str] | None = None) -> dict[str, int]:
     """Compile and run the program; names the headers lack are left out."""
     body = lines(macros, structs)
     head = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>",

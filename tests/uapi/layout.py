@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import re
-from typing import Any, Dict
+from typing import Any
 
 
 def ctypes_paths(cls: type, prefix: str = "", base: int = 0,
-                 out: Dict[str, int] | None = None) -> Dict[str, int]:
+                 out: dict[str, int] | None = None) -> dict[str, int]:
     out = {} if out is None else out
     anonymous = set(getattr(cls, "_anonymous_", ()))
     for spec in cls.__dict__.get("_fields_", cls._fields_):
@@ -34,8 +34,8 @@ def ctypes_paths(cls: type, prefix: str = "", base: int = 0,
     return out
 
 
-def record_paths(types: Dict[str, Any], name: str, prefix: str = "", base: int = 0,
-                 out: Dict[str, int] | None = None) -> Dict[str, int]:
+def record_paths(types: dict[str, Any], name: str, prefix: str = "", base: int = 0,
+                 out: dict[str, int] | None = None) -> dict[str, int]:
     out = {} if out is None else out
     for m in types[name]["members"]:
         if "bits" in m:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import pykvm
 

@@ -11,8 +11,8 @@ import pykvm
 from pykvm.uapi import structs as S
 from pykvm.vcpu import lapic_get_reg, lapic_set_reg
 
-from .machines import long_mode_apic, outs
 from ._hints import check_hint
+from .machines import long_mode_apic, outs
 
 APIC_ID, APIC_LVR, APIC_TASKPRI, APIC_SPIV = 0x20, 0x30, 0x80, 0xF0
 

@@ -13,8 +13,8 @@ import pykvm
 from pykvm.uapi import structs as S
 
 from ..guests import PDPT, long_mode, real_mode
-from .machines import HANDLER_PORT, host_is_pvm, outs, real_mode_handlers, run_until
 from ._hints import check_hint
+from .machines import HANDLER_PORT, host_is_pvm, outs, real_mode_handlers, run_until
 
 OUT_HLT = bytes.fromhex(
     "e610"                      # 0x00: out 0x10,al

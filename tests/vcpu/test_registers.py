@@ -17,8 +17,8 @@ from pykvm import uapi
 from pykvm.uapi import structs as S
 
 from ..guests import long_mode, real_mode
-from .machines import host_is_pvm, outs, run_until, user_mode
 from ._hints import check_hint
+from .machines import host_is_pvm, outs, run_until, user_mode
 
 REGS_SUM = bytes.fromhex(
     "89d8"                      # 0x00: mov ax,bx

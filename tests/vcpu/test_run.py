@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import threading
 import time
@@ -12,7 +11,7 @@ import pytest
 import pykvm
 from pykvm import uapi
 
-from ..guests import CODE, REAL_MODE_HELLO, SPIN, long_mode, real_mode
+from ..guests import REAL_MODE_HELLO, SPIN, long_mode, real_mode
 
 
 def test_real_mode_hello_prints_4(vm, watchdog):

@@ -9,12 +9,11 @@ simplest way to catch interrupts.
 from __future__ import annotations
 
 import struct
-from typing import Dict
 
 import pykvm
+from pykvm.fd import ioctl
 from pykvm.uapi import ioctls as I
 from pykvm.uapi import structs as S
-from pykvm.fd import ioctl
 from tests.guests import real_mode
 
 OUT_E9 = bytes([0xE6, 0xE9])          # out 0xe9, al   (the "I am here" exit)
@@ -88,12 +87,12 @@ class IrqGuest:
         if lapic:
             enable_lapic(self.vcpu)
 
-    def counts(self) -> Dict[int, int]:
+    def counts(self) -> dict[int, int]:
         """{vector: times taken} for every vector taken so far."""
         raw = self.mem.read(COUNTS, 256)
         return {v: n for v, n in enumerate(raw) if n}
 
-    def wait(self, watchdog, seconds: float = 5.0) -> Dict[int, int]:
+    def wait(self, watchdog, seconds: float = 5.0) -> dict[int, int]:
         """Run until the guest reports a wake-up; return :meth:`counts`.
 
         Fails (instead of hanging) if no interrupt arrives: the watchdog

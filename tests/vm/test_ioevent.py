@@ -17,8 +17,7 @@ from pykvm.coalesced import COALESCED_MMIO_MAX
 from pykvm.eventfd import EventFd
 from tests.guests import RAM, long_mode, real_mode
 
-from ._guests import (HLT, OUT_E9, es_segment, es_write_byte, es_write_word, mmio_write64, pio_write,
-                      run_to_exit)
+from ._guests import HLT, OUT_E9, es_segment, es_write_byte, es_write_word, mmio_write64, pio_write, run_to_exit
 
 PORT = 0x700
 MMIO = RAM            # 0x200000: mapped by long_mode's page tables, no memory behind it

@@ -15,8 +15,17 @@ import pytest
 import pykvm
 from pykvm import Cap
 from pykvm.eventfd import EventFd
-from pykvm.irq import (IOAPIC, PIC_MASTER, PIC_SLAVE, default_routes, ioapic_redirection, irqchip_route,
-                       msi_address, msi_data, msi_route)
+from pykvm.irq import (
+    IOAPIC,
+    PIC_MASTER,
+    PIC_SLAVE,
+    default_routes,
+    ioapic_redirection,
+    irqchip_route,
+    msi_address,
+    msi_data,
+    msi_route,
+)
 from pykvm.uapi import structs as S
 from tests.guests import real_mode
 

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 
@@ -29,13 +28,13 @@ def _tools_missing() -> str:
     return ", ".join(missing)
 
 
-def _run(cmd: List[str]) -> None:
+def _run(cmd: list[str]) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr}")
 
 
-def _build(out: Path, name: str, source: str, defsyms: Dict[str, int] = {}) -> Path:
+def _build(out: Path, name: str, source: str, defsyms: dict[str, int] = {}) -> Path:
     obj, elf = out / f"{name}.o", out / f"{name}.elf"
     cmd = ["as", "--32", "-I", str(KERNELS), "-o", str(obj)]
     for k, v in defsyms.items():
@@ -50,7 +49,7 @@ class Kernels:
 
     def __init__(self, out: Path) -> None:
         self.dir = out
-        self.paths: Dict[str, Path] = {}
+        self.paths: dict[str, Path] = {}
         for name in SOURCES:
             self.paths[name] = _build(out, name, name)
         # hello with the a.out kludge, as a flat binary followed by junk that
@@ -93,7 +92,7 @@ class Result:
         return f"<status {self.status}\nstdout:\n{self.out}\nstderr:\n{self.err}>"
 
 
-def run_vmm(kernel: str, *args: str, input: Optional[bytes] = b"",
+def run_vmm(kernel: str, *args: str, input: bytes | None = b"",
             timeout: float = VMM_TIMEOUT) -> Result:
     """``python -m pykvm.vmm KERNEL ARGS --timeout T`` in a subprocess."""
     cmd = [sys.executable, "-m", "pykvm.vmm", kernel, *args, "--timeout", str(timeout)]

@@ -36,7 +36,7 @@ def reply(sock: socket.socket, buf: bytearray) -> bytes:
         buf += chunk
 
 
-def _session(sock: socket.socket, entry: int, token: "str | None") -> None:
+def _session(sock: socket.socket, entry: int, token: str | None) -> None:
     buf = bytearray()
     if token is not None:  # TCP: nothing about the guest before 'monitor auth TOKEN'
         sock.sendall(packet(b"m0,10"))                # guest memory: refused

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from pykvm.vmm import multiboot as MB
 from pykvm.vmm import status as S
 from pykvm.vmm.cli import UsageError, parse_args
-from pykvm.vmm.files import STREAM_CAP, read_image
 from pykvm.vmm.errors import MachineError
+from pykvm.vmm.files import STREAM_CAP, read_image
 
 from .conftest import PROCESS_TIMEOUT, VMM_TIMEOUT
 from .test_units import FakeRam, elf32

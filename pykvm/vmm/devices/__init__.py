@@ -22,4 +22,4 @@ from .misc import Misc
 from .output import FdOutput
 from .pci import Pci
 
-__all__ = ["FwCfg", "Cmos", "Pci", "DebugExit", "Misc", "FdOutput"]
+__all__ = ["Cmos", "DebugExit", "FdOutput", "FwCfg", "Misc", "Pci"]

@@ -11,7 +11,7 @@ from ..layout import CMOS_PORT
 if TYPE_CHECKING:
     from ...x86.bus import Bus
 
-__all__ = ["Cmos", "NVRAM_SIZE"]
+__all__ = ["NVRAM_SIZE", "Cmos"]
 
 NVRAM_SIZE = 128
 
@@ -46,7 +46,7 @@ class Cmos:
         n[0x5B], n[0x5C], n[0x5D] = hi & 0xFF, (hi >> 8) & 0xFF, (hi >> 16) & 0xFF
         n[0x5F] = (cpus - 1) & 0xFF
 
-    def attach(self, bus: "Bus") -> None:
+    def attach(self, bus: Bus) -> None:
         bus.on_io(CMOS_PORT, out=self.select, in_=lambda port, size: self.index)
         bus.on_io(CMOS_PORT + 1, out=self.write, in_=self.read)
 

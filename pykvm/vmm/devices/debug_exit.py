@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..layout import DEBUG_EXIT_PORT
 from ..status import debug_exit_status
@@ -19,7 +20,7 @@ class DebugExit:
     def __init__(self, finish: Callable[[int, str], None], port: int = DEBUG_EXIT_PORT) -> None:
         self.port, self._finish = port, finish
 
-    def attach(self, bus: "Bus") -> None:
+    def attach(self, bus: Bus) -> None:
         bus.on_io(self.port, out=self.write, in_=lambda port, size: (1 << (8 * size)) - 1)
 
     def write(self, port: int, data: bytes) -> None:

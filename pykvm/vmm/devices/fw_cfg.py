@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING
 
 from ..layout import FW_CFG_PORT
 
 if TYPE_CHECKING:
     from ...x86.bus import Bus
 
-__all__ = ["FwCfg", "FW_CFG_SIGNATURE", "FW_CFG_ID", "FW_CFG_FILE_DIR", "FW_CFG_FILE_FIRST"]
+__all__ = ["FW_CFG_FILE_DIR", "FW_CFG_FILE_FIRST", "FW_CFG_ID", "FW_CFG_SIGNATURE", "FwCfg"]
 
 FW_CFG_SIGNATURE, FW_CFG_ID, FW_CFG_UUID, FW_CFG_RAM_SIZE = 0x00, 0x01, 0x02, 0x03
 FW_CFG_NOGRAPHIC, FW_CFG_NB_CPUS, FW_CFG_MAX_CPUS, FW_CFG_FILE_DIR = 0x04, 0x05, 0x0F, 0x19
@@ -35,9 +35,9 @@ class FwCfg:
     """
 
     def __init__(self, *, cpus: int, ram_size: int, cmdline: bytes,
-                 e820: List[Tuple[int, int, int]],
-                 files: Optional[Dict[str, bytes]] = None) -> None:
-        self.items: Dict[int, bytes] = {
+                 e820: list[tuple[int, int, int]],
+                 files: dict[str, bytes] | None = None) -> None:
+        self.items: dict[int, bytes] = {
             FW_CFG_SIGNATURE: b"QEMU",
             FW_CFG_ID: struct.pack("<I", 1),
             FW_CFG_UUID: bytes(16),
@@ -61,7 +61,7 @@ class FwCfg:
         self.offset = 0
         self._item = self.items[FW_CFG_SIGNATURE]
 
-    def attach(self, bus: "Bus") -> None:
+    def attach(self, bus: Bus) -> None:
         bus.on_io(FW_CFG_PORT, out=self.select, in_=lambda port, size: 0)
         bus.on_io(FW_CFG_PORT + 1, out=_ignore, in_=self.data)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..layout import DEBUG_CONSOLE_PORT
 
@@ -24,7 +25,7 @@ class Misc:
         self._output, self._reset = output, reset
         self.vga = bytearray(VGA_PORTS)
 
-    def attach(self, bus: "Bus") -> None:
+    def attach(self, bus: Bus) -> None:
         ignore = _ignore
         bus.on_io(0x80, out=ignore, in_=lambda p, s: 0)
         bus.on_io(0x92, out=self.port92, in_=lambda p, s: 0x02)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 __all__ = ["FdOutput"]
 
@@ -14,7 +13,7 @@ class FdOutput:
     reaches its exit.  Nothing is buffered: a reader that stops reading makes
     the writing vCPU wait, it never makes the VMM grow."""
 
-    def __init__(self, fd: Optional[int]) -> None:
+    def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
     def __call__(self, data: bytes) -> None:

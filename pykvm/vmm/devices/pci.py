@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..layout import PCI_CONFIG_PORT
 
@@ -21,7 +22,7 @@ class Pci:
         self.address = 0
         self._reset = reset
 
-    def attach(self, bus: "Bus") -> None:
+    def attach(self, bus: Bus) -> None:
         bus.on_io(range(PCI_CONFIG_PORT, PCI_CONFIG_PORT + 4), out=self.write_addr, in_=self.read_addr)
         bus.on_io(range(PCI_CONFIG_PORT + 4, PCI_CONFIG_PORT + 8), out=lambda port, data: None,
                   in_=lambda port, size: (1 << (8 * size)) - 1)

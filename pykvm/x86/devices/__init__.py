@@ -6,4 +6,4 @@
 
 from .uart16550 import COM1, COM2, FIFO_SIZE, Uart16550
 
-__all__ = ["Uart16550", "COM1", "COM2", "FIFO_SIZE"]
+__all__ = ["COM1", "COM2", "FIFO_SIZE", "Uart16550"]

@@ -36,12 +36,13 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..bus import RunLoop
 
-__all__ = ["Uart16550", "COM1", "COM2", "FIFO_SIZE"]
+__all__ = ["COM1", "COM2", "FIFO_SIZE", "Uart16550"]
 
 COM1 = 0x3F8
 COM2 = 0x2F8
@@ -71,8 +72,8 @@ class Uart16550:
     Attach with ``loop.add(uart)``.
     """
 
-    def __init__(self, base: int = COM1, on_output: Optional[Callable[[bytes], None]] = None,
-                 *, irq: Optional[Callable[[int], None]] = None, input_fd: Optional[int] = None,
+    def __init__(self, base: int = COM1, on_output: Callable[[bytes], None] | None = None,
+                 *, irq: Callable[[int], None] | None = None, input_fd: int | None = None,
                  output_limit: int = 1 << 20) -> None:
         if output_limit < 0:
             raise ValueError("output_limit must be >= 0")
@@ -85,10 +86,10 @@ class Uart16550:
         self.eof = False                          #: input_fd reached end of file
         self.overruns = 0                         #: bytes dropped because the FIFO was full
         self._irq = irq
-        self._rx: Deque[int] = deque()
+        self._rx: deque[int] = deque()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._reader: Optional[threading.Thread] = None
+        self._reader: threading.Thread | None = None
         self.ier = self.mcr = self.scr = self.fcr = 0
         self.lcr = 0x03                           # 8N1
         self.dll, self.dlm = 1, 0                 # 115200 baud
@@ -96,7 +97,7 @@ class Uart16550:
         self._thr_pending = False
         self._irq_level = 0
 
-    def attach(self, loop: "RunLoop") -> None:
+    def attach(self, loop: RunLoop) -> None:
         """Register the eight ports with a run loop or bus (``loop.add(uart)`` calls this)."""
         loop.on_io(range(self.base, self.base + 8), out=self.port_write, in_=self.port_read)
 
@@ -109,7 +110,7 @@ class Uart16550:
             self._update_irq()
             return n
 
-    def wait_for_room(self, timeout: Optional[float] = None) -> int:
+    def wait_for_room(self, timeout: float | None = None) -> int:
         """Block until the receive FIFO has room (or *timeout*); return the free bytes."""
         with self._room:
             self._room.wait_for(lambda: len(self._rx) < FIFO_SIZE, timeout)
