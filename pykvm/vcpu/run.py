@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 from typing import Optional
 
@@ -41,7 +42,11 @@ from ..errors import KvmClosedError, KvmError
 from ..fd import FdObject, raise_error
 from ..uapi import ioctls as I
 from ..uapi import structs as S
-from .exits import DECODE_TABLE, INTERRUPTED, Exit, _d_fault, _unknown
+from .exits import DECODE_TABLE, INTERRUPTED, IO_LAYOUT, Exit, IoIn, IoOut, _d_fault, _unknown
+
+_new = object.__new__
+_io_unpack = IO_LAYOUT.format.unpack_from
+_IO_AT = IO_LAYOUT.offset
 
 __all__ = ["RunEngine", "Watchdog", "ensure_kick_handler"]
 
@@ -106,13 +111,19 @@ class RunEngine(FdObject):
         self._mv = memoryview(self._mm)
         self._u32 = self._mv.cast("I")  # exit_reason is self._u32[2]
         self._run_struct: Optional[S.kvm_run] = None
-        self._lock = threading.Lock()       # held by run(); refuses a second runner
+        self._set_run_lock()
         self._tid_lock = threading.Lock()   # guards _thread between run() and kick()
         self._thread = None
         _live.add(self)
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {self._state()}>"
+
+    def _set_run_lock(self) -> None:
+        # held by run(), run_raw(), hold() and close(); refuses a second runner
+        self._lock = _RunLock()
+        self._take = self._lock.take
+        self._give = self._lock.give
 
     # -- the run page -----------------------------------------------------------
     @property
@@ -154,14 +165,31 @@ class RunEngine(FdObject):
         second thread calling ``run()`` on the same vCPU gets a ``KvmError``
         (EBUSY) instead of blocking.
         """
-        lock = self._lock
-        if not lock.acquire(False):
-            raise self._busy()
+        # The hot path: one list.pop as the run lock (atomic under the GIL, no
+        # argument parsing), one ioctl, one decoder call, all under the lock.
+        take, give = self._take, self._give  # not self._take(): LOAD_METHOD on an instance attribute is slow
+        try:
+            take()
+        except IndexError:
+            raise self._busy() from None
         try:
             self._thread = _get_ident()
             _run_ioctl(self._fd, _KVM_RUN)
             # Decode while still holding the run lock: close() waits for it.
             reason = self._u32[2]
+            if reason == 2:  # KVM_EXIT_IO, the commonest exit: decoded inline (one frame less)
+                mv = self._mv
+                direction, size, port, count, off = _io_unpack(mv, _IO_AT)
+                if direction:
+                    e = _new(IoOut)
+                    e.data = self._mm[off:off + size * count]
+                else:
+                    e = _new(IoIn)
+                    e.data = mv[off:off + size * count]
+                e.port = port
+                e.size = size
+                e.count = count
+                return e
             if reason < 64:
                 return DECODE_TABLE[reason](self._mm, self._mv)
             return _unknown(self._mm, self._mv)
@@ -174,7 +202,7 @@ class RunEngine(FdObject):
             if self._kicking:  # a kick() may be about to signal us: wait until it is done
                 with self._tid_lock:
                     pass
-            lock.release()
+            give(True)
 
     def run_raw(self) -> int:
         """``KVM_RUN`` without decoding: return ``exit_reason`` as an int.
@@ -182,9 +210,11 @@ class RunEngine(FdObject):
         The fast path for loops that read ``kvm_run`` fields themselves.  EINTR
         returns ``ExitReason.INTR`` (10) and clears ``immediate_exit``.
         """
-        lock = self._lock
-        if not lock.acquire(False):
-            raise self._busy()
+        take, give = self._take, self._give  # not self._take(): LOAD_METHOD on an instance attribute is slow
+        try:
+            take()
+        except IndexError:
+            raise self._busy() from None
         try:
             self._thread = _get_ident()
             _run_ioctl(self._fd, _KVM_RUN)
@@ -198,7 +228,7 @@ class RunEngine(FdObject):
             if self._kicking:  # a kick() may be about to signal us: wait until it is done
                 with self._tid_lock:
                     pass
-            lock.release()
+            give(True)
 
     def _busy(self) -> KvmError:
         if self._closing or self._fd < 0:
@@ -371,13 +401,57 @@ class RunEngine(FdObject):
         if self._inert:
             return
         self._inert = True
-        self._lock = threading.Lock()
+        self._set_run_lock()
         self._tid_lock = threading.Lock()
         self._thread = None
         self._holder = None
         self._kicking = False
         self._kick_sent = False
         self._holding_run_lock = False
+
+
+class _RunLock:
+    """The run lock: a one-token list, taken with ``pop`` and given back with ``append``.
+
+    ``list.pop`` is one atomic step (under the GIL, and under the list's own
+    lock in free-threaded builds), so at most one thread holds the token; it
+    takes no arguments to parse, which makes it the cheapest try-lock CPython
+    offers for ``run()``'s hot path.  ``acquire`` with blocking polls (only
+    ``close()`` blocks on it, while it kicks the runner).
+    """
+
+    __slots__ = ("_free", "take", "give")
+
+    def __init__(self) -> None:
+        self._free = [True]
+        #: take the token: raises IndexError when another holder has it
+        self.take = self._free.pop
+        #: give the token back (only its holder may)
+        self.give = self._free.append
+
+    def locked(self) -> bool:
+        """True while a thread holds the token."""
+        return not self._free
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the token; like ``threading.Lock.acquire`` (polls when it must wait)."""
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        delay = 0.0002
+        while True:
+            try:
+                self.take()
+                return True
+            except IndexError:
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def release(self) -> None:
+        """Give the token back."""
+        if self._free:
+            raise RuntimeError("release of an unheld vCPU run lock")
+        self.give(True)
 
 
 class _Held:
