@@ -143,7 +143,7 @@ def _run(argv: Optional[List[str]]) -> int:
     mode = cfg.mode + ("" if args.scale == 1.0 else f", scale {args.scale:g}") + \
         ("" if args.clock == "wall" else ", CPU-time clock")
     host["clock"] = args.clock
-    targets = report.evaluate_targets(suite.rows)
+    targets = report.evaluate_targets(suite.rows, host)
     notes = list(suite.notes)
     if args.chart:
         msg = report.chart(suite.rows, args.chart)

@@ -20,13 +20,14 @@ if TYPE_CHECKING:
     from pykvm import Vcpu
     from pykvm.vcpu import Watchdog as VcpuWatchdog
 
-VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "guest", "python")
+VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "qemu", "guest", "python")
 VARIANT_TITLES = {
     "pykvm": "pykvm",           # the typed object API (Vcpu.run() -> Exit, vm.create_vcpu() ...)
     "raw": "pykvm raw",         # run_raw(), pykvm.fd.ioctl() on the raw layer
     "fcntl": "fcntl floor",     # plain fcntl.ioctl, no wrapper: what Python itself costs
     "c": "C",                   # benchmarks/c/kvmbench.c
     "unicorn": "Unicorn",       # the same guest code emulated by Unicorn
+    "qemu": "QEMU microvm",     # the same kernel under qemu-system-x86_64 -accel kvm -M microvm
     "guest": "in guest (rdtsc)",
     "python": "process",
 }
