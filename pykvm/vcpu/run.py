@@ -69,6 +69,20 @@ _MEMORY_FAULT_ERRNOS = (errno.EFAULT, getattr(errno, "EHWPOISON", 133))
 _EXIT_MEMORY_FAULT = 39
 _get_ident = threading.get_ident
 
+# Exit-object reuse (CPython with the GIL, before 3.14): run() hands out a cached
+# IoOut/IoIn again only when sys.getrefcount shows that nothing but the cache
+# refers to it: the vCPU's attribute, run()'s local and getrefcount's own
+# argument make 3.  Nobody else can observe such an object (the exit classes
+# have no __weakref__ slot), so reusing it is invisible; an exit the caller
+# still holds (the loop's previous `e`, a list, a RunLoop.Stop) is never
+# touched: run() takes the second cached object or a new one.  Elsewhere (PyPy,
+# free-threaded builds, 3.14's borrowed references) the cache holds None, whose
+# count is never 3, so every exit is a new object.
+_REUSE = (sys.implementation.name == "cpython" and sys.version_info < (3, 14)
+          and getattr(sys, "_is_gil_enabled", lambda: True)())
+_FREE = 3
+_refcount = sys.getrefcount if _REUSE else (lambda obj: 1 << 30)
+
 # Every live vCPU, for the fork hook below (weak: the set never keeps one alive).
 _live: "weakref.WeakSet[RunEngine]" = weakref.WeakSet()
 
@@ -114,6 +128,11 @@ class RunEngine(FdObject):
         self._set_run_lock()
         self._tid_lock = threading.Lock()   # guards _thread between run() and kick()
         self._thread = None
+        # two cached exits per kind: the caller's previous exit may still be alive
+        self._out_a = _new(IoOut) if _REUSE else None
+        self._out_b = _new(IoOut) if _REUSE else None
+        self._in_a = _new(IoIn) if _REUSE else None
+        self._in_b = _new(IoIn) if _REUSE else None
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -180,11 +199,21 @@ class RunEngine(FdObject):
             if reason == 2:  # KVM_EXIT_IO, the commonest exit: decoded inline (one frame less)
                 mv = self._mv
                 direction, size, port, count, off = _io_unpack(mv, _IO_AT)
+                # Reuse a cached exit object only when nothing but the cache refers
+                # to it (see _FREE): a kept exit is never changed afterwards.
                 if direction:
-                    e = _new(IoOut)
+                    e = self._out_a
+                    if _refcount(e) > _FREE:
+                        e = self._out_b
+                        if _refcount(e) > _FREE:
+                            e = _new(IoOut)
                     e.data = self._mm[off:off + size * count]
                 else:
-                    e = _new(IoIn)
+                    e = self._in_a
+                    if _refcount(e) > _FREE:
+                        e = self._in_b
+                        if _refcount(e) > _FREE:
+                            e = _new(IoIn)
                     e.data = mv[off:off + size * count]
                 e.port = port
                 e.size = size
