@@ -288,8 +288,10 @@ class RunEngine(FdObject):
         """
         if self._fd < 0:
             raise KvmClosedError(self._what, "hold")
-        if not self._lock.acquire(False):
-            raise self._busy()
+        try:
+            self._take()  # the run token; refused at once while close() waits for it
+        except IndexError:
+            raise self._busy() from None
         self._holder = _get_ident()
         return _Held(self)
 
@@ -388,6 +390,9 @@ class RunEngine(FdObject):
         if self._lock is None or self._thread == _get_ident():
             return  # closed from inside our own run() (a signal handler): nothing to wait for
         self._closing = True
+        # From now on run()/run_raw() find no token (and raise KvmClosedError):
+        # a thread that calls run() in a loop cannot starve this close().
+        self._take = _refuse
         idle_waits = 0
         while not self._lock.acquire(timeout=0.05):
             if self._thread is not None:
@@ -437,6 +442,11 @@ class RunEngine(FdObject):
         self._kicking = False
         self._kick_sent = False
         self._holding_run_lock = False
+
+
+def _refuse() -> None:
+    """The run lock's ``take`` of a closing vCPU: never succeeds."""
+    raise IndexError("the vCPU is closing")
 
 
 class _RunLock:
