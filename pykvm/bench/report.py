@@ -73,7 +73,7 @@ def evaluate_targets(rows: Sequence[Row], host: Optional[Dict[str, Any]] = None)
             add(name, desc, None, None, "not measured in this run")
             return
         m = rr["median"]
-        extra = r.median(variant) - limit * r.median(den)
+        extra = (m - limit) * r.median(den)  # in ns, from the paired ratio (not from two medians)
         add(name, desc, round(m, 3), m <= limit,
             f"{m:.3f}x (paired-round quartiles {rr['p25']:.3f}–{rr['p75']:.3f}); {fmt_ns(r.median(variant))} "
             f"vs {VARIANT_TITLES.get(den, den)} {fmt_ns(r.median(den))}; "
