@@ -78,9 +78,29 @@ _get_ident = threading.get_ident
 # touched: run() takes the second cached object or a new one.  Elsewhere (PyPy,
 # free-threaded builds, 3.14's borrowed references) the cache holds None, whose
 # count is never 3, so every exit is a new object.
-_REUSE = (sys.implementation.name == "cpython" and sys.version_info < (3, 14)
-          and getattr(sys, "_is_gil_enabled", lambda: True)())
 _FREE = 3
+
+
+def _refcounts_as_expected() -> bool:
+    """Check, with the same code shape as run(), that a free cached object counts _FREE."""
+
+    class _Box:
+        pass
+
+    def probe(box: _Box) -> int:
+        e = box.slot  # type: ignore[attr-defined]
+        return sys.getrefcount(e)
+
+    box = _Box()
+    box.slot = _Box()  # type: ignore[attr-defined]
+    free = probe(box)
+    kept = box.slot  # type: ignore[attr-defined]  # noqa: F841 - a second holder
+    held = probe(box)
+    return free == _FREE and held == _FREE + 1
+
+
+_REUSE = bool(sys.implementation.name == "cpython" and sys.version_info < (3, 14)
+              and getattr(sys, "_is_gil_enabled", lambda: True)() and _refcounts_as_expected())
 _refcount = sys.getrefcount if _REUSE else (lambda obj: 1 << 30)
 
 # Every live vCPU, for the fork hook below (weak: the set never keeps one alive).
