@@ -38,13 +38,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 UAPI = ROOT / "pykvm" / "uapi"
 TOOL = "tools/gen_uapi.py"
 
-Record = Dict[str, Any]
+Record = dict[str, Any]
 
 # ---------------------------------------------------------------------------
 # Where a header tree keeps its files
@@ -58,7 +58,7 @@ _GENERIC_ASM = ("types", "ioctl", "ioctls", "errno", "fcntl", "param", "poll", "
                 "int-ll64", "posix_types")
 
 
-def header_dirs(root: Path, shim: Path) -> Tuple[List[Path], str]:
+def header_dirs(root: Path, shim: Path) -> tuple[list[Path], str]:
     """The -I directories for a header tree, and what kind of tree it is."""
     if (root / "usr/include/linux/kvm.h").exists():  # a linux-libc-dev unpack
         inc = root / "usr/include"
@@ -77,7 +77,7 @@ def header_dirs(root: Path, shim: Path) -> Tuple[List[Path], str]:
     raise SystemExit(f"gen_uapi: no linux/kvm.h under {root}")
 
 
-def kernel_version(root: Path, dirs: List[Path]) -> str:
+def kernel_version(root: Path, dirs: list[Path]) -> str:
     """MAJOR.MINOR.SUB of the tree, from linux/version.h or the kernel Makefile."""
     for d in dirs:
         v = d / "linux/version.h"
@@ -103,11 +103,11 @@ def kernel_version(root: Path, dirs: List[Path]) -> str:
 # Stage 1: extract (gcc + DWARF)
 # ---------------------------------------------------------------------------
 
-def _gcc(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
+def _gcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True)
 
 
-def _which_header(path: str) -> Optional[str]:
+def _which_header(path: str) -> str | None:
     """'x86' for asm/kvm.h, 'kvm' for linux/kvm.h, else None."""
     if path.endswith("asm/kvm.h"):
         return "x86"
@@ -116,14 +116,14 @@ def _which_header(path: str) -> Optional[str]:
     return None
 
 
-def _macros(incs: List[str], work: Path) -> List[Dict[str, Any]]:
+def _macros(incs: list[str], work: Path) -> list[dict[str, Any]]:
     """Object-like macros of the two KVM headers, in header order."""
     (work / "m.c").write_text("#include <linux/kvm.h>\n")
     r = _gcc(["-E", "-dD", *incs, "m.c"], work)
     if r.returncode:
         raise SystemExit("gen_uapi: gcc -E failed:\n" + r.stderr)
-    out: List[Dict[str, Any]] = []
-    cur: Optional[str] = None
+    out: list[dict[str, Any]] = []
+    cur: str | None = None
     line = 0
     for text in r.stdout.splitlines():
         m = re.match(r'^# (\d+) "([^"]+)"', text)
@@ -140,7 +140,7 @@ def _macros(incs: List[str], work: Path) -> List[Dict[str, Any]]:
     return out
 
 
-def _values(names: List[str], incs: List[str], work: Path) -> Dict[str, int]:
+def _values(names: list[str], incs: list[str], work: Path) -> dict[str, int]:
     """Integer value of each macro that is an integer constant, by gcc."""
     todo = list(dict.fromkeys(names))
     head = ("#include <stdio.h>\n#include <linux/kvm.h>\n"
@@ -164,7 +164,7 @@ def _values(names: List[str], incs: List[str], work: Path) -> Dict[str, int]:
     raise SystemExit("gen_uapi: value program did not converge")
 
 
-def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def _dwarf(incs: list[str], work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every struct/union (named and anonymous) and enumerator of the two headers."""
     from elftools.elf.elffile import ELFFile  # dev-time only (the ``dev`` extra)
 
@@ -173,8 +173,8 @@ def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, 
               "-c", "-o", "d.o", "d.c"], work)
     if r.returncode:
         raise SystemExit("gen_uapi: gcc -g failed:\n" + r.stderr)
-    types: Dict[str, Any] = {}
-    enumerators: List[Dict[str, Any]] = []
+    types: dict[str, Any] = {}
+    enumerators: list[dict[str, Any]] = []
     with open(work / "d.o", "rb") as f:
         elf = ELFFile(f)
         dwarf = elf.get_dwarf_info()
@@ -183,7 +183,7 @@ def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, 
             files = lp["file_entry"]
             dirs = lp["include_directory"]
 
-            def decl_file(die: Any) -> Optional[str]:
+            def decl_file(die: Any) -> str | None:
                 a = die.attributes.get("DW_AT_decl_file")
                 if a is None:
                     return None
@@ -192,8 +192,8 @@ def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, 
                 d = dirs[fe.dir_index].decode()
                 return _which_header(os.path.join(d, name))
 
-            anon_names: Dict[int, str] = {}
-            naming: Dict[str, str] = {}
+            anon_names: dict[int, str] = {}
+            naming: dict[str, str] = {}
 
             def typeref(die: Any, owner: str, member: str) -> str:
                 tag = die.tag
@@ -248,7 +248,7 @@ def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, 
                 if name in types or "DW_AT_declaration" in die.attributes:
                     return name
                 kind = "union" if die.tag == "DW_TAG_union_type" else "struct"
-                entry: Dict[str, Any] = {"kind": kind, "size": die.attributes["DW_AT_byte_size"].value,
+                entry: dict[str, Any] = {"kind": kind, "size": die.attributes["DW_AT_byte_size"].value,
                                          "file": decl_file(die), "members": []}
                 types[name] = entry
                 n_anon = 0
@@ -265,7 +265,7 @@ def _dwarf(incs: List[str], work: Path) -> Tuple[Dict[str, Any], List[Dict[str, 
                     loc = m.attributes.get("DW_AT_data_member_location")
                     off = loc.value if loc is not None else 0
                     t = typeref(m.get_DIE_from_attribute("DW_AT_type"), name, mname)
-                    row: Dict[str, Any] = {"name": mname, "offset": off, "type": t}
+                    row: dict[str, Any] = {"name": mname, "offset": off, "type": t}
                     if anon:
                         row["anonymous"] = True
                     if "DW_AT_bit_size" in m.attributes:
@@ -309,9 +309,9 @@ def _argtype(text: str) -> str:
     return basic[text]
 
 
-def _exit_reasons(kvm_h: Path) -> List[str]:
+def _exit_reasons(kvm_h: Path) -> list[str]:
     """The KVM_EXIT_* block of linux/kvm.h that starts at KVM_EXIT_UNKNOWN."""
-    names: List[str] = []
+    names: list[str] = []
     started = False
     for line in kvm_h.read_text().splitlines():
         m = re.match(r"#define (KVM_EXIT_\w+)\s", line)
@@ -324,8 +324,8 @@ def _exit_reasons(kvm_h: Path) -> List[str]:
     return names
 
 
-def extract(root: Path, label: Optional[str], source: Optional[str],
-            sha256: Optional[str]) -> Record:
+def extract(root: Path, label: str | None, source: str | None,
+            sha256: str | None) -> Record:
     """Read a header tree with gcc and return the record (see the module docstring)."""
     if shutil.which("gcc") is None:
         raise SystemExit("gen_uapi: gcc is needed to extract")
@@ -339,8 +339,8 @@ def extract(root: Path, label: Optional[str], source: Optional[str],
         kvm_h = next(d / "linux/kvm.h" for d in dirs if (d / "linux/kvm.h").exists())
         exit_reasons = _exit_reasons(kvm_h)
         gcc_version = _gcc(["-dumpfullversion"], work).stdout.strip()
-    consts: List[Dict[str, Any]] = []
-    ioctls: List[Dict[str, Any]] = []
+    consts: list[dict[str, Any]] = []
+    ioctls: list[dict[str, Any]] = []
     seen = set()
     for m in macros:
         name = m["name"]
@@ -393,7 +393,7 @@ _CTYPES = {"u8": "c_uint8", "u16": "c_uint16", "u32": "c_uint32", "u64": "c_uint
 #: Which fd an x86 or generic ioctl is issued on (Documentation/virt/kvm/api.rst
 #: "Type:").  A new ioctl that is in neither this table nor OTHER_ARCH stops the
 #: generator: classify it here.
-SECTIONS: Dict[str, List[str]] = {
+SECTIONS: dict[str, list[str]] = {
     "system ioctls (on the /dev/kvm fd)": ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST",
                "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID",
                "KVM_GET_EMULATED_CPUID", "KVM_GET_MSR_FEATURE_INDEX_LIST"],
@@ -438,7 +438,7 @@ OTHER_SECTION = "ioctls of other architectures (in linux/kvm.h; not for x86)"
 _SECTION_ORDER = list(SECTIONS) + [OTHER_SECTION]
 
 
-def _split_type(t: str) -> Tuple[str, List[int]]:
+def _split_type(t: str) -> tuple[str, list[int]]:
     base = t.split("[", 1)[0]
     dims = [int(x) for x in re.findall(r"\[(\d+)\]", t)]
     return base, dims
@@ -452,7 +452,7 @@ def _ctype(t: str) -> str:
     return expr
 
 
-def _deps(types: Record, name: str) -> List[str]:
+def _deps(types: Record, name: str) -> list[str]:
     out = []
     for m in types[name]["members"]:
         base, _ = _split_type(m["type"])
@@ -461,9 +461,9 @@ def _deps(types: Record, name: str) -> List[str]:
     return out
 
 
-def _order(types: Record, names: List[str]) -> List[str]:
+def _order(types: Record, names: list[str]) -> list[str]:
     """Dependencies first, otherwise header (DWARF) order."""
-    done: List[str] = []
+    done: list[str] = []
     seen = set()
 
     def visit(n: str) -> None:
@@ -491,7 +491,7 @@ def _provenance(rec: Record, what: str) -> str:
             f'"""\n')
 
 
-def _flex_member(types: Record, t: Record) -> Optional[Tuple[str, str]]:
+def _flex_member(types: Record, t: Record) -> tuple[str, str] | None:
     """(name, element type) of a struct's trailing flexible array, also when
     the kernel wraps it in ``__DECLARE_FLEX_ARRAY`` (an unnamed struct)."""
     if t["kind"] != "struct" or not t["members"]:
@@ -504,10 +504,10 @@ def _flex_member(types: Record, t: Record) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _class(types: Record, name: str, t: Record) -> List[str]:
+def _class(types: Record, name: str, t: Record) -> list[str]:
     base = "Union" if t["kind"] == "union" else "Struct"
     lines = [f"class {name}({base}):"]
-    fields: List[str] = []
+    fields: list[str] = []
     anon = [m["name"] for m in t["members"] if m.get("anonymous")]
     for m in t["members"]:
         ct = _ctype(m["type"])
@@ -621,7 +621,7 @@ def ioctl_section(name: str) -> str:
 
 
 def render_ioctls(rec: Record) -> str:
-    by_section: Dict[str, List[Record]] = {s: [] for s in _SECTION_ORDER}
+    by_section: dict[str, list[Record]] = {s: [] for s in _SECTION_ORDER}
     for i in rec["ioctls"]:
         by_section[ioctl_section(i["name"])].append(i)
     types = rec["types"]
@@ -659,7 +659,7 @@ def render_ioctls(rec: Record) -> str:
     return "\n".join(out) + "\n"
 
 
-def render(rec: Record) -> Dict[str, str]:
+def render(rec: Record) -> dict[str, str]:
     """File name (in pykvm/uapi) -> generated text."""
     return {
         "x86.py": render_types(rec, "x86"),
@@ -670,7 +670,7 @@ def render(rec: Record) -> Dict[str, str]:
     }
 
 
-def compare(rec: Record) -> Dict[str, Tuple[int, int]]:
+def compare(rec: Record) -> dict[str, tuple[int, int]]:
     """Check pykvm.uapi (as imported) against a record: kind -> (checked, equal)."""
     import ctypes
     import importlib.util
@@ -681,7 +681,7 @@ def compare(rec: Record) -> Dict[str, Tuple[int, int]]:
     spec = importlib.util.spec_from_file_location("layout", ROOT / "tests/uapi/layout.py")
     layout = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(layout)  # type: ignore[union-attr]
-    out: Dict[str, List[int]] = {k: [0, 0] for k in
+    out: dict[str, list[int]] = {k: [0, 0] for k in
                                  ("ioctl numbers", "struct sizes", "field offsets", "constants",
                                   "caps", "exit reasons")}
 
@@ -707,7 +707,7 @@ def compare(rec: Record) -> Dict[str, Tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gen_uapi", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("extract", help="read a header tree into a record (needs gcc, pyelftools)")

@@ -22,7 +22,7 @@ from typing import List, Optional
 __all__ = ["main"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``pykvm bench`` (see :mod:`pykvm.bench.cli`)."""
     from .cli import main as cli_main
 

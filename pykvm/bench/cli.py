@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
 
 from ..command import EXIT_NO, EXIT_OK, UsageError, error, run_command
 
@@ -60,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fractions(option: str, text: str) -> List[float]:
+def _fractions(option: str, text: str) -> list[float]:
     try:
         out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -86,7 +85,7 @@ def check_output_path(option: str, path: Path) -> None:
         raise UsageError(f"{option} {path}: directory {directory} is not writable")
 
 
-def _run(argv: Optional[List[str]]) -> int:
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     import pykvm
 
@@ -143,7 +142,7 @@ def _run(argv: Optional[List[str]]) -> int:
     mode = cfg.mode + ("" if args.scale == 1.0 else f", scale {args.scale:g}") + \
         ("" if args.clock == "wall" else ", CPU-time clock")
     host["clock"] = args.clock
-    targets = report.evaluate_targets(suite.rows)
+    targets = report.evaluate_targets(suite.rows, host)
     notes = list(suite.notes)
     if args.chart:
         msg = report.chart(suite.rows, args.chart)
@@ -161,6 +160,6 @@ def _run(argv: Optional[List[str]]) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run ``pykvm bench`` with *argv* (default ``sys.argv[1:]``); return the exit status."""
     return run_command(PROG, lambda: _run(argv))

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
     from pykvm import Vcpu
     from pykvm.vcpu import Watchdog as VcpuWatchdog
 
-VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "guest", "python")
+VARIANT_ORDER = ("pykvm", "raw", "fcntl", "c", "unicorn", "qemu", "guest", "python")
 VARIANT_TITLES = {
     "pykvm": "pykvm",           # the typed object API (Vcpu.run() -> Exit, vm.create_vcpu() ...)
     "raw": "pykvm raw",         # run_raw(), pykvm.fd.ioctl() on the raw layer
     "fcntl": "fcntl floor",     # plain fcntl.ioctl, no wrapper: what Python itself costs
     "c": "C",                   # benchmarks/c/kvmbench.c
     "unicorn": "Unicorn",       # the same guest code emulated by Unicorn
+    "qemu": "QEMU microvm",     # the same kernel under qemu-system-x86_64 -accel kvm -M microvm
     "guest": "in guest (rdtsc)",
     "python": "process",
 }
@@ -46,7 +48,7 @@ def quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summary(xs: Sequence[float]) -> Dict[str, float]:
+def summary(xs: Sequence[float]) -> dict[str, float]:
     return {
         "median": quantile(xs, 0.5),
         "p25": quantile(xs, 0.25),
@@ -64,20 +66,20 @@ class Row:
     key: str
     group: str
     label: str
-    samples: Dict[str, List[float]] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
     note: str = ""
-    info: Dict[str, Any] = field(default_factory=dict)
-    errors: Dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
     skipped: str = ""
 
     def add(self, variant: str, value: float) -> None:
         self.samples.setdefault(variant, []).append(float(value))
 
-    def median(self, variant: str) -> Optional[float]:
+    def median(self, variant: str) -> float | None:
         xs = self.samples.get(variant)
         return quantile(xs, 0.5) if xs else None
 
-    def ratio(self, num: str, den: str = "c") -> Optional[Dict[str, float]]:
+    def ratio(self, num: str, den: str = "c") -> dict[str, float] | None:
         """Median (and quartiles) of the per-round ratios num/den (paired when possible)."""
         a, b = self.samples.get(num), self.samples.get(den)
         if not a or not b:
@@ -90,8 +92,8 @@ class Row:
             return None
         return {"median": quantile(rs, 0.5), "p25": quantile(rs, 0.25), "p75": quantile(rs, 0.75)}
 
-    def to_json(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"key": self.key, "group": self.group, "label": self.label, "unit": "ns"}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "group": self.group, "label": self.label, "unit": "ns"}
         out["variants"] = {v: {**summary(xs), "samples": xs}
                            for v, xs in sorted(self.samples.items(), key=lambda kv: _vorder(kv[0])) if xs}
         ratios = {}
@@ -120,11 +122,11 @@ def _vorder(v: str) -> int:
     return VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER)
 
 
-Result = Union[float, Dict[str, float]]
+Result = Union[float, dict[str, float]]
 
 
 def interleave(rounds: int, variants: Mapping[str, Callable[[], Result]],
-               rows: Union[Row, Mapping[str, Row]], warmup: int = 1, budget_s: float = 0.0) -> None:
+               rows: Row | Mapping[str, Row], warmup: int = 1, budget_s: float = 0.0) -> None:
     """Run every variant once per round (order rotated each round) and record the samples.
 
     A variant returns ns/op, or a dict ``{metric: ns/op}`` that goes to
@@ -138,14 +140,14 @@ def interleave(rounds: int, variants: Mapping[str, Callable[[], Result]],
     alive = dict.fromkeys(names, True)
     spent = dict.fromkeys(names, 0.0)
 
-    def targets() -> List[Row]:
+    def targets() -> list[Row]:
         return [rows] if isinstance(rows, Row) else list(rows.values())
 
     def call(name: str, record: bool) -> None:
         t0 = time.monotonic()
         try:
             res = variants[name]()
-        except Exception as e:  # noqa: BLE001 - recorded, reported, not fatal
+        except Exception as e:
             alive[name] = False
             msg = f"{type(e).__name__}: {e}"
             for r in targets():
@@ -189,7 +191,7 @@ class Watchdog:
     """
 
     def __init__(self) -> None:
-        self._pending: Optional[VcpuWatchdog] = None
+        self._pending: VcpuWatchdog | None = None
         self.fired = False
 
     def arm(self, vcpu: Vcpu, seconds: float) -> None:

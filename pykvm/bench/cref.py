@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Optional
 
 SOURCE = Path(__file__).with_name("c") / "kvmbench.c"
 CFLAGS = ["-O2", "-Wall"]
@@ -42,7 +41,7 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"pykvm-bench-{os.getuid()}"
 
 
-def find_compiler() -> Optional[str]:
+def find_compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
             return cc
@@ -88,7 +87,7 @@ class CRef:
         self.proc = subprocess.Popen([str(exe), "serve"] + (["cpu"] if cpu_clock else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
 
-    def _ask(self, line: str, timeout: float = 120.0) -> List[str]:
+    def _ask(self, line: str, timeout: float = 120.0) -> list[str]:
         p = self.proc
         if p.poll() is not None:
             raise CRefError(f"C reference exited ({p.returncode}): {p.stderr.read().strip()}")
@@ -116,7 +115,7 @@ class CRef:
         finally:
             path.unlink()
 
-    def bench(self, name: str, n: int, arg: int = 0) -> List[float]:
+    def bench(self, name: str, n: int, arg: int = 0) -> list[float]:
         return [float(x) for x in self._ask(f"bench {name} {n} {arg}")]
 
     def close(self) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import pykvm
 from pykvm.uapi import structs as S
@@ -139,7 +138,7 @@ _TSC_END = (b"\x0F\xAE\xE8" + b"\x0F\x31"
             + b"\x4C\x29\xC0"                            # sub rax, r8
             + b"\x48\x89\x04\x25" + struct.pack("<I", RESULT))  # mov [RESULT], rax
 
-IN_GUEST_BODIES: Dict[str, bytes] = {
+IN_GUEST_BODIES: dict[str, bytes] = {
     "cpuid": b"\x31\xC0\x0F\xA2",                        # xor eax,eax; cpuid
     "xor+nop": b"\x31\xC0\x90",                          # xor eax,eax; nop (baseline for cpuid)
     "ioeventfd": bytes([0xE6, PORT_EVENTFD]),            # out 0x14, al -> eventfd in the kernel
@@ -188,11 +187,11 @@ class Spec:
 
     code: bytes
     cpl: int = 0
-    slots: List[Slot] = field(default_factory=list)
-    options: Dict[int, int] = field(default_factory=dict)
+    slots: list[Slot] = field(default_factory=list)
+    options: dict[int, int] = field(default_factory=dict)
     dirty: bool = False       # add the 1 GiB region at DIRTY_GPA as slot 1 (dirty logging)
-    sregs: Optional[bytes] = None
-    regs: Optional[bytes] = None
+    sregs: bytes | None = None
+    regs: bytes | None = None
 
     def __post_init__(self) -> None:
         img = bytearray(CODE + len(self.code))
@@ -227,7 +226,7 @@ class Spec:
         r.rflags = 0x3002 if self.cpl == 3 else 0x2   # IOPL 3 at CPL3: in/out do not fault
 
     # -- pykvm ----------------------------------------------------------------------
-    def build(self, kvm: pykvm.Kvm) -> "Machine":
+    def build(self, kvm: pykvm.Kvm) -> Machine:
         """Build the machine with pykvm; remember the register bytes for the C side."""
         vm = kvm.create_vm()
         m = Machine(vm)
@@ -272,8 +271,8 @@ class Machine:
 
     def __init__(self, vm: pykvm.Vm) -> None:
         self.vm = vm
-        self.vcpu: Optional[pykvm.Vcpu] = None
-        self.fds: List[int] = []
+        self.vcpu: pykvm.Vcpu | None = None
+        self.fds: list[int] = []
 
     def close(self) -> None:
         import os
@@ -283,16 +282,16 @@ class Machine:
             os.close(fd)
         self.fds = []
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def apply_vm_options(vm: pykvm.Vm, options: Dict[int, int]) -> List[int]:
+def apply_vm_options(vm: pykvm.Vm, options: dict[int, int]) -> list[int]:
     """VM-level set-up for *options* (before the vCPU is created); returns fds to close."""
-    fds: List[int] = []
+    fds: list[int] = []
     from pykvm.fd import ioctl
     from pykvm.uapi import ioctls as I
     from pykvm.uapi.enums import Cap

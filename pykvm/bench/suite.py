@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict
 
 import pykvm
 from pykvm.uapi.enums import Cap
@@ -42,7 +41,7 @@ from .cases.ioctl import IoctlCases
 from .cases.life import LifeCases
 from .cref import find_compiler
 
-__all__ = ["Config", "Suite", "GROUPS", "GROUP_TITLES", "dirty_pages", "host_info"]
+__all__ = ["GROUPS", "GROUP_TITLES", "Config", "Suite", "dirty_pages", "host_info"]
 
 
 class Suite(IoctlCases, ExitCases, LifeCases, DirtyCases, ComputeCases, SuiteBase):
@@ -59,11 +58,11 @@ class Suite(IoctlCases, ExitCases, LifeCases, DirtyCases, ComputeCases, SuiteBas
             self.log(f"[{g}] {time.monotonic() - t0:.1f} s")
 
 
-def host_info(kvm: pykvm.Kvm) -> Dict[str, object]:
+def host_info(kvm: pykvm.Kvm) -> dict[str, object]:
     """What this host is (the figures only mean something next to this)."""
     import platform
 
-    info: Dict[str, object] = {"kernel": platform.release(), "python": sys.version.split()[0],
+    info: dict[str, object] = {"kernel": platform.release(), "python": sys.version.split()[0],
                                "pykvm": pykvm.__version__, "cpus": os.cpu_count()}
     try:
         for line in open("/proc/cpuinfo"):

@@ -10,14 +10,14 @@ runs the very code the KVM guests run (from :mod:`benchmarks.guest`), in
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from . import guest as G
 
 try:  # pragma: no cover - depends on the optional extra
     import unicorn as _uc
     from unicorn import x86_const as _x86
-except Exception:  # noqa: BLE001 - any import problem means "not available"
+except Exception:
     _uc = None
     _x86 = None
 

@@ -29,18 +29,21 @@ import contextlib
 import errno
 import fcntl
 import mmap
-import os
 import signal
 import sys
 import threading
-from typing import Optional
+import time
 
 from .. import _kick, _sys
 from ..errors import KvmClosedError, KvmError
 from ..fd import FdObject, raise_error
 from ..uapi import ioctls as I
 from ..uapi import structs as S
-from .exits import DECODE_TABLE, INTERRUPTED, Exit, _d_fault, _unknown
+from .exits import DECODE_TABLE, INTERRUPTED, IO_LAYOUT, Exit, IoIn, IoOut, _d_fault, _unknown
+
+_new = object.__new__
+_io_unpack = IO_LAYOUT.format.unpack_from
+_IO_AT = IO_LAYOUT.offset
 
 __all__ = ["RunEngine", "Watchdog", "ensure_kick_handler"]
 
@@ -63,14 +66,48 @@ _MEMORY_FAULT_ERRNOS = (errno.EFAULT, getattr(errno, "EHWPOISON", 133))
 _EXIT_MEMORY_FAULT = 39
 _get_ident = threading.get_ident
 
+# Exit-object reuse (CPython with the GIL, before 3.14): run() hands out a cached
+# IoOut/IoIn again only when sys.getrefcount shows that nothing but the cache
+# refers to it: the vCPU's attribute, run()'s local and getrefcount's own
+# argument make 3.  Nobody else can observe such an object (the exit classes
+# have no __weakref__ slot), so reusing it is invisible; an exit the caller
+# still holds (the loop's previous `e`, a list, a RunLoop.Stop) is never
+# touched: run() takes the second cached object or a new one.  Elsewhere (PyPy,
+# free-threaded builds, 3.14's borrowed references) the cache holds None, whose
+# count is never 3, so every exit is a new object.
+_FREE = 3
+
+
+def _refcounts_as_expected() -> bool:
+    """Check, with the same code shape as run(), that a free cached object counts _FREE."""
+
+    class _Box:
+        pass
+
+    def probe(box: _Box) -> int:
+        e = box.slot  # type: ignore[attr-defined]
+        return sys.getrefcount(e)
+
+    box = _Box()
+    box.slot = _Box()  # type: ignore[attr-defined]
+    free = probe(box)
+    kept = box.slot  # type: ignore[attr-defined]  # noqa: F841 - a second holder
+    held = probe(box)
+    return free == _FREE and held == _FREE + 1
+
+
+_REUSE = bool(sys.implementation.name == "cpython" and sys.version_info < (3, 14)
+              and getattr(sys, "_is_gil_enabled", lambda: True)() and _refcounts_as_expected())
+_refcount = sys.getrefcount if _REUSE else (lambda obj: 1 << 30)
+
 class RunEngine(FdObject):
     """The fd, the run page and the run protocol of a vCPU (base of :class:`~pykvm.vcpu.Vcpu`)."""
 
     _what = "vCPU"
 
     # Defaults so that a half-built object closes cleanly.
-    _thread: Optional[int] = None
-    _holder: Optional[int] = None
+    _thread: int | None = None
+    _holder: int | None = None
     _kicking = False
     _kick_sent = False
     _closing = False
@@ -92,13 +129,24 @@ class RunEngine(FdObject):
         self.vm = vm  # keeps the VM (and its guest memory) alive
         self._mv = memoryview(self._mm)
         self._u32 = self._mv.cast("I")  # exit_reason is self._u32[2]
-        self._run_struct: Optional[S.kvm_run] = None
-        self._lock = threading.Lock()       # held by run(); refuses a second runner
+        self._run_struct: S.kvm_run | None = None
+        self._set_run_lock()
         self._tid_lock = threading.Lock()   # guards _thread between run() and kick()
         self._thread = None
+        # two cached exits per kind: the caller's previous exit may still be alive
+        self._out_a = _new(IoOut) if _REUSE else None
+        self._out_b = _new(IoOut) if _REUSE else None
+        self._in_a = _new(IoIn) if _REUSE else None
+        self._in_b = _new(IoIn) if _REUSE else None
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {self._state()}>"
+
+    def _set_run_lock(self) -> None:
+        # held by run(), run_raw(), hold() and close(); refuses a second runner
+        self._lock = _RunLock()
+        self._take = self._lock.take
+        self._give = self._lock.give
 
     # -- the run page -----------------------------------------------------------
     @property
@@ -140,14 +188,41 @@ class RunEngine(FdObject):
         second thread calling ``run()`` on the same vCPU gets a ``KvmError``
         (EBUSY) instead of blocking.
         """
-        lock = self._lock
-        if not lock.acquire(False):
-            raise self._busy()
+        # The hot path: one list.pop as the run lock (atomic under the GIL, no
+        # argument parsing), one ioctl, one decoder call, all under the lock.
+        take, give = self._take, self._give  # not self._take(): LOAD_METHOD on an instance attribute is slow
+        try:
+            take()
+        except IndexError:
+            raise self._busy() from None
         try:
             self._thread = _get_ident()
             _run_ioctl(self._fd, _KVM_RUN)
             # Decode while still holding the run lock: close() waits for it.
             reason = self._u32[2]
+            if reason == 2:  # KVM_EXIT_IO, the commonest exit: decoded inline (one frame less)
+                mv = self._mv
+                direction, size, port, count, off = _io_unpack(mv, _IO_AT)
+                # Reuse a cached exit object only when nothing but the cache refers
+                # to it (see _FREE): a kept exit is never changed afterwards.
+                if direction:
+                    e = self._out_a
+                    if _refcount(e) > _FREE:
+                        e = self._out_b
+                        if _refcount(e) > _FREE:
+                            e = _new(IoOut)
+                    e.data = self._mm[off:off + size * count]
+                else:
+                    e = self._in_a
+                    if _refcount(e) > _FREE:
+                        e = self._in_b
+                        if _refcount(e) > _FREE:
+                            e = _new(IoIn)
+                    e.data = mv[off:off + size * count]
+                e.port = port
+                e.size = size
+                e.count = count
+                return e
             if reason < 64:
                 return DECODE_TABLE[reason](self._mm, self._mv)
             return _unknown(self._mm, self._mv)
@@ -160,7 +235,7 @@ class RunEngine(FdObject):
             if self._kicking:  # a kick() may be about to signal us: wait until it is done
                 with self._tid_lock:
                     pass
-            lock.release()
+            give(True)
 
     def run_raw(self) -> int:
         """``KVM_RUN`` without decoding: return ``exit_reason`` as an int.
@@ -168,9 +243,11 @@ class RunEngine(FdObject):
         The fast path for loops that read ``kvm_run`` fields themselves.  EINTR
         returns ``ExitReason.INTR`` (10) and clears ``immediate_exit``.
         """
-        lock = self._lock
-        if not lock.acquire(False):
-            raise self._busy()
+        take, give = self._take, self._give  # not self._take(): LOAD_METHOD on an instance attribute is slow
+        try:
+            take()
+        except IndexError:
+            raise self._busy() from None
         try:
             self._thread = _get_ident()
             _run_ioctl(self._fd, _KVM_RUN)
@@ -184,7 +261,7 @@ class RunEngine(FdObject):
             if self._kicking:  # a kick() may be about to signal us: wait until it is done
                 with self._tid_lock:
                     pass
-            lock.release()
+            give(True)
 
     def _busy(self) -> KvmError:
         if self._closing or self._fd < 0:
@@ -205,7 +282,7 @@ class RunEngine(FdObject):
             return _d_fault(self._mm, self._mv)
         raise raise_error(err, _KVM_RUN) from None
 
-    def hold(self) -> "contextlib.AbstractContextManager[RunEngine]":
+    def hold(self) -> contextlib.AbstractContextManager[RunEngine]:
         """A context manager that keeps ``run()`` out of ``KVM_RUN`` while it is held.
 
         For reading or writing a consistent vCPU state from one thread (snapshots,
@@ -215,12 +292,14 @@ class RunEngine(FdObject):
         """
         if self._fd < 0:
             raise KvmClosedError(self._what, "hold")
-        if not self._lock.acquire(False):
-            raise self._busy()
+        try:
+            self._take()  # the run token; refused at once while close() waits for it
+        except IndexError:
+            raise self._busy() from None
         self._holder = _get_ident()
         return _Held(self)
 
-    def complete_pending_exit(self) -> Optional[Exit]:
+    def complete_pending_exit(self) -> Exit | None:
         """Let KVM finish the last exit's I/O without running guest code.
 
         After an ``IoIn``/``MmioRead``/``X86Rdmsr``... exit the guest state is
@@ -289,7 +368,7 @@ class RunEngine(FdObject):
             finally:
                 self._kicking = False
 
-    def kick_after(self, seconds: float) -> "Watchdog":
+    def kick_after(self, seconds: float) -> Watchdog:
         """Arm a watchdog that calls :meth:`kick` after *seconds* unless cancelled.
 
         The one way to bound a run: a guest that never exits ends with an
@@ -315,6 +394,9 @@ class RunEngine(FdObject):
         if self._lock is None or self._thread == _get_ident():
             return  # closed from inside our own run() (a signal handler): nothing to wait for
         self._closing = True
+        # From now on run()/run_raw() find no token (and raise KvmClosedError):
+        # a thread that calls run() in a loop cannot starve this close().
+        self._take = _refuse
         idle_waits = 0
         while not self._lock.acquire(timeout=0.05):
             if self._thread is not None:
@@ -356,7 +438,7 @@ class RunEngine(FdObject):
         if self._inert:
             return
         self._inert = True
-        self._lock = threading.Lock()
+        self._set_run_lock()
         self._tid_lock = threading.Lock()
         self._thread = None
         self._holder = None
@@ -365,10 +447,59 @@ class RunEngine(FdObject):
         self._holding_run_lock = False
 
 
+def _refuse() -> None:
+    """The run lock's ``take`` of a closing vCPU: never succeeds."""
+    raise IndexError("the vCPU is closing")
+
+
+class _RunLock:
+    """The run lock: a one-token list, taken with ``pop`` and given back with ``append``.
+
+    ``list.pop`` is one atomic step (under the GIL, and under the list's own
+    lock in free-threaded builds), so at most one thread holds the token; it
+    takes no arguments to parse, which makes it the cheapest try-lock CPython
+    offers for ``run()``'s hot path.  ``acquire`` with blocking polls (only
+    ``close()`` blocks on it, while it kicks the runner).
+    """
+
+    __slots__ = ("_free", "give", "take")
+
+    def __init__(self) -> None:
+        self._free = [True]
+        #: take the token: raises IndexError when another holder has it
+        self.take = self._free.pop
+        #: give the token back (only its holder may)
+        self.give = self._free.append
+
+    def locked(self) -> bool:
+        """True while a thread holds the token."""
+        return not self._free
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the token; like ``threading.Lock.acquire`` (polls when it must wait)."""
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        delay = 0.0002
+        while True:
+            try:
+                self.take()
+                return True
+            except IndexError:
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def release(self) -> None:
+        """Give the token back."""
+        if self._free:
+            raise RuntimeError("release of an unheld vCPU run lock")
+        self.give(True)
+
+
 class _Held:
     """What :meth:`Vcpu.hold` returns: releases the run lock on exit (once)."""
 
-    __slots__ = ("vcpu", "_held")
+    __slots__ = ("_held", "vcpu")
 
     def __init__(self, vcpu: RunEngine) -> None:
         self.vcpu, self._held = vcpu, True
@@ -396,7 +527,7 @@ class Watchdog:
     def __init__(self, vcpu: RunEngine, seconds: float) -> None:
         self.fired = False
         #: the KvmError a kick raised (e.g. the kick signal was reset to SIG_DFL), else None
-        self.error: Optional[KvmError] = None
+        self.error: KvmError | None = None
         self._vcpu = vcpu
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
@@ -415,7 +546,7 @@ class Watchdog:
         """Stop the watchdog if it has not fired yet."""
         self._timer.cancel()
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self
 
     def __exit__(self, *exc: object) -> None:

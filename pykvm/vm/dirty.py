@@ -160,7 +160,7 @@ class DirtyPages(Sequence[int]):
     the same page numbers.
     """
 
-    __slots__ = ("_count", "_list", "bitmap", "npages")
+    __slots__ = ("bitmap", "npages", "_count", "_list")
 
     def __init__(self, bitmap: bytes | bytearray | memoryview, npages: int | None = None) -> None:
         self.bitmap, self.npages = _trim(bytes(bitmap), npages)
@@ -229,7 +229,7 @@ class DirtyEntries(Sequence["structs.kvm_dirty_gfn"]):
     Compares equal to a list of entries with the same ``(slot, offset)`` pairs.
     """
 
-    __slots__ = ("offsets", "slots")
+    __slots__ = ("slots", "offsets")
 
     def __init__(self, slots: array.array[int], offsets: array.array[int]) -> None:
         self.slots, self.offsets = slots, offsets

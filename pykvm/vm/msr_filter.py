@@ -104,7 +104,7 @@ class MsrFilterRange:
     """
     # A plain frozen class, not a dataclass: importing dataclasses (and inspect
     # with it) is 5-6 ms of `import pykvm` (benchmarks/, -X importtime).
-    __slots__ = ("base", "bitmap", "flags", "nmsrs")
+    __slots__ = ("flags", "base", "bitmap", "nmsrs")
 
     def __init__(self, flags: int, base: int, bitmap: bytes, nmsrs: int = -1) -> None:
         if not isinstance(bitmap, (bytes, bytearray)):

@@ -76,15 +76,8 @@ class MultibootError(ValueError):
 class Header:
     """The multiboot header: where it is, its flags, and the a.out-kludge address fields."""
 
-    __slots__ = (
-        "bss_end_addr",
-        "entry_addr",
-        "flags",
-        "header_addr",
-        "load_addr",
-        "load_end_addr",
-        "offset",
-    )
+    __slots__ = ("offset", "flags", "header_addr", "load_addr", "load_end_addr",
+                 "bss_end_addr", "entry_addr")
 
     def __init__(self, offset: int, flags: int) -> None:
         self.offset, self.flags = offset, flags      # file offset of the header, its flags
@@ -116,7 +109,7 @@ class Image:
     """Where a kernel went: entry point, lowest and highest (exclusive) address,
     the format ("ELF32" or "a.out kludge") and the (paddr, filesz, memsz) of each piece."""
 
-    __slots__ = ("entry", "format", "high", "low", "segments")
+    __slots__ = ("entry", "low", "high", "format", "segments")
 
     def __init__(self, entry: int, low: int, high: int, format: str,
                  segments: list[tuple[int, int, int]]) -> None:

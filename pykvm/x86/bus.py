@@ -119,7 +119,7 @@ class RunResult:
     (empty for normal stops).
     """
 
-    __slots__ = ("exit", "exits", "reason", "report", "value")
+    __slots__ = ("reason", "exit", "value", "exits", "report")
 
     def __init__(self, reason: str, exit: Exit | None = None, value: Any = None,
                  exits: int = 0, report: str = "") -> None:

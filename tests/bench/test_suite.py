@@ -53,8 +53,17 @@ def test_json_structure(smoke_json):
         assert k in keys, k
     if shutil.which("as") and shutil.which("ld"):  # the VMM start-up row builds its kernel from package data
         assert "life.vmm_tiny" in keys
-    assert {t["name"] for t in data["targets"]} >= {"pio_typed", "pio_raw", "ioctl_wrappers",
-                                                    "cold_start", "compute"}
+    names = {t["name"] for t in data["targets"]}
+    assert names >= {"exit_typed", "exit_raw", "ioctl_wrappers", "region_same", "bulk", "cold_start",
+                     "vmm_vs_qemu", "compute"}
+    for t in data["targets"]:  # issue 15: every verdict names the host it was measured on
+        assert t["host"] and t["met"] in (True, False, None), t
+    if shutil.which("as") and shutil.which("ld"):
+        vmm = next(r for r in data["rows"] if r["key"] == "life.vmm_tiny")
+        if shutil.which("qemu-system-x86_64"):
+            assert "qemu" in vmm["variants"] or "qemu" in vmm.get("errors", {}), vmm.keys()
+        else:
+            assert vmm["info"]["qemu"].startswith("QEMU not installed")
 
 
 def test_every_figure_is_positive(smoke_json):

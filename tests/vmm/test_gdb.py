@@ -28,7 +28,10 @@ def reply(sock: socket.socket, buf: bytearray) -> bytes:
         m = re.search(rb"\$([^#]*)#[0-9a-f]{2}", bytes(buf))
         if m:
             del buf[:m.end()]
-            sock.sendall(b"+")
+            try:
+                sock.sendall(b"+")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the last packet (W..): the VMM may already have exited and closed
             return m.group(1)
         chunk = sock.recv(4096)
         if not chunk:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import mmap
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import pykvm
 
@@ -22,13 +22,28 @@ from .. import uc
 from ..core import BenchError, Row, Watchdog
 from ..cref import CRef, CRefError, compile_reference
 
-__all__ = ["Config", "SuiteBase", "CLOCKS", "GROUPS", "GROUP_TITLES", "WATCHDOG_S", "NPAGES", "wall",
-           "bad", "EXIT_IO", "EXIT_HYPERCALL", "EXIT_HLT", "EXIT_MMIO", "EXIT_RDMSR", "EXIT_WRMSR",
-           "EXIT_INTR"]
+__all__ = [
+    "CLOCKS",
+    "EXIT_HLT",
+    "EXIT_HYPERCALL",
+    "EXIT_INTR",
+    "EXIT_IO",
+    "EXIT_MMIO",
+    "EXIT_RDMSR",
+    "EXIT_WRMSR",
+    "GROUPS",
+    "GROUP_TITLES",
+    "NPAGES",
+    "WATCHDOG_S",
+    "Config",
+    "SuiteBase",
+    "bad",
+    "wall",
+]
 
 wall = time.perf_counter_ns     # life cycle, cold start, dirty tracking: always wall time
 #: batches of ioctls, exits, compute: wall time, or the thread's CPU time (--clock cpu)
-CLOCKS: Dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+CLOCKS: dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
 
 GROUPS = ("ioctl", "exits", "inguest", "life", "dirty", "compute")
 GROUP_TITLES = {
@@ -63,21 +78,21 @@ class Config:
     inguest_k0: int = 100        # instructions per in-guest measurement at CPL0
     inguest_k3: int = 2000       # ... at CPL3
     cold_rounds: int = 7         # processes per variant for the cold start
-    dirty_fractions: List[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
-    ring_fractions: List[float] = field(default_factory=lambda: [0.01, 0.1])
+    dirty_fractions: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+    ring_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
     compute3_iters: int = 20_000_000
     compute0_iters: int = 5_000
     unicorn_iters: int = 1_000_000
     variant_budget_s: float = 3.0    # a variant slower than this in total stops early (pykvm dirty log)
-    groups: Optional[List[str]] = None
+    groups: list[str] | None = None
 
     @classmethod
-    def quick(cls) -> "Config":
+    def quick(cls) -> Config:
         """The default: under a minute."""
         return cls()
 
     @classmethod
-    def full(cls) -> "Config":
+    def full(cls) -> Config:
         """More rounds, bigger batches, dirty fractions up to 100% (a few minutes)."""
         return cls(mode="full", rounds=25, ioctl_n=1000, exit_n=200, exit3_n=80, life_n=50,
                    vcpu_n=16, region_n=10, inguest_k0=200, inguest_k3=5000, cold_rounds=15,
@@ -85,7 +100,7 @@ class Config:
                    compute3_iters=100_000_000, compute0_iters=20_000, unicorn_iters=5_000_000,
                    variant_budget_s=10.0)
 
-    def scaled(self, factor: float) -> "Config":
+    def scaled(self, factor: float) -> Config:
         """Shrink batch sizes (the smoke test runs the suite at a tiny scale)."""
         def s(n: int, lo: int = 1) -> int:
             return max(lo, int(n * factor))
@@ -114,13 +129,13 @@ class SuiteBase:
         self.cfg = cfg
         self.log = log
         self.kvm = pykvm.Kvm()
-        self.rows: List[Row] = []
-        self.notes: List[str] = []
-        self.info: Dict[str, object] = {}
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.info: dict[str, object] = {}
         self.wd = Watchdog()
         self._tmp = tempfile.TemporaryDirectory(prefix="pykvm-bench-")
-        self.c: Optional[CRef] = None
-        self.c_exe: Optional[Path] = None
+        self.c: CRef | None = None
+        self.c_exe: Path | None = None
         if use_c:
             try:
                 self.c_exe = compile_reference()
@@ -157,7 +172,7 @@ class SuiteBase:
             self.notes.append(f"C reference could not build a machine: {e}")
             return False
 
-    def c_batch(self, name: str, n: int, arg: int = 0, per: Optional[int] = None) -> Callable[[], float]:
+    def c_batch(self, name: str, n: int, arg: int = 0, per: int | None = None) -> Callable[[], float]:
         """A variant that asks the C reference for one batch of *n* operations *name*."""
         c = self.c
         assert c is not None

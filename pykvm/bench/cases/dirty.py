@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import pykvm
 from pykvm.dirty import bitmap_to_pages
@@ -20,7 +20,7 @@ from ..core import BenchError, interleave
 from .base import NPAGES, SuiteBase, bad, wall
 
 
-def dirty_pages(bitmap: "ctypes.Array[ctypes.c_uint64] | bytes | bytearray | memoryview") -> List[int]:
+def dirty_pages(bitmap: ctypes.Array[ctypes.c_uint64] | bytes | bytearray | memoryview) -> list[int]:
     """Page numbers whose bit is set in a KVM dirty bitmap: pykvm's own decoder.
 
     The raw column pairs it with a bare ioctl, so it measures what
@@ -76,7 +76,7 @@ class DirtyCases(SuiteBase):
         dl = structs.kvm_dirty_log(slot=1, dirty_bitmap=ctypes.addressof(holder))
         REQ = ioctls.KVM_GET_DIRTY_LOG
 
-        def typed() -> Dict[str, float]:
+        def typed() -> dict[str, float]:
             g = self._guest_pass(vcpu)
             t1 = wall()
             pages = vm.get_dirty_log(1)
@@ -85,7 +85,7 @@ class DirtyCases(SuiteBase):
                 raise BenchError(f"{len(pages)} dirty pages, expected {count}")
             return {"harvest": t2 - t1, "guest": g}
 
-        def raw() -> Dict[str, float]:
+        def raw() -> dict[str, float]:
             g = self._guest_pass(vcpu)
             t1 = wall()
             ioctl(vmfd, REQ, dl)
@@ -96,14 +96,14 @@ class DirtyCases(SuiteBase):
                 raise BenchError(f"{len(pages)} dirty pages, expected {count}")
             return {"harvest": t3 - t1, "ioctl": t2 - t1, "guest": g}
 
-        v: Dict[str, Callable[[], Dict[str, float]]] = {}
+        v: dict[str, Callable[[], dict[str, float]]] = {}
         if hasattr(vm, "get_dirty_log"):
             v["pykvm"] = typed
         v["raw"] = raw
         if self.c_load(spec):
             c = self.c
 
-            def cb() -> Dict[str, float]:
+            def cb() -> dict[str, float]:
                 ioc, walk, guest, npages = c.bench("dirty_log", 1, 1)
                 if npages < count:
                     raise BenchError(f"C saw {npages:.0f} dirty pages, expected {count}")
@@ -170,7 +170,7 @@ class DirtyCases(SuiteBase):
                 except (pykvm.KvmError, AttributeError, ValueError):
                     api_ring = None
 
-            def typed() -> Dict[str, float]:
+            def typed() -> dict[str, float]:
                 self._guest_pass(vcpu)
                 t1 = wall()
                 got = api_ring.harvest()
@@ -181,7 +181,7 @@ class DirtyCases(SuiteBase):
                     raise BenchError(f"{len(got)} ring entries, expected {count}")
                 return {"harvest": t2 - t1}
 
-            def raw() -> Dict[str, float]:
+            def raw() -> dict[str, float]:
                 self._guest_pass(vcpu)
                 t1 = wall()
                 pages = []
@@ -203,14 +203,14 @@ class DirtyCases(SuiteBase):
                     raise BenchError(f"{len(pages)} ring entries, expected {count}")
                 return {"harvest": t3 - t1, "reset": t3 - t2}
 
-            v: Dict[str, Callable[[], Dict[str, float]]] = {}
+            v: dict[str, Callable[[], dict[str, float]]] = {}
             if api_ring is not None:
                 v["pykvm"] = typed
             v["raw"] = raw
             if self.c_load(spec):
                 c = self.c
 
-                def cb() -> Dict[str, float]:
+                def cb() -> dict[str, float]:
                     col, reset, _guest, npages = c.bench("dirty_ring", 1)
                     if npages < count:
                         raise BenchError(f"C saw {npages:.0f} ring entries, expected {count}")

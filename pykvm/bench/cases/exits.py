@@ -7,7 +7,7 @@ from __future__ import annotations
 import fcntl
 import struct
 import time
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import pykvm
 from pykvm.exits import (
@@ -185,7 +185,7 @@ class ExitCases(SuiteBase):
         group = f"exit{cpl}"
         label = self._LABELS[kind]
         note = ""
-        opts: Dict[int, int] = {}
+        opts: dict[int, int] = {}
         if kind in ("rdmsr", "wrmsr"):
             opts[guest.OPT_MSR_FILTER] = guest.MSR_INDEX
             note = (f"KVM_CAP_X86_USER_SPACE_MSR (reason FILTER) + KVM_X86_SET_MSR_FILTER denying "
@@ -203,7 +203,7 @@ class ExitCases(SuiteBase):
         try:
             if kind == "hypercall" and not self._probe_hypercall(m, r):
                 return
-            v: Dict[str, Callable[[], float]] = {
+            v: dict[str, Callable[[], float]] = {
                 "pykvm": self._typed_loop(kind, m.vcpu, n),
                 "raw": self._raw_loop(kind, m.vcpu, n),
             }

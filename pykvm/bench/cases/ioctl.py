@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import fcntl
-from typing import Callable
+from collections.abc import Callable
 
 import pykvm
 from pykvm.fd import ioctl

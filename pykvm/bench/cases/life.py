@@ -12,8 +12,8 @@ import resource
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import pykvm
 from pykvm.fd import ioctl
@@ -115,7 +115,7 @@ class LifeCases(SuiteBase):
         vm = kvm.create_vm()
         vmfd = vm.fileno()
 
-        def region_typed() -> Dict[str, float]:
+        def region_typed() -> dict[str, float]:
             setr = vm.set_user_memory_region
             add = dele = 0
             for _ in range(nr):
@@ -131,7 +131,7 @@ class LifeCases(SuiteBase):
         region = structs.kvm_userspace_memory_region(slot=0, guest_phys_addr=0, memory_size=size1g,
                                                userspace_addr=addr)
 
-        def region_raw() -> Dict[str, float]:
+        def region_raw() -> dict[str, float]:
             REQ = ioctls.KVM_SET_USER_MEMORY_REGION
             add = dele = 0
             for _ in range(nr):
@@ -178,9 +178,9 @@ class LifeCases(SuiteBase):
         finally:
             same.close()
 
-        v2: Dict[str, Callable[[], Dict[str, float]]] = {"pykvm": region_typed, "raw": region_raw}
+        v2: dict[str, Callable[[], dict[str, float]]] = {"pykvm": region_typed, "raw": region_raw}
         if has_c:
-            def region_c() -> Dict[str, float]:
+            def region_c() -> dict[str, float]:
                 a, d = c.bench("region", nr, size1g)
                 return {"add": a / nr, "del": d / nr}
             v2["c"] = region_c
@@ -198,7 +198,7 @@ class LifeCases(SuiteBase):
                                 "C: KVM_SET_USER_MEMORY_REGION(size 0) + munmap")}
         vm = kvm.create_vm()
 
-        def addmem_typed() -> Dict[str, float]:
+        def addmem_typed() -> dict[str, float]:
             add = dele = 0
             for _ in range(nr):
                 t0 = wall()
@@ -212,7 +212,7 @@ class LifeCases(SuiteBase):
 
         v2 = {"pykvm": addmem_typed}
         if has_c:
-            def addmem_c() -> Dict[str, float]:
+            def addmem_c() -> dict[str, float]:
                 a, d = c.bench("add_memory", nr, size1g)
                 return {"add": a / nr, "del": d / nr}
             v2["c"] = addmem_c
@@ -228,11 +228,17 @@ class LifeCases(SuiteBase):
         root = str(Path(pykvm.__file__).resolve().parent.parent)   # the checkout / site dir holding pykvm
         py = sys.executable
         src = guest.real_mode_cold_source()
+        # Byte-code caches on, as for an installed package (pip compiles them): a
+        # PYTHONDONTWRITEBYTECODE in the caller's environment would otherwise make
+        # every child compile pykvm from source and measure the compiler.  The
+        # caches go to a private prefix, never into the package directory.
         env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(self._tmp.name) / "pycache")
 
         cpu = self.clock == "cpu"
 
-        def spawn(argv: List[str]) -> float:
+        def spawn(argv: list[str]) -> float:
             """Wall time of a whole child process (with --clock cpu: its user + system CPU time)."""
             r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = wall()
@@ -248,10 +254,11 @@ class LifeCases(SuiteBase):
         rows = {"cold": self.row("life.cold_start", "life",
                                  "cold start: process + VM + 2 MiB + vCPU + first exit",
                                  "a whole process started by the suite (wall time; user+system CPU time with "
-                                 "--clock cpu): `python -c '<import pykvm; ...; vcpu.run()>'` vs `kvmbench cold`"),
+                                 "--clock cpu), byte-code caches warm as for an installed package: "
+                                 "`python -c '<import pykvm; ...; vcpu.run()>'` vs `kvmbench cold`"),
                 "startup": self.row("life.python_startup", "life", "bare `python -c pass` (for scale)"),
                 "import": self.row("life.python_import", "life", "process `python -c 'import pykvm'`")}
-        v: Dict[str, Callable[[], Dict[str, float]]] = {
+        v: dict[str, Callable[[], dict[str, float]]] = {
             "pykvm": lambda: {"cold": spawn([py, "-c", src])},
             "python#startup": lambda: {"startup": spawn([py, "-c", "pass"])},
             "python#import": lambda: {"import": spawn([py, "-c", "import pykvm"])},
@@ -267,7 +274,7 @@ class LifeCases(SuiteBase):
                                    "pykvm/bench/kernels/tiny.S built with as/ld; exit status 1 expected")
             vmm_argv = [py, "-m", "pykvm.vmm", tiny, "--timeout", "20"]
 
-            def vmm_run() -> Dict[str, float]:
+            def vmm_run() -> dict[str, float]:
                 r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = wall()
                 p = subprocess.run(vmm_argv, cwd=root, env=env, capture_output=True, timeout=60)
@@ -279,6 +286,32 @@ class LifeCases(SuiteBase):
                     return {"vmm": ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) * 1e9}
                 return {"vmm": dt}
             v["pykvm#vmm"] = vmm_run
+            qemu = shutil.which("qemu-system-x86_64")
+            if qemu is None:
+                rows["vmm"].info["qemu"] = "QEMU not installed (no qemu-system-x86_64 on PATH)"
+            else:
+                # the same kernel, the same devices it uses (COM1, debug-exit port 0xf4)
+                qemu_argv = [qemu, "-accel", "kvm", "-M", "microvm", "-m", "32", "-nodefaults",
+                             "-no-user-config", "-nographic", "-serial", "stdio", "-monitor", "none",
+                             "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", tiny]
+
+                def qemu_run() -> dict[str, float]:
+                    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    t0 = wall()
+                    p = subprocess.run(qemu_argv, cwd=root, env=env, capture_output=True, timeout=60)
+                    dt = wall() - t0
+                    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    if p.returncode != 1 or b"hello from a multiboot kernel" not in p.stdout:
+                        raise BenchError(f"QEMU exited {p.returncode}: {p.stderr.decode(errors='replace')[-300:]}")
+                    if cpu:
+                        return {"vmm": ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) * 1e9}
+                    return {"vmm": dt}
+                v["qemu#vmm"] = qemu_run
+        for warm in v.values():  # one untimed pass: fills the byte-code caches (and the page cache)
+            try:
+                warm()
+            except BenchError:
+                pass  # interleave() records the error of the timed rounds
         interleave(cfg.cold_rounds, v, rows)
         # "python#x" variants are stored under "python"
         for r in rows.values():
@@ -292,7 +325,7 @@ class LifeCases(SuiteBase):
         # import time as -X importtime sees it
         r = self.row("life.import_time", "life", "`import pykvm` (-X importtime, cumulative)",
                      "self time of the slowest modules in the JSON `info`")
-        selfs: Dict[str, List[int]] = {}
+        selfs: dict[str, list[int]] = {}
 
         def importtime() -> float:
             p = subprocess.run([py, "-X", "importtime", "-c", "import pykvm"], cwd=root, env=env,
@@ -320,7 +353,7 @@ class LifeCases(SuiteBase):
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
 
-def vmm_tiny_kernel(workdir: Path) -> Optional[str]:
+def vmm_tiny_kernel(workdir: Path) -> str | None:
     """Build ``kernels/tiny.S`` (``as --32``, ``ld -m elf_i386``) in *workdir*; None if impossible."""
     if not (KERNELS / "tiny.S").exists() or shutil.which("as") is None or shutil.which("ld") is None:
         return None
