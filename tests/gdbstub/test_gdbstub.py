@@ -20,8 +20,8 @@ import pykvm
 from pykvm import gdbstub, x86
 from pykvm.gdbstub import REGISTERS, GdbStub, debug_support, kvm_translate
 
-from .client import Client
-from .guest import (
+from .support_client import Client
+from .support_guest import (
     AFTER_BP,
     BP_HERE,
     CODE,

@@ -18,8 +18,19 @@ import pytest
 from pykvm.gdbstub import PACKET_SIZE, SessionEnd
 from pykvm.gdbstub import target as target_module
 
-from .client import Client
-from .guest import ALIAS_VA, BP_HERE, CODE, CODE_ALIAS, DATA_PA, DATA_VA, GUEST_CODE, SPIN, ServedGuest, build_guest
+from .support_client import Client
+from .support_guest import (
+    ALIAS_VA,
+    BP_HERE,
+    CODE,
+    CODE_ALIAS,
+    DATA_PA,
+    DATA_VA,
+    GUEST_CODE,
+    SPIN,
+    ServedGuest,
+    build_guest,
+)
 
 RAM = 0x200000
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import pykvm
 from pykvm import snapshot
 
-from . import forge
+from . import support_forge as forge
 
 EXAMPLES = int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "120"))
 _BASE: list[bytes] = []

@@ -22,7 +22,7 @@ import pykvm
 from pykvm import snapshot
 from pykvm.uapi import structs
 
-from . import forge
+from . import support_forge as forge
 
 ROOT = Path(__file__).resolve().parents[2]
 Corrupt, Incompatible = snapshot.SnapshotCorrupt, snapshot.SnapshotIncompatible

@@ -22,7 +22,7 @@ import pytest
 import pykvm
 from pykvm import snapshot
 
-from . import forge
+from . import support_forge as forge
 
 ROOT = Path(__file__).resolve().parents[2]
 TMP_MARK = ".pykvm-tmp-"

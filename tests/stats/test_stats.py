@@ -11,8 +11,7 @@ import pytest
 import pykvm
 from pykvm.errors import KvmClosedError, KvmError
 from pykvm.stats import STAT_TYPES, STAT_UNITS, Stats, open_stats
-
-from ..guests import REAL_MODE_HELLO, real_mode
+from tests.support.guests import REAL_MODE_HELLO, real_mode
 
 
 def raw_read(fd: int):

@@ -10,8 +10,7 @@ import pytest
 
 import pykvm
 from pykvm import uapi
-
-from ..guests import REAL_MODE_HELLO, SPIN, long_mode, real_mode
+from tests.support.guests import REAL_MODE_HELLO, SPIN, long_mode, real_mode
 
 
 def test_real_mode_hello_prints_4(vm, watchdog):

@@ -12,8 +12,7 @@ import pytest
 import pykvm
 from pykvm import _kick
 from pykvm.uapi import structs as S
-
-from .machines import HANDLER_PORT, real_mode_handlers
+from tests.support.guests import HANDLER_PORT, real_mode_handlers
 
 SYNC = bytes.fromhex(
     "66b811000000"              # 0x00: mov eax,0x11

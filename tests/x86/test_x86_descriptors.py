@@ -9,7 +9,7 @@ import pytest
 from pykvm import x86
 from pykvm.x86.descriptors import decode_descriptor
 
-from .helpers import collect_out, long_mode_guest, needs_binutils
+from .support_guest import collect_out, long_mode_guest, needs_binutils
 
 pytestmark_pure = pytest.mark.no_kvm_needed
 

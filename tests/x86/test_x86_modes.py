@@ -9,7 +9,7 @@ import pytest
 from pykvm import x86
 from pykvm.host.diagnose import loaded_kvm_modules
 
-from .helpers import collect_out, long_mode_guest, needs_binutils
+from .support_guest import collect_out, long_mode_guest, needs_binutils
 
 
 @needs_binutils

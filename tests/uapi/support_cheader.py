@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 
-from .layout import ctypes_paths
+from .support_layout import ctypes_paths
 
 HEADERS = ("/usr/include/linux/kvm.h", "/usr/include/x86_64-linux-gnu/asm/kvm.h",
            "/usr/include/asm/kvm.h")
