@@ -174,14 +174,14 @@ def long_mode(vm: pykvm.Vm, code: bytes, *, vcpu_id: int = 0, ram: int = RAM,
     return vcpu
 
 
-def user_mode(vm: pykvm.Vm, code: bytes, *, cpuid: object = None, idt: bool = False,
-              cr4: int = 0) -> pykvm.Vcpu:
+def user_mode(vm: pykvm.Vm, code: bytes, *, mem: pykvm.GuestMemory | None = None,
+              cpuid: object = None, idt: bool = False, cr4: int = 0) -> pykvm.Vcpu:
     """:func:`long_mode` at CPL3 with RFLAGS.IOPL = 3 (so ``out`` works where KVM honours IOPL).
 
     Why CPL3: on a PVM host CPL0 code goes through KVM's instruction
     emulator, which cannot run SSE/AVX stores or ``xgetbv``; CPL3 code runs natively.
     """
-    return long_mode(vm, code, cpl=3, rflags=RFLAGS_IOPL3 | 2, cpuid=cpuid, idt=idt, cr4=cr4)
+    return long_mode(vm, code, mem=mem, cpl=3, rflags=RFLAGS_IOPL3 | 2, cpuid=cpuid, idt=idt, cr4=cr4)
 
 
 def long_mode_vm(vm: pykvm.Vm, code: bytes, *, cpl: int = 0, vcpus: int = 1, rflags: int = 2,
