@@ -18,9 +18,8 @@ import pytest
 
 from pykvm.gdbstub import GdbStub, SessionEnd
 
-from .support_client import Client
+from .support_client import Client, connect, wait_closed, wait_sessions
 from .support_guest import CODE, GUEST_CODE, ServedGuest, build_guest
-from .test_gdbstub_attacks import connect, wait_closed, wait_sessions
 
 OTHER_PYTHON = "/usr/bin/python3"
 

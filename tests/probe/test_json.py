@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from . import support_rawioctl as rawioctl
+from .support_cli import run_cli
 
 # The documented top-level keys (docs/probe.md): a change here is a schema change.
 TOP_KEYS = ["schema", "schema_version", "pykvm_version", "generated_at", "usable", "access",
@@ -18,11 +17,6 @@ TOP_KEYS = ["schema", "schema_version", "pykvm_version", "generated_at", "usable
 LIMIT_KEYS = ["api_version", "vcpu_mmap_size", "nr_vcpus", "max_vcpus", "max_vcpu_id",
               "nr_memslots", "address_spaces", "vm_types", "vm_type_names", "mce_banks",
               "mce_cap_supported", "xsave2_size", "dirty_ring_max_bytes", "tsc_khz"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pykvm", *args], capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pykvm.probe.cli import diff_main
 from pykvm.probe.loader import MAX_DEPTH, MAX_REPORT_BYTES, ReportError, nesting_depth, parse
 
-from .test_diff import _doc
+from .support_reports import report as _doc
 
 pytestmark = pytest.mark.no_kvm_needed
 

@@ -15,7 +15,7 @@ from pykvm.probe.model import Capability
 from pykvm.probe.text import KVM_SECTIONS, render
 
 from . import support_rawioctl as rawioctl
-from .test_json import run_cli
+from .support_cli import run_cli
 
 SECTIONS_USABLE = ["Access", "Host", "Modules", "Limits", "Capabilities", "CPUID", "MSRs",
                    "Statistics"]
