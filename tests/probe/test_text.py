@@ -87,7 +87,7 @@ def test_numbers_unknown_to_pykvm_are_shown(monkeypatch):
 def test_unknown_capability_rendering():
     r = pykvm.probe()
     r.capabilities.append(Capability(number=300, name=None, system=5, vm=None))
-    line = next(l for l in render(r).splitlines() if "KVM_CAP_300?" in l)
+    line = next(text for text in render(r).splitlines() if "KVM_CAP_300?" in text)
     assert "5" in line and "unknown to pykvm" in line
     d = r.to_dict()["capabilities"][-1]
     assert d == {"number": 300, "name": None, "known": False, "system": 5, "vm": None, "meaning": []}

@@ -149,11 +149,11 @@ class Sweep:
                       phases=[Phase.explicit, Phase.generate],
                       suppress_health_check=list(HealthCheck))
             @given(st.fixed_dictionaries(strategies))
-            def check(kw):
-                out, e = self.run(fn, kw)
+            def check(kw):  # called below, in this iteration: the loop variables are current
+                out, e = self.run(fn, kw)  # noqa: B023
                 if e is None:
                     return
-                assert _ok_exception(name, e), f"{out}: {e}"
+                assert _ok_exception(name, e), f"{out}: {e}"  # noqa: B023
                 assert str(e), f"{out} without a message"
 
             try:

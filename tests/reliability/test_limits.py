@@ -136,7 +136,7 @@ def test_running_out_of_fds_is_a_clear_error():
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["ok"] and res["ok2"]
     assert res["errors"], "never ran out of fds"
-    for err, ioctl, text in res["errors"]:
+    for err, _ioctl, text in res["errors"]:
         assert err == errno.EMFILE, text
         assert "RLIMIT_NOFILE" in text or "could not map" in text, text
 

@@ -113,7 +113,7 @@ def test_run_page_views_outlive_the_vcpu_safely(kvm):
     e.data[:] = b"\x01"                          # inert page, but still mapped: no crash
     assert run.exit_reason == pykvm.ExitReason.IO
     with pytest.raises(pykvm.KvmClosedError):
-        vcpu.kvm_run
+        vcpu.kvm_run  # noqa: B018 (the attribute access is what raises)
     vm.close()
     del e, run
     gc.collect()

@@ -207,7 +207,7 @@ def test_vcpus_run_in_parallel_with_the_gil_released(vm):
     for r in runners:
         r.start()
     try:
-        for v, r in zip(vcpus, runners):
+        for v, r in zip(vcpus, runners, strict=False):
             _wait_inside_run(v, r)
         before = struct.unpack("<QQ", vm.read(guests.DATA, 16))
         n = 0
@@ -232,7 +232,7 @@ def test_many_vcpus_in_many_threads_all_stop(vm):
     runners = [Runner(v) for v in vcpus]
     for r in runners:
         r.start()
-    for v, r in zip(vcpus, runners):
+    for v, r in zip(vcpus, runners, strict=False):
         _wait_inside_run(v, r)
     for v in vcpus:
         v.kick()
@@ -359,7 +359,7 @@ def test_close_racing_a_busy_run_loop_gives_only_closed_errors(kvm):
         vcpu, = guests.long_mode_vm(vm, OUT_LOOP)
         errs = []
 
-        def loop():
+        def loop(vcpu=vcpu, errs=errs):
             try:
                 while True:
                     vcpu.run()

@@ -327,7 +327,7 @@ def test_incompatible_host_fingerprint_is_refused(midrun, tmp_path) -> None:
     assert "KVM API version differs: 11 vs 12" in msg
     assert _open_fds() == fds
     assert len(snapshot.check_compatible(bad)) == 2
-    code, out, err = _restore_in_new_process(bad)
+    code, _out, err = _restore_in_new_process(bad)
     assert code == 99 and "SnapshotIncompatible" in err and "CPU vendor differs" in err
 
 
@@ -402,9 +402,9 @@ def test_save_refuses_a_running_vcpu(tmp_path) -> None:
 
 
 def test_unwritable_destination(tmp_path) -> None:
-    with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm:
-        with pytest.raises(snapshot.SnapshotError, match="cannot save snapshot .*no-such-dir"):
-            snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
+    with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm, \
+            pytest.raises(snapshot.SnapshotError, match=r"cannot save snapshot .*no-such-dir"):
+        snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
 
 
 def test_command_line(midrun) -> None:

@@ -255,7 +255,7 @@ def test_libc_run_path_used_on_python_314(vm, watchdog, monkeypatch):
         assert vcpu.run() == pykvm.IoOut(0x3F8, 1, 1, b"2")
     vcpu.immediate_exit = True
     assert isinstance(vcpu.run(), pykvm.Interrupted)
-    with vcpu.kick_after(0.2) as dog:
+    with vcpu.kick_after(0.2):
         vcpu.run()  # '\n'
         r = vcpu.get_regs()
         r.rip = 0x1000 + len(REAL_MODE_HELLO)  # the jmp $
