@@ -19,6 +19,7 @@ import pytest
 import pykvm
 from pykvm.kvm_stat import pidfd
 from pykvm.kvm_stat.source import DEBUGFS_KVM, kvm_fds
+from tests.support import procs
 
 # A real-mode loop: out 0x80, al; jmp back.  Every iteration is a PIO exit.
 OUT_LOOP = bytes([0xE6, 0x80, 0xEB, 0xFC])
@@ -28,13 +29,10 @@ OUT_LOOP = bytes([0xE6, 0x80, 0xEB, 0xFC])
 # loop, each run() bounded by a watchdog, for at most 60 s.
 GUEST = r"""
 import sys, time, pykvm
+from tests.support.guests import real_mode
 code = bytes.fromhex(sys.argv[1])
 with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
-    mem = vm.add_memory(0, 0x10000)
-    mem.write(0x1000, code)
-    vcpu = vm.create_vcpu()
-    s = vcpu.get_sregs(); s.cs.base = s.cs.selector = 0; vcpu.set_sregs(s)
-    r = vcpu.get_regs(); r.rip = 0x1000; r.rflags = 2; vcpu.set_regs(r)
+    vcpu = real_mode(vm, code)
     held = [vm.get_stats_fd(), vcpu.get_stats_fd()] if sys.argv[2] == "hold" else []
     print("ready", flush=True)
     end = time.monotonic() + 60
@@ -50,7 +48,7 @@ def stat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=procs.REPO)
 
 
 @pytest.fixture
