@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import TypeAlias
 
 import pykvm
+from pykvm.uapi.structs import kvm_cpuid2, kvm_cpuid_entry2
+
+#: what Vcpu.set_cpuid2 takes
+CpuidArg: TypeAlias = "Iterable[kvm_cpuid_entry2] | kvm_cpuid2"
 
 PML4, PDPT, PD, GDT = 0x1000, 0x2000, 0x3000, 0x4000
 DATA, USER_HANDLERS, IDT, APIC_PD = 0x8000, 0x9000, 0xA000, 0xB000
@@ -156,7 +161,7 @@ def set_long_mode(vcpu: pykvm.Vcpu, *, cpl: int = 0, rip: int = CODE, rsp: int =
 
 def long_mode(vm: pykvm.Vm, code: bytes, *, vcpu_id: int = 0, ram: int = RAM,
               mem: pykvm.GuestMemory | None = None, cpl: int = 0, rflags: int = 2,
-              cpuid: object = None, idt: bool = False, cr4: int = 0) -> pykvm.Vcpu:
+              cpuid: CpuidArg | None = None, idt: bool = False, cr4: int = 0) -> pykvm.Vcpu:
     """A vCPU in 64-bit mode at *cpl*, identity paging of 0..4 MiB, *code* at CODE.
 
     Without *mem*, adds *ram* bytes of memory at 0 and builds the tables and
@@ -175,7 +180,7 @@ def long_mode(vm: pykvm.Vm, code: bytes, *, vcpu_id: int = 0, ram: int = RAM,
 
 
 def user_mode(vm: pykvm.Vm, code: bytes, *, mem: pykvm.GuestMemory | None = None,
-              cpuid: object = None, idt: bool = False, cr4: int = 0) -> pykvm.Vcpu:
+              cpuid: CpuidArg | None = None, idt: bool = False, cr4: int = 0) -> pykvm.Vcpu:
     """:func:`long_mode` at CPL3 with RFLAGS.IOPL = 3 (so ``out`` works where KVM honours IOPL).
 
     Why CPL3: on a PVM host CPL0 code goes through KVM's instruction

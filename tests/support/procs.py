@@ -14,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ioctl_opt
 
@@ -23,7 +24,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 UNPRIVILEGED_USER = "nobody"
 
 
-def child_fds(**kw) -> dict[int, str]:
+def child_fds(**kw: Any) -> dict[int, str]:
     """Exec a fresh interpreter that inherits every inheritable fd; return its fd table."""
     code = ("import os\n"
             "for fd in sorted(os.listdir('/proc/self/fd'), key=int):\n"
@@ -34,7 +35,8 @@ def child_fds(**kw) -> dict[int, str]:
     return {int(a): b for a, b in (line.split(" ", 1) for line in out.splitlines())}
 
 
-def run_python(code: str, *, timeout: float = 120, env=None, **kw) -> subprocess.CompletedProcess:
+def run_python(code: str, *, timeout: float = 120, env: Mapping[str, str] | None = None,
+               **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run *code* (dedented) in a child interpreter with the checkout importable."""
     e = dict(os.environ if env is None else env)
     e["PYTHONPATH"] = REPO + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
@@ -78,7 +80,7 @@ def world_readable_checkout(names: Sequence[str] = ("pykvm",)) -> Iterator[str]:
 
 
 def run_unprivileged(tree: str, *args: str, timeout: float = 120, cwd: str | None = None,
-                     ) -> subprocess.CompletedProcess:
+                     ) -> subprocess.CompletedProcess[str]:
     """``/usr/bin/python3 *args`` as ``nobody`` with only *tree* importable and a minimal environment."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tree, "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1"}
