@@ -678,7 +678,7 @@ def compare(rec: Record) -> dict[str, tuple[int, int]]:
     sys.path.insert(0, str(ROOT))
     from pykvm import uapi
     from pykvm.uapi import enums, kvm, x86
-    spec = importlib.util.spec_from_file_location("layout", ROOT / "tests/uapi/layout.py")
+    spec = importlib.util.spec_from_file_location("layout", ROOT / "tests/uapi/support_layout.py")
     layout = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(layout)  # type: ignore[union-attr]
     out: dict[str, list[int]] = {k: [0, 0] for k in

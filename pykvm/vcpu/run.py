@@ -534,12 +534,15 @@ class Watchdog:
         self._timer.start()
 
     def _fire(self) -> None:
+        # ``fired`` is set before the kick: the kicked thread may look at it as
+        # soon as run() returns, before this timer thread runs again.
+        self.fired = True
         try:
             self._vcpu.kick()
-            self.fired = True
         except KvmClosedError:
-            pass
+            self.fired = False
         except KvmError as e:  # kept for the owner: a timer thread has nobody to raise to
+            self.fired = False
             self.error = e
 
     def cancel(self) -> None:

@@ -20,8 +20,8 @@ import pykvm
 from pykvm import gdbstub, x86
 from pykvm.gdbstub import REGISTERS, GdbStub, debug_support, kvm_translate
 
-from .client import Client
-from .guest import (
+from .support_client import Client
+from .support_guest import (
     AFTER_BP,
     BP_HERE,
     CODE,
@@ -52,7 +52,7 @@ def gdb() -> str:
 
 
 def _where(address) -> str:
-    return address if isinstance(address, str) else "%s:%d" % address
+    return address if isinstance(address, str) else "{}:{}".format(*address)
 
 
 def _gdb(gdb: str, address, *commands: str, timeout: float = 60) -> str:
@@ -307,7 +307,7 @@ def test_detach_removes_breakpoints_and_debugging(kvm) -> None:
 
 
 def test_bad_checksum_is_nacked_and_noack_mode(served) -> None:
-    g, c = served
+    _g, c = served
     for junk in (b"mzz,4", b"P1=zz", b"Z0,10011", b"qXfer:features:read:target.xml:x,y", b"p999"):
         assert c.cmd(junk).startswith(b"E")                  # malformed: an error, not a crash
     assert c.cmd(b"qXfer:features:read:other.xml:0,10") == b"E02"

@@ -18,9 +18,8 @@ import pytest
 
 from pykvm.gdbstub import GdbStub, SessionEnd
 
-from .client import Client
-from .guest import CODE, GUEST_CODE, ServedGuest, build_guest
-from .test_gdbstub_attacks import connect, wait_closed, wait_sessions
+from .support_client import Client, connect, wait_closed, wait_sessions
+from .support_guest import CODE, GUEST_CODE, ServedGuest, build_guest
 
 OTHER_PYTHON = "/usr/bin/python3"
 
@@ -166,7 +165,7 @@ def test_real_gdb_over_tcp_with_the_token(kvm) -> None:
         pytest.fail("gdb is not installed (Debian/Ubuntu: apt-get install gdb)")
     with build_guest(kvm) as vm, ServedGuest(vm, port=0) as g:
         args = [gdb, "-nx", "-batch"]
-        for cmd in g.stub.gdb_commands() + ["x/2xb 0x10000", "p/x $rip", "kill"]:
+        for cmd in [*g.stub.gdb_commands(), "x/2xb 0x10000", "p/x $rip", "kill"]:
             args += ["-ex", cmd]
         p = subprocess.run(args, capture_output=True, text=True, timeout=60)
         out = p.stdout + p.stderr

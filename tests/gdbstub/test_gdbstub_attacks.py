@@ -18,8 +18,19 @@ import pytest
 from pykvm.gdbstub import PACKET_SIZE, SessionEnd
 from pykvm.gdbstub import target as target_module
 
-from .client import Client
-from .guest import ALIAS_VA, BP_HERE, CODE, CODE_ALIAS, DATA_PA, DATA_VA, GUEST_CODE, SPIN, ServedGuest, build_guest
+from .support_client import Client, connect, wait_closed, wait_sessions
+from .support_guest import (
+    ALIAS_VA,
+    BP_HERE,
+    CODE,
+    CODE_ALIAS,
+    DATA_PA,
+    DATA_VA,
+    GUEST_CODE,
+    SPIN,
+    ServedGuest,
+    build_guest,
+)
 
 RAM = 0x200000
 
@@ -50,32 +61,6 @@ def stub(kvm, thread_errors):
         assert not thread_errors, thread_errors
 
 
-def connect(g: ServedGuest, timeout: float = 10) -> Client:
-    """A client in a new session, once the previous one has ended.
-
-    A connection made while a session still runs is turned away by the stub
-    (that is one of the guarantees); retry until the stub takes us.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        c = Client(g.address)
-        try:
-            assert c.cmd(b"?") in (b"S05", b"T02thread:1;")
-            return c
-        except (EOFError, ConnectionResetError, BrokenPipeError):
-            c.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def wait_sessions(g: ServedGuest, n: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while len(g.results) < n and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert len(g.results) >= n, g.results
-
-
 def healthy(g: ServedGuest) -> None:
     """A fresh, well-formed session works, and guest RAM is as it was."""
     c = connect(g)
@@ -90,20 +75,6 @@ def healthy(g: ServedGuest) -> None:
     assert g.vm.read(0, RAM) == g.ram_before
     assert g.alive and g.error is None
 
-
-def wait_closed(c: Client, timeout: float = 10) -> bytes:
-    """Read until the stub closes the connection; return what came before."""
-    c.sock.settimeout(timeout)
-    got = bytearray(c.buf)
-    c.buf = b""
-    try:
-        while True:
-            chunk = c.sock.recv(65536)
-            if not chunk:
-                return bytes(got)
-            got += chunk
-    except ConnectionResetError:
-        return bytes(got)
 
 
 def packet(body: bytes) -> bytes:

@@ -28,7 +28,7 @@ def feed_all(reader: PacketReader, chunks: list[bytes]) -> list:
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({min(c, len(data)) for c in cuts})
     out, last = [], 0
-    for p in points + [len(data)]:
+    for p in [*points, len(data)]:
         out.append(data[last:p])
         last = p
     return out

@@ -13,12 +13,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import ioctl_opt
 import pytest
 
-import pykvm
 from pykvm.kvm_stat import pidfd
 from pykvm.kvm_stat.source import DEBUGFS_KVM, kvm_fds
+from tests.support import procs
 
 # A real-mode loop: out 0x80, al; jmp back.  Every iteration is a PIO exit.
 OUT_LOOP = bytes([0xE6, 0x80, 0xEB, 0xFC])
@@ -28,13 +27,10 @@ OUT_LOOP = bytes([0xE6, 0x80, 0xEB, 0xFC])
 # loop, each run() bounded by a watchdog, for at most 60 s.
 GUEST = r"""
 import sys, time, pykvm
+from tests.support.guests import real_mode
 code = bytes.fromhex(sys.argv[1])
 with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
-    mem = vm.add_memory(0, 0x10000)
-    mem.write(0x1000, code)
-    vcpu = vm.create_vcpu()
-    s = vcpu.get_sregs(); s.cs.base = s.cs.selector = 0; vcpu.set_sregs(s)
-    r = vcpu.get_regs(); r.rip = 0x1000; r.rflags = 2; vcpu.set_regs(r)
+    vcpu = real_mode(vm, code)
     held = [vm.get_stats_fd(), vcpu.get_stats_fd()] if sys.argv[2] == "hold" else []
     print("ready", flush=True)
     end = time.monotonic() + 60
@@ -50,7 +46,7 @@ def stat(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=procs.REPO)
 
 
 @pytest.fixture
@@ -194,32 +190,16 @@ def test_pidfd_getfd_borrows_a_descriptor() -> None:
 
 @pytest.fixture
 def world_readable_tree() -> Iterator[str]:
-    if os.geteuid() != 0 or not shutil.which("runuser") or not os.access("/usr/bin/python3", os.X_OK):
-        pytest.skip("needs root, runuser and /usr/bin/python3 to run as nobody")
-    d = tempfile.mkdtemp(prefix="pykvm-stat-", dir="/tmp")
-    try:
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        shutil.copytree(os.path.dirname(pykvm.__file__), os.path.join(d, "pykvm"), ignore=ignore)
-        src = ioctl_opt.__file__
-        if os.path.basename(src) == "__init__.py":
-            shutil.copytree(os.path.dirname(src), os.path.join(d, "ioctl_opt"), ignore=ignore)
-        else:
-            shutil.copy(src, d)
-        for root, _dirs, files in os.walk(d):
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
+    why = procs.why_no_unprivileged_user()
+    if why:
+        pytest.skip(why)
+    with procs.world_readable_checkout() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_without_ptrace_permission_names_it(world_readable_tree: str, pykvm_guest: int) -> None:
-    env = [f"PYTHONPATH={world_readable_tree}", "PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]
-    r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/env", "-i", *env,
-                        "/usr/bin/python3", "-m", "pykvm.kvm_stat", "--pid", str(pykvm_guest),
-                        "--once", "-i", "0.1"],
-                       capture_output=True, text=True, timeout=60, cwd="/")
+    r = procs.run_unprivileged(world_readable_tree, "-m", "pykvm.kvm_stat", "--pid", str(pykvm_guest),
+                               "--once", "-i", "0.1", timeout=60, cwd="/")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert "ptrace access" in r.stderr and "CAP_SYS_PTRACE" in r.stderr

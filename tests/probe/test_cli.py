@@ -10,7 +10,7 @@ import pykvm
 from pykvm import cli
 from pykvm.cli import main
 
-from .test_json import run_cli
+from .support_cli import run_cli
 
 
 @pytest.mark.no_kvm_needed

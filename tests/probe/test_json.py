@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from . import _raw
+from . import support_rawioctl as rawioctl
+from .support_cli import run_cli
 
 # The documented top-level keys (docs/probe.md): a change here is a schema change.
 TOP_KEYS = ["schema", "schema_version", "pykvm_version", "generated_at", "usable", "access",
@@ -18,11 +17,6 @@ TOP_KEYS = ["schema", "schema_version", "pykvm_version", "generated_at", "usable
 LIMIT_KEYS = ["api_version", "vcpu_mmap_size", "nr_vcpus", "max_vcpus", "max_vcpu_id",
               "nr_memslots", "address_spaces", "vm_types", "vm_type_names", "mce_banks",
               "mce_cap_supported", "xsave2_size", "dirty_ring_max_bytes", "tsc_khz"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pykvm", *args], capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +33,21 @@ def raw():
     sys_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     vm_fd = vcpu_fd = -1
     try:
-        vm_fd = _raw.fcntl.ioctl(sys_fd, _raw.KVM_CREATE_VM, 0)
-        vcpu_fd = _raw.fcntl.ioctl(vm_fd, _raw.KVM_CREATE_VCPU, 0)
-        feats = _raw.msr_list(sys_fd, _raw.KVM_GET_MSR_FEATURE_INDEX_LIST)
+        vm_fd = rawioctl.fcntl.ioctl(sys_fd, rawioctl.KVM_CREATE_VM, 0)
+        vcpu_fd = rawioctl.fcntl.ioctl(vm_fd, rawioctl.KVM_CREATE_VCPU, 0)
+        feats = rawioctl.msr_list(sys_fd, rawioctl.KVM_GET_MSR_FEATURE_INDEX_LIST)
         return {
-            "api": _raw.fcntl.ioctl(sys_fd, _raw.KVM_GET_API_VERSION, 0),
-            "mmap": _raw.fcntl.ioctl(sys_fd, _raw.KVM_GET_VCPU_MMAP_SIZE, 0),
-            "sys": {n: _raw.check(sys_fd, n) for n in range(512)},
-            "vm": {n: _raw.check(vm_fd, n) for n in range(512)},
-            "supported": _raw.cpuid(sys_fd, _raw.KVM_GET_SUPPORTED_CPUID),
-            "emulated": _raw.cpuid(sys_fd, _raw.KVM_GET_EMULATED_CPUID),
-            "msrs": _raw.msr_list(sys_fd, _raw.KVM_GET_MSR_INDEX_LIST),
-            "features": {i: _raw.get_msr(sys_fd, i) for i in feats},
-            "stats_vm": _raw.stats(vm_fd),
-            "stats_vcpu": _raw.stats(vcpu_fd),
-            "tsc_khz": _raw.fcntl.ioctl(vcpu_fd, _raw.KVM_GET_TSC_KHZ, 0),
+            "api": rawioctl.fcntl.ioctl(sys_fd, rawioctl.KVM_GET_API_VERSION, 0),
+            "mmap": rawioctl.fcntl.ioctl(sys_fd, rawioctl.KVM_GET_VCPU_MMAP_SIZE, 0),
+            "sys": {n: rawioctl.check(sys_fd, n) for n in range(512)},
+            "vm": {n: rawioctl.check(vm_fd, n) for n in range(512)},
+            "supported": rawioctl.cpuid(sys_fd, rawioctl.KVM_GET_SUPPORTED_CPUID),
+            "emulated": rawioctl.cpuid(sys_fd, rawioctl.KVM_GET_EMULATED_CPUID),
+            "msrs": rawioctl.msr_list(sys_fd, rawioctl.KVM_GET_MSR_INDEX_LIST),
+            "features": {i: rawioctl.get_msr(sys_fd, i) for i in feats},
+            "stats_vm": rawioctl.stats(vm_fd),
+            "stats_vcpu": rawioctl.stats(vcpu_fd),
+            "tsc_khz": rawioctl.fcntl.ioctl(vcpu_fd, rawioctl.KVM_GET_TSC_KHZ, 0),
         }
     finally:
         for fd in (vcpu_fd, vm_fd, sys_fd):

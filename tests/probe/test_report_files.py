@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pykvm.probe.cli import diff_main
 from pykvm.probe.loader import MAX_DEPTH, MAX_REPORT_BYTES, ReportError, nesting_depth, parse
 
-from .test_diff import _doc
+from .support_reports import report as _doc
 
 pytestmark = pytest.mark.no_kvm_needed
 
@@ -108,7 +108,7 @@ def test_binary_directory_missing_and_endless_files(tmp_path, good, capsys):
         f.truncate(1 << 30)
     cases[big] = "larger than"
     for path, words in cases.items():
-        rc, out, err = _run(capsys, path, good)
+        rc, _out, err = _run(capsys, path, good)
         assert rc == 2 and err.count("\n") == 1 and words in err and str(path) in err, err
 
 
@@ -146,10 +146,10 @@ def _nodes(doc, path=()):
     yield path
     if isinstance(doc, dict):
         for k, v in doc.items():
-            yield from _nodes(v, path + (k,))
+            yield from _nodes(v, (*path, k))
     elif isinstance(doc, list):
         for i, v in enumerate(doc):
-            yield from _nodes(v, path + (i,))
+            yield from _nodes(v, (*path, i))
 
 
 @st.composite

@@ -14,8 +14,8 @@ from pykvm.probe import collect as probe_collect
 from pykvm.probe.model import Capability
 from pykvm.probe.text import KVM_SECTIONS, render
 
-from . import _raw
-from .test_json import run_cli
+from . import support_rawioctl as rawioctl
+from .support_cli import run_cli
 
 SECTIONS_USABLE = ["Access", "Host", "Modules", "Limits", "Capabilities", "CPUID", "MSRs",
                    "Statistics"]
@@ -38,11 +38,11 @@ def test_sections_in_order(text):
 def test_text_shows_the_ioctl_values(text):
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     try:
-        mmap_size = _raw.fcntl.ioctl(fd, _raw.KVM_GET_VCPU_MMAP_SIZE, 0)
-        nr_vcpus = _raw.check(fd, 9)
-        vm = _raw.fcntl.ioctl(fd, _raw.KVM_CREATE_VM, 0)
+        mmap_size = rawioctl.fcntl.ioctl(fd, rawioctl.KVM_GET_VCPU_MMAP_SIZE, 0)
+        nr_vcpus = rawioctl.check(fd, 9)
+        vm = rawioctl.fcntl.ioctl(fd, rawioctl.KVM_CREATE_VM, 0)
         try:
-            vm_names = [d["name"] for d in _raw.stats(vm)["descriptors"]]
+            vm_names = [d["name"] for d in rawioctl.stats(vm)["descriptors"]]
         finally:
             os.close(vm)
     finally:
@@ -87,7 +87,7 @@ def test_numbers_unknown_to_pykvm_are_shown(monkeypatch):
 def test_unknown_capability_rendering():
     r = pykvm.probe()
     r.capabilities.append(Capability(number=300, name=None, system=5, vm=None))
-    line = next(l for l in render(r).splitlines() if "KVM_CAP_300?" in l)
+    line = next(text for text in render(r).splitlines() if "KVM_CAP_300?" in text)
     assert "5" in line and "unknown to pykvm" in line
     d = r.to_dict()["capabilities"][-1]
     assert d == {"number": 300, "name": None, "known": False, "system": 5, "vm": None, "meaning": []}

@@ -9,52 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 
-import ioctl_opt
 import pytest
 
-import pykvm
+from tests.support import procs
 
-PYTHON = "/usr/bin/python3"
-USER = "nobody"
-
-
-def _can_switch_user() -> str:
-    if os.geteuid() != 0:
-        return "switching to another user needs root"
-    if not shutil.which("runuser"):
-        return "runuser is not installed"
-    if not os.access(PYTHON, os.X_OK):
-        return f"{PYTHON} is missing"
-    return ""
+USER = procs.UNPRIVILEGED_USER
 
 
 @pytest.fixture(scope="module")
 def tree():
-    why = _can_switch_user()
+    why = procs.why_no_unprivileged_user()
     if why:
         pytest.skip(why)
-    d = tempfile.mkdtemp(prefix="pykvm-unpriv-", dir="/tmp")
-    try:
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        shutil.copytree(os.path.dirname(pykvm.__file__), os.path.join(d, "pykvm"), ignore=ignore)
-        src = ioctl_opt.__file__
-        if os.path.basename(src) == "__init__.py":
-            shutil.copytree(os.path.dirname(src), os.path.join(d, "ioctl_opt"), ignore=ignore)
-        else:
-            shutil.copy(src, d)
-        for root, dirs, files in os.walk(d):
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
+    with procs.world_readable_checkout() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _device_closed_to_user() -> bool:
@@ -63,11 +35,7 @@ def _device_closed_to_user() -> bool:
 
 
 def run_as_user(tree: str, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tree, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(["runuser", "-u", USER, "--", "/usr/bin/env", "-i",
-                           *[f"{k}={v}" for k, v in env.items()], PYTHON, "-m", "pykvm", *args],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    return procs.run_unprivileged(tree, "-m", "pykvm", *args, cwd="/")
 
 
 def test_text_explains_and_exits_1(tree):

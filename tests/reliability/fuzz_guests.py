@@ -28,50 +28,21 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 
 import pykvm
 from pykvm import KvmError
 from pykvm.x86.report import describe_vcpu
-
-from . import _x86 as X
+from tests.support import guests
 
 MODES = ("real", "long0", "long3", "long3-iopl3")
 
 
-class Watchdog(threading.Thread):
-    """One thread that kicks the armed vCPU once its deadline passes."""
+class Kicks:
+    """How many cases the watchdog (:meth:`pykvm.Vcpu.kick_after`) had to end."""
 
     def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.cond = threading.Condition()
-        self.vcpu = None
-        self.deadline = 0.0
         self.fired = 0
-
-    def arm(self, vcpu: pykvm.Vcpu, seconds: float) -> None:
-        with self.cond:
-            self.vcpu, self.deadline = vcpu, time.monotonic() + seconds
-            self.cond.notify()
-
-    def disarm(self) -> None:
-        with self.cond:
-            self.vcpu = None
-
-    def run(self) -> None:
-        with self.cond:
-            while True:
-                if self.vcpu is None:
-                    self.cond.wait()
-                    continue
-                left = self.deadline - time.monotonic()
-                if left > 0:
-                    self.cond.wait(left)
-                    continue
-                self.vcpu.kick()
-                self.fired += 1
-                self.vcpu = None
 
 
 def _rand_u64(rng: random.Random) -> int:
@@ -79,8 +50,8 @@ def _rand_u64(rng: random.Random) -> int:
     if pick < 0.3:
         return rng.getrandbits(64)
     if pick < 0.6:
-        return rng.randrange(0, X.RAM)
-    return rng.choice((0, 1, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0x8000000000000000, X.CODE, X.DATA))
+        return rng.randrange(0, guests.RAM)
+    return rng.choice((0, 1, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0x8000000000000000, guests.CODE, guests.DATA))
 
 
 def _corrupt_sregs(rng: random.Random, s) -> None:
@@ -102,31 +73,31 @@ def _corrupt_sregs(rng: random.Random, s) -> None:
             setattr(sg, field, rng.getrandbits(width))
 
 
-def run_case(kvm: pykvm.Kvm, dog: Watchdog, rng: random.Random, args, msr_list=()) -> tuple:
+def run_case(kvm: pykvm.Kvm, kicks: Kicks, rng: random.Random, args, msr_list=()) -> tuple:
     """Build and run one random guest; return (mode, outcome)."""
     mode = rng.choice(MODES)
     with kvm.create_vm() as vm:
-        mem = vm.add_memory(0, X.RAM)
+        mem = vm.add_memory(0, guests.RAM)
         if mode == "real":
             entry = 0x1000
         else:
-            X.build_long_mode_memory(mem)
-            entry = X.CODE
+            guests.build_long_mode_memory(mem)
+            entry = guests.CODE
         code = rng.randbytes(rng.choice((1, 4, 16, 64, 256, 4096)))
         mem.write(entry, code)
         chaos = rng.random()
         if chaos < 0.05:  # random bytes everywhere: page tables, GDT, stack, code
             mem.write(0, rng.randbytes(0x20000))
         elif chaos < 0.35:  # random bytes around the code (page tables and GDT survive)
-            mem.write(X.CODE + 0x1000, rng.randbytes(0x1000))
-            mem.write(X.DATA, rng.randbytes(0x1000))
+            mem.write(guests.CODE + 0x1000, rng.randbytes(0x1000))
+            mem.write(guests.DATA, rng.randbytes(0x1000))
         vcpu = vm.create_vcpu()
         try:
             if mode == "real":
-                X.set_real_mode(vcpu, entry)
+                guests.set_real_mode(vcpu, entry)
             else:
-                X.set_long_mode(vcpu, cpl=0 if mode == "long0" else 3,
-                                rflags=2 | (X.RFLAGS_IOPL3 if mode == "long3-iopl3" else 0))
+                guests.set_long_mode(vcpu, cpl=0 if mode == "long0" else 3,
+                                rflags=2 | (guests.RFLAGS_IOPL3 if mode == "long3-iopl3" else 0))
             r = vcpu.get_regs()
             for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10",
                          "r11", "r12", "r13", "r14", "r15"):
@@ -154,7 +125,7 @@ def run_case(kvm: pykvm.Kvm, dog: Watchdog, rng: random.Random, args, msr_list=(
                 vcpu.set_sregs(s)
         except KvmError as e:
             return mode, f"setup:{_errname(e)}"
-        dog.arm(vcpu, args.timeout_ms / 1000)
+        dog = vcpu.kick_after(args.timeout_ms / 1000)
         try:
             for _ in range(args.max_exits):
                 try:
@@ -179,7 +150,8 @@ def run_case(kvm: pykvm.Kvm, dog: Watchdog, rng: random.Random, args, msr_list=(
                 return mode, type(e).__name__
             return mode, "exit-budget"
         finally:
-            dog.disarm()
+            dog.cancel()
+            kicks.fired += dog.fired
 
 
 def _errname(e: OSError) -> str:
@@ -191,7 +163,7 @@ def _errname(e: OSError) -> str:
 def sanity(kvm: pykvm.Kvm) -> None:
     """A known-good guest in a fresh VM must still work."""
     with kvm.create_vm() as vm:
-        v, = X.long_mode_vm(vm, X.HELLO_OUT)
+        v, = guests.long_mode_vm(vm, guests.HELLO_OUT)
         e = v.run()
         assert e == pykvm.IoOut(0x10, 1, 1, b"A"), e
         assert isinstance(v.run(), pykvm.Hlt)
@@ -206,8 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--sregs-fraction", type=float, default=0.25)
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
-    dog = Watchdog()
-    dog.start()
+    kicks = Kicks()
     outcomes: collections.Counter = collections.Counter()
     modes: collections.Counter = collections.Counter()
     t0 = time.monotonic()
@@ -217,7 +188,7 @@ def main(argv=None) -> int:
             rng = random.Random(f"{seed}:{i}")
             print(f"case {seed}:{i}", file=sys.stderr, flush=True) if os.environ.get("PYKVM_FUZZ_TRACE") else None
             try:
-                mode, outcome = run_case(kvm, dog, rng, args, msr_list)
+                mode, outcome = run_case(kvm, kicks, rng, args, msr_list)
             except Exception as e:  # anything but KvmError is a bug in pykvm
                 print(f"case {seed}:{i} failed: {e!r}", file=sys.stderr, flush=True)
                 raise
@@ -227,7 +198,7 @@ def main(argv=None) -> int:
                 sanity(kvm)
         sanity(kvm)
     print(json.dumps({"seed": seed, "cases": args.count, "outcomes": dict(outcomes.most_common()),
-                      "modes": dict(modes), "kicks": dog.fired,
+                      "modes": dict(modes), "kicks": kicks.fired,
                       "seconds": round(time.monotonic() - t0, 2)}))
     return 0
 

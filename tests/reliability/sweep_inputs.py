@@ -2,7 +2,7 @@
 
     python -m tests.reliability.sweep_inputs [--examples N]
 
-Three passes over every method of a live "world" (see ``_sweep.py``):
+Three passes over every method of a live "world" (see ``support_sweep.py``):
 
 1. *truncation*: each int parameter gets 2**64+1, -1, 1.5 and "1" (and None
    unless None is its default); the call must fail with KvmError, ValueError or
@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import pykvm
 from pykvm.errors import KvmError
 
-from . import _sweep as W
+from . import support_sweep
 
 ALLOWED = (KvmError, ValueError, TypeError)
 #: Methods whose natural "not found" is KeyError (mapping-style lookups).
@@ -72,14 +72,14 @@ class Sweep:
 
     def run(self, fn, kw):
         self.calls += 1
-        return W.call(fn, kw)
+        return support_sweep.call(fn, kw)
 
     # 1 -------------------------------------------------------------------------------
     def truncation(self, w) -> None:
-        for kind, name, fn in W.targets(w):
-            base = W.valid_args(fn, w)
-            for p in W.parameters(fn):
-                if not W.int_like(p, w) or (name, p.name) in EXEMPT:
+        for kind, name, fn in support_sweep.targets(w):
+            base = support_sweep.valid_args(fn, w)
+            for p in support_sweep.parameters(fn):
+                if not support_sweep.int_like(p, w) or (name, p.name) in EXEMPT:
                     continue
                 values = [2**64 + 1, -1, 1.5, "1"]
                 if p.default is not None and (name, p.name) not in NONE_MEANS_UNSET:
@@ -95,14 +95,14 @@ class Sweep:
 
     def elements(self, w) -> None:
         """Lists and mappings of ints: a bad element must not be coerced either."""
-        for kind, name, fn in W.targets(w):
-            base = W.valid_args(fn, w)
-            for p in W.parameters(fn):
+        for kind, name, fn in support_sweep.targets(w):
+            base = support_sweep.valid_args(fn, w)
+            for p in support_sweep.parameters(fn):
                 v0 = base[p.name]
                 if isinstance(v0, dict):
                     bad_values = [{2**64 + 1: 0}, {-1: 0}, {1.5: 0}, {"1": 0}, {0x174: 2**64},
                                   {0x174: -1}, {0x174: 1.5}, {0x174: "1"}]
-                elif isinstance(v0, (list, tuple)) and W.element_is_int(p):
+                elif isinstance(v0, (list, tuple)) and support_sweep.element_is_int(p):
                     bad_values = [[2**64 + 1], [-1], [1.5], ["1"]]
                 else:
                     continue
@@ -117,9 +117,9 @@ class Sweep:
 
     # 2 -------------------------------------------------------------------------------
     def types(self, w) -> None:
-        for kind, name, fn in W.targets(w):
-            base = W.valid_args(fn, w)
-            for p in W.parameters(fn):
+        for kind, name, fn in support_sweep.targets(w):
+            base = support_sweep.valid_args(fn, w)
+            for p in support_sweep.parameters(fn):
                 for v in (None, object(), "x", 1.5, b"x", [object()], {}):
                     kw = dict(base)
                     kw[p.name] = v
@@ -137,9 +137,9 @@ class Sweep:
         sized = st.one_of(
             st.integers(max_value=1 << 20), st.integers(min_value=1 << 47),
             st.sampled_from([-1, 2**63, 2**64]), st.none(), st.floats(), st.text(max_size=2))
-        for kind, name, fn in W.targets(w):
-            params = W.parameters(fn)
-            base = W.valid_args(fn, w)
+        for kind, name, fn in support_sweep.targets(w):
+            params = support_sweep.parameters(fn)
+            base = support_sweep.valid_args(fn, w)
             strategies = {
                 p.name: st.one_of(st.just(base[p.name]), sized if p.name in SIZE_NAMES else hostile)
                 for p in params}
@@ -149,11 +149,11 @@ class Sweep:
                       phases=[Phase.explicit, Phase.generate],
                       suppress_health_check=list(HealthCheck))
             @given(st.fixed_dictionaries(strategies))
-            def check(kw):
-                out, e = self.run(fn, kw)
+            def check(kw):  # called below, in this iteration: the loop variables are current
+                out, e = self.run(fn, kw)  # noqa: B023
                 if e is None:
                     return
-                assert _ok_exception(name, e), f"{out}: {e}"
+                assert _ok_exception(name, e), f"{out}: {e}"  # noqa: B023
                 assert str(e), f"{out} without a message"
 
             try:
@@ -176,15 +176,15 @@ def main(argv=None) -> int:
     with pykvm.Kvm() as kvm:
         sweep = Sweep(kvm)
         for phase in ("truncation", "elements", "types", "hypothesis"):
-            w = W.make_world(kvm)
+            w = support_sweep.make_world(kvm)
             try:
                 if phase == "hypothesis":
                     sweep.hypothesis(w, args.examples, args.seed)
                 else:
                     getattr(sweep, phase)(w)
-                ntargets = len(W.targets(w))
+                ntargets = len(support_sweep.targets(w))
             finally:
-                W.close_world(w)
+                support_sweep.close_world(w)
         # after all that, a fresh VM still runs a guest
         from . import fuzz_guests
 

@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 
 import pykvm
 from pykvm import uapi
-
-from . import _util as U
-from . import _x86 as X
+from tests.support import fdtable, guests, procs
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -40,11 +38,11 @@ PENDING: set = set()
 
 def test_every_public_method_rejects_bad_input_clearly():
     examples = int(os.environ.get("PYKVM_SWEEP_EXAMPLES", "100"))
-    env = dict(os.environ, PYTHONPATH=U.REPO)
+    env = dict(os.environ, PYTHONPATH=procs.REPO)
     extra = ["--seed", os.environ["PYKVM_SWEEP_SEED"]] if os.environ.get("PYKVM_SWEEP_SEED") else []
     proc = subprocess.run([sys.executable, "-m", "tests.reliability.sweep_inputs", "--examples",
                            str(examples), *extra], capture_output=True, text=True, env=env,
-                          cwd=U.REPO, timeout=900)
+                          cwd=procs.REPO, timeout=900)
     assert proc.returncode == 0, f"sweep child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
     res = json.loads(proc.stdout.splitlines()[-1])
     print(f"\nbad-input sweep: {res['calls']} calls over {res['targets']} methods, "
@@ -105,7 +103,7 @@ def test_set_msrs_wants_a_mapping(vm):
 
 
 def test_exit_answers_are_not_truncated(vm):
-    vcpu, = X.long_mode_vm(vm, bytes.fromhex("e410" "8b042500003000"))  # in al,0x10; mov eax,[0x300000]
+    vcpu, = guests.long_mode_vm(vm, bytes.fromhex("e410" "8b042500003000"))  # in al,0x10; mov eax,[0x300000]
     e = vcpu.run()
     assert isinstance(e, pykvm.IoIn) and len(e.data) == 1
     with pytest.raises(ValueError):
@@ -132,13 +130,13 @@ def test_exit_answers_are_not_truncated(vm):
 ])
 def test_kvm_constructor_refuses_what_is_not_the_kvm_device(tmp_path, make, words):
     path = make(tmp_path)
-    before = U.fds()
+    before = fdtable.fds()
     with pytest.raises(pykvm.KvmUnavailable) as ei:
         pykvm.Kvm(path)
     assert words in str(ei.value) and ei.value.hint
     # No fd of ours is left on the refused path (other threads of the test process,
     # e.g. a stub or watchdog from an earlier test, may open and close unrelated fds).
-    leaked = {fd: t for fd, t in U.fds().items() if before.get(fd) != t and t == os.path.realpath(path)}
+    leaked = {fd: t for fd, t in fdtable.fds().items() if before.get(fd) != t and t == os.path.realpath(path)}
     assert leaked == {}
 
 
@@ -152,8 +150,8 @@ def test_kvm_constructor_never_opens_another_device(tmp_path):
     log = tmp_path / "log"
     code = ("import pykvm\ntry: pykvm.Kvm('/dev/null')\nexcept pykvm.KvmUnavailable: pass\n")
     subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(log),
-                    sys.executable, "-c", code], check=True, cwd=U.REPO, timeout=60,
-                   env=dict(os.environ, PYTHONPATH=U.REPO))
+                    sys.executable, "-c", code], check=True, cwd=procs.REPO, timeout=60,
+                   env=dict(os.environ, PYTHONPATH=procs.REPO))
     assert "/dev/null\", O_RDWR" not in log.read_text()
 
 
@@ -218,7 +216,7 @@ def test_create_vcpu_id_reaches_the_kernel_exactly(kvm, vcpu_id):
 @pytest.fixture(scope="module")
 def shared_vm():
     with pykvm.Kvm() as k, k.create_vm() as vm:
-        vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+        vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
         yield vm, vcpu
 
 
@@ -253,7 +251,7 @@ def test_guest_memory_read_bounds(shared_vm, offset, n):
 
 
 @SETTINGS
-@given(gpa=st.one_of(ANY_INT, NOT_INT, st.integers(0, X.RAM + 16)),
+@given(gpa=st.one_of(ANY_INT, NOT_INT, st.integers(0, guests.RAM + 16)),
        data=st.one_of(st.binary(max_size=64), NOT_INT, st.integers()))
 def test_vm_write_bounds(shared_vm, gpa, data):
     vm, _ = shared_vm
@@ -263,7 +261,7 @@ def test_vm_write_bounds(shared_vm, gpa, data):
         assert str(e)
     else:
         if len(data):                       # a zero-length write is a no-op anywhere
-            assert gpa >= 0 and gpa + len(data) <= X.RAM
+            assert gpa >= 0 and gpa + len(data) <= guests.RAM
         assert vm.read(gpa, len(data)) == data
 
 

@@ -12,17 +12,16 @@ import weakref
 import pytest
 
 import pykvm
+from tests.support import fdtable, guests, procs
+from tests.support.guests import REAL_MODE_HELLO, real_mode
 
-from ..guests import REAL_MODE_HELLO, real_mode
-from . import _util as U
-from . import _x86 as X
-from ._util import build_zoo
+from . import support_zoo
 
 
 def test_every_pykvm_fd_is_close_on_exec_through_an_execd_child(kvm):
-    before = U.fds()
-    zoo = build_zoo(kvm)
-    new = {fd: t for fd, t in U.fds().items() if before.get(fd) != t}
+    before = fdtable.fds()
+    zoo = support_zoo.build_zoo(kvm)
+    new = {fd: t for fd, t in fdtable.fds().items() if before.get(fd) != t}
     # kvm fd, VM, vCPU (+ the dup CPython's mmap keeps), stats fds at least
     assert len(new) >= 5, new
     kinds = {t.split(":", 1)[-1].split(":")[0] for t in new.values()}
@@ -34,10 +33,10 @@ def test_every_pykvm_fd_is_close_on_exec_through_an_execd_child(kvm):
     assert expect <= kinds, kinds
     if "dirty-ring" in zoo:            # the ring's mmap holds its own dup of the vCPU fd
         assert sum(t.startswith("anon_inode:kvm-vcpu:") for t in new.values()) >= 3
-    not_cloexec = {fd: t for fd, t in new.items() if not U.cloexec(fd)}
+    not_cloexec = {fd: t for fd, t in new.items() if not fdtable.cloexec(fd)}
     assert not not_cloexec, f"fds without FD_CLOEXEC: {not_cloexec}"
     # The exec'd child inherits every fd without close-on-exec (close_fds=False).
-    inherited = U.child_fds()
+    inherited = procs.child_fds()
     leaked = {fd: t for fd, t in new.items() if inherited.get(fd) == t}
     assert not leaked, f"fds that survived exec: {leaked}"
     assert not [t for t in inherited.values() if "kvm" in t]
@@ -46,9 +45,9 @@ def test_every_pykvm_fd_is_close_on_exec_through_an_execd_child(kvm):
 
 def _cycle(kvm: pykvm.Kvm, i: int) -> None:
     vm = kvm.create_vm()
-    mem = vm.add_memory(0, X.RAM)
+    mem = vm.add_memory(0, guests.RAM)
     vm.create_irq_chip()
-    vcpus = X.long_mode_vm(vm, X.HELLO_OUT, vcpus=2, mem=mem)
+    vcpus = guests.long_mode_vm(vm, guests.HELLO_OUT, vcpus=2, mem=mem)
     e = vcpus[0].run()  # with the in-kernel irqchip, hlt would block: stop at the out
     assert e == pykvm.IoOut(0x10, 1, 1, b"A"), e
     view = vcpus[1].kvm_run  # a live ctypes view into a run page
@@ -74,53 +73,53 @@ def test_2000_vm_cycles_keep_fd_count_and_rss_stable(kvm):
     of the VMs are dropped without close() and left to the cyclic GC.
     """
     gc.collect()
-    fds0 = U.fds()
+    fds0 = fdtable.fds()
     peak = 0
     rss_warm = 0
     for i in range(CYCLES):
         _cycle(kvm, i)
         if i % 20 == 0:
-            peak = max(peak, len(U.kvm_fds()))
+            peak = max(peak, len(fdtable.kvm_fds()))
         if i == 199:
             gc.collect()
-            rss_warm = U.rss()
+            rss_warm = fdtable.rss()
     gc.collect()
-    assert U.fds() == fds0
-    growth = U.rss() - rss_warm
+    assert fdtable.fds() == fds0
+    growth = fdtable.rss() - rss_warm
     print(f"\n{CYCLES} cycles: {len(fds0)} fds before and after, RSS {rss_warm >> 10} KiB at "
-          f"cycle 200 -> {U.rss() >> 10} KiB, peak {peak} KVM fds open")
+          f"cycle 200 -> {fdtable.rss() >> 10} KiB, peak {peak} KVM fds open")
     assert growth < 4 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over {CYCLES - 200} cycles"
-    assert not U.kvm_run_mappings()
+    assert not fdtable.kvm_run_mappings()
     # Dropped VMs wait for the cyclic GC; they must not pile up without bound.
     assert peak < 400, f"{peak} KVM fds open at once"
 
 
 def test_dropped_objects_are_reclaimed_without_close(kvm):
     vm = kvm.create_vm()
-    mem = vm.add_memory(0, X.RAM)
+    mem = vm.add_memory(0, guests.RAM)
     addr = mem.userspace_addr
-    vcpu, = X.long_mode_vm(vm, X.HELLO_OUT, mem=mem)
+    vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT, mem=mem)
     assert isinstance(vcpu.run(), pykvm.IoOut)
     stats = __import__("pykvm.stats", fromlist=["open_stats"]).open_stats(vcpu)
     refs = [weakref.ref(o) for o in (vm, vcpu, mem, stats)]
     fds = {vm.fileno(), vcpu.fileno(), stats.fileno()}
-    assert U.mapped(addr) and U.kvm_run_mappings()
+    assert fdtable.mapped(addr) and fdtable.kvm_run_mappings()
     del vm, vcpu, mem, stats
     gc.collect()
     assert [r() for r in refs] == [None] * 4
-    now = U.fds()
+    now = fdtable.fds()
     assert not any(fd in now and "kvm" in now[fd] for fd in fds)
-    assert not U.mapped(addr), "guest memory still mapped after the VM was collected"
-    assert not U.kvm_run_mappings()
+    assert not fdtable.mapped(addr), "guest memory still mapped after the VM was collected"
+    assert not fdtable.kvm_run_mappings()
     # the Kvm object alone: dropped -> fd closed at once (no cycle)
     k = pykvm.Kvm()
     fd = k.fileno()
     del k
-    assert U.fds().get(fd) != "/dev/kvm"
+    assert fdtable.fds().get(fd) != "/dev/kvm"
 
 
 def test_close_is_idempotent_in_any_order(kvm):
-    zoo = build_zoo(kvm)
+    zoo = support_zoo.build_zoo(kvm)
     vm, vcpu, mem = zoo["vm"], zoo["vcpu"], zoo["mem"]
     for kind, obj in zoo.items():
         if kind in ("kvm", "mem", "vm") or not hasattr(obj, "close"):
@@ -174,7 +173,7 @@ def test_a_child_that_fails_to_close_keeps_guest_memory_mapped(kvm, monkeypatch)
     """Mocked failure (KVM's fds always close): if a vCPU cannot be closed, the VM
     must not unmap guest memory that vCPU could still run on."""
     vm = kvm.create_vm()
-    vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+    vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
     addr = vm.memory[0].userspace_addr
     real = type(vcpu).close
 
@@ -186,17 +185,17 @@ def test_a_child_that_fails_to_close_keeps_guest_memory_mapped(kvm, monkeypatch)
         vm.close()
     monkeypatch.setattr(type(vcpu), "close", real)
     assert vm.closed and not vcpu.closed
-    assert U.mapped(addr)
+    assert fdtable.mapped(addr)
     assert vcpu.run() == pykvm.IoOut(0x10, 1, 1, b"A")   # its memory is still there
     vcpu.close()
     del vm, vcpu
     gc.collect()
-    assert not U.mapped(addr)
+    assert not fdtable.mapped(addr)
 
 
 # Folded in from tests/test_fds.py.
 def test_dropped_running_guest_objects_are_reclaimed(kvm):
-    before = U.fds()
+    before = fdtable.fds()
     for _ in range(20):
         vm = kvm.create_vm()
         vcpu = real_mode(vm, REAL_MODE_HELLO, rax=1, rbx=1)
@@ -205,8 +204,8 @@ def test_dropped_running_guest_objects_are_reclaimed(kvm):
         del vm, vcpu
         del run_view
     gc.collect()
-    assert U.fds() == before
-    assert not [t for t in U.fds().values() if "kvm-v" in t]
+    assert fdtable.fds() == before
+    assert not [t for t in fdtable.fds().values() if "kvm-v" in t]
 
 
 def test_vcpu_fd_names_and_close_order(kvm):

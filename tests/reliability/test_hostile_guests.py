@@ -18,9 +18,7 @@ import pytest
 
 import pykvm
 from pykvm import uapi
-
-from . import _util as U
-from . import _x86 as X
+from tests.support import guests, procs
 
 #: Cases per CI run (documented in docs/safety.md).
 FUZZ_CI_COUNT = 4000
@@ -32,10 +30,10 @@ ALLOWED = {"Shutdown", "InternalError", "FailEntry", "Hlt", "timeout", "exit-bud
 
 
 def _run_fuzz(count: int, seed: int, *extra: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=U.REPO)
+    env = dict(os.environ, PYTHONPATH=procs.REPO)
     proc = subprocess.run([sys.executable, "-m", "tests.reliability.fuzz_guests", "--count",
                            str(count), "--seed", str(seed), *extra],
-                          capture_output=True, text=True, env=env, cwd=U.REPO,
+                          capture_output=True, text=True, env=env, cwd=procs.REPO,
                           timeout=max(300, count / 20))
     assert proc.returncode == 0, (
         f"fuzz child died (returncode {proc.returncode}, seed {seed}); "
@@ -73,7 +71,7 @@ def test_fuzz_with_heavy_register_corruption():
 # ---- faults are reported, with the vCPU state readable afterwards -----------------------
 
 def _fault(vm, code: str, cpl: int):
-    vcpu, = X.long_mode_vm(vm, bytes.fromhex(code), cpl=cpl)
+    vcpu, = guests.long_mode_vm(vm, bytes.fromhex(code), cpl=cpl)
     return vcpu, vcpu.run()
 
 
@@ -84,7 +82,7 @@ def test_triple_fault_is_a_shutdown_exit_with_state_readable(vm, cpl):
     assert isinstance(e, (pykvm.Shutdown, pykvm.InternalError)), e
     assert e.reason in (pykvm.ExitReason.SHUTDOWN, pykvm.ExitReason.INTERNAL_ERROR)
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-    assert regs.rip == X.CODE and sregs.cs.dpl == cpl
+    assert regs.rip == guests.CODE and sregs.cs.dpl == cpl
     # A dead guest stays dead but harmless: running again gives another exit, not a hang.
     vcpu.kick()
     assert isinstance(vcpu.run(), pykvm.Exit)
@@ -98,12 +96,12 @@ def test_emulation_failure_is_an_internal_error_with_the_instruction(vm):
     assert e.description == "emulation failure"
     assert e.insn_bytes.startswith(bytes.fromhex("0f38f0c0"))
     assert "InternalError" in repr(e) and "suberror" in repr(e)
-    assert vcpu.get_regs().rip == X.CODE
+    assert vcpu.get_regs().rip == guests.CODE
 
 
 def test_failed_entry_from_bad_state_is_an_error_not_a_crash(vm):
     """State KVM cannot enter with is refused by SET_SREGS or reported by KVM_RUN."""
-    vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+    vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
     s = vcpu.get_sregs()
     s.cr0 &= ~1                                       # paging without protection: invalid
     try:
@@ -129,13 +127,13 @@ def test_fatal_stops_are_reported_with_the_vcpu_state(vm, code, cpl, reason, wor
     GuestError whose text is the vCPU state: mode, CPL, registers, the bytes at RIP."""
     from pykvm.x86.runloop import GuestError, RunLoop
 
-    vcpu, = X.long_mode_vm(vm, bytes.fromhex(code), cpl=cpl)
+    vcpu, = guests.long_mode_vm(vm, bytes.fromhex(code), cpl=cpl)
     with pytest.raises(GuestError) as ei:
         RunLoop(vcpu).run(timeout=10)
     stop = ei.value.stop
     assert stop.reason in reason, stop
     text = str(ei.value)
-    assert "long 64-bit" in text and "rip=0x1000" in text and "cr0=0x80000011" in text, text
+    assert "long 64-bit" in text and "rip=0x1000" in text and f"cr0={guests.CR0:#x}" in text, text
     for w in words:
         assert w in text, text
     assert "rax=" in text and "rsp=" in text
@@ -147,14 +145,13 @@ def test_next_vm_works_after_thousands_of_dead_guests_in_this_process(kvm):
     """In-process: 200 quick hostile guests, then a normal guest in a fresh VM."""
     import random
 
-    from . import fuzz_guests as F
+    from . import fuzz_guests
 
-    dog = F.Watchdog()
-    dog.start()
+    kicks = fuzz_guests.Kicks()
     rng = random.Random(7)
 
     class A:
         timeout_ms, max_exits, sregs_fraction = 20.0, 16, 0.25
     for _ in range(200):
-        F.run_case(kvm, dog, rng, A, kvm.msr_index_list())
-    F.sanity(kvm)
+        fuzz_guests.run_case(kvm, kicks, rng, A, kvm.msr_index_list())
+    fuzz_guests.sanity(kvm)

@@ -14,16 +14,14 @@ import resource
 import pytest
 
 import pykvm
-
-from . import _util as U
-from . import _x86 as X
+from tests.support import guests, procs
 
 OUT_A = bytes.fromhex("b041" "e610" "f4")       # real mode: mov al,'A'; out 0x10,al; hlt
 
 
 def _real_mode_vcpu(vm, vcpu_id=0):
     v = vm.create_vcpu(vcpu_id)
-    X.set_real_mode(v, 0x1000)
+    guests.set_real_mode(v, 0x1000)
     return v
 
 
@@ -82,7 +80,7 @@ def test_vcpu_limit_gives_a_clear_error_and_earlier_vcpus_run(kvm):
         assert ei.value.errno == errno.EINVAL
         assert "KVM_CREATE_VCPU" in str(ei.value) and "KVM_CAP_MAX_VCPUS" in str(ei.value)
         for v in (vcpus[0], vcpus[-1]):
-            X.set_real_mode(v, 0x1000)
+            guests.set_real_mode(v, 0x1000)
             assert v.run() == pykvm.IoOut(0x10, 1, 1, b"A")
         assert len(vm.vcpus) == limit
 
@@ -103,10 +101,10 @@ def test_vcpu_id_limit(kvm):
 FD_CHILD = r'''
 import errno, json, resource
 import pykvm
-from tests.reliability import _x86 as X
+from tests.support import guests
 kvm = pykvm.Kvm()
 vm = kvm.create_vm()
-vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
 held, errors = [], []
@@ -124,21 +122,21 @@ for o in held:
     o.close()
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 with kvm.create_vm() as vm2:                        # and new ones, once fds are free
-    v2, = X.long_mode_vm(vm2, X.HELLO_OUT)
+    v2, = guests.long_mode_vm(vm2, guests.HELLO_OUT)
     ok2 = v2.run() == pykvm.IoOut(0x10, 1, 1, b"A")
 print(json.dumps({"errors": errors, "ok": ok, "ok2": ok2}))
 '''
 
 
 def test_running_out_of_fds_is_a_clear_error():
-    proc = U.run_python(FD_CHILD, timeout=120)
+    proc = procs.run_python(FD_CHILD, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
 
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["ok"] and res["ok2"]
     assert res["errors"], "never ran out of fds"
-    for err, ioctl, text in res["errors"]:
+    for err, _ioctl, text in res["errors"]:
         assert err == errno.EMFILE, text
         assert "RLIMIT_NOFILE" in text or "could not map" in text, text
 
@@ -146,10 +144,10 @@ def test_running_out_of_fds_is_a_clear_error():
 MEM_CHILD = r'''
 import json, resource
 import pykvm
-from tests.reliability import _x86 as X
+from tests.support import guests
 kvm = pykvm.Kvm()
 vm = kvm.create_vm()
-vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
 out = {}
 try:
     vm.add_memory(1 << 40, 1 << 46)               # 64 TiB: more than the host will give
@@ -173,7 +171,7 @@ print(json.dumps(out))
 
 
 def test_out_of_memory_is_a_clear_error_and_the_vm_still_runs():
-    proc = U.run_python(MEM_CHILD, timeout=120)
+    proc = procs.run_python(MEM_CHILD, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
 
@@ -192,7 +190,7 @@ def test_run_without_memory_is_enospc_with_a_hint(vm):
     # and the VM recovers once memory is added
     mem = vm.add_memory(0, 0x10000)
     mem.write(0x1000, OUT_A)
-    X.set_real_mode(vcpu, 0x1000)
+    guests.set_real_mode(vcpu, 0x1000)
     assert vcpu.run() == pykvm.IoOut(0x10, 1, 1, b"A")
 
 
@@ -215,7 +213,7 @@ def test_a_forked_child_cannot_use_the_parents_vm_and_is_told_why(vm):
     """KVM ties a VM to the creating process's address space: EIO after fork()."""
     import os
 
-    vcpu, = X.long_mode_vm(vm, X.HELLO_OUT)
+    vcpu, = guests.long_mode_vm(vm, guests.HELLO_OUT)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report and leave without running any Python teardown

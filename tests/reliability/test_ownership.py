@@ -20,8 +20,9 @@ from pykvm import uapi
 from pykvm._check import flex_fits
 from pykvm.vm.dirty import DirtyEntries, DirtyPages, pages_to_bitmap
 from pykvm.vm.msr_filter import MsrFilterRange, msr_filter_bitmap_size
+from tests.support import fdtable
 
-from . import _util as U
+from . import support_zoo
 
 COPIERS = {
     "copy.copy": copy.copy,
@@ -32,7 +33,7 @@ COPIERS = {
 
 @pytest.fixture
 def zoo(kvm):
-    z = U.build_zoo(kvm)
+    z = support_zoo.build_zoo(kvm)
     yield z
     z["vm"].close()
     for k in ("irqfd", "ioeventfd"):
@@ -55,7 +56,7 @@ def test_a_refused_copy_leaves_guest_memory_mapped_under_the_vm(kvm):
     mem = vm.add_memory(0, 0x1000)
     with pytest.raises(TypeError):
         copy.copy(vm)
-    assert not mem.closed and U.mapped(mem.userspace_addr)
+    assert not mem.closed and fdtable.mapped(mem.userspace_addr)
     vm.close()
     assert mem.closed
 
@@ -67,11 +68,11 @@ def test_removing_memory_keeps_it_mapped_while_an_alias_slot_points_into_it(kvm,
     vm.set_user_memory_region(7, 0x100000, 0x1000, mem.userspace_addr)
     addr = mem.userspace_addr
     vm.remove_memory(mem)
-    assert U.mapped(addr) and not mem.closed       # KVM can still write there through slot 7
+    assert fdtable.mapped(addr) and not mem.closed       # KVM can still write there through slot 7
     with pytest.raises(ValueError):
         mem.close()                                 # and the caller cannot unmap it either
     vm.close()
-    assert mem.closed and not U.mapped(addr)
+    assert mem.closed and not fdtable.mapped(addr)
 
 
 def test_remove_memory_unmaps_at_once_without_an_alias(kvm):
@@ -79,7 +80,7 @@ def test_remove_memory_unmaps_at_once_without_an_alias(kvm):
     mem = vm.add_memory(0, 0x1000)
     addr = mem.userspace_addr
     vm.remove_memory(mem)
-    assert mem.closed and not U.mapped(addr)
+    assert mem.closed and not fdtable.mapped(addr)
     vm.close()
 
 
@@ -142,10 +143,10 @@ def test_close_in_a_forked_child_closes_only_its_inherited_fds_and_never_hangs(z
     parent_fds = {k: zoo[k].fileno() for k in ("kvm", "vm", "vcpu", "vm-stats")}
 
     def body() -> str:
-        fds_before = set(U.fds())
+        fds_before = set(fdtable.fds())
         vm.close()                # closes the VM and what it owns: vCPUs, devices, stats fds
         zoo["kvm"].close()
-        gone = fds_before - set(U.fds())
+        gone = fds_before - set(fdtable.fds())
         missing = {k: fd for k, fd in parent_fds.items() if fd not in gone}
         if missing:
             return f"still open in the child: {missing}"

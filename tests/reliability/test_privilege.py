@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 
-import ioctl_opt
 import pytest
 
-from . import _util as U
-
-SYSTEM_PYTHON = "/usr/bin/python3"
+from tests.support import procs
 
 
 def _nobody_cannot_open_kvm() -> str:
-    if os.geteuid() != 0:
-        return "needs root (to run as nobody)"
-    if not shutil.which("runuser") or not os.access(SYSTEM_PYTHON, os.X_OK):
-        return "needs runuser and /usr/bin/python3"
+    why = procs.why_no_unprivileged_user()
+    if why:
+        return why
     try:
         st = os.stat("/dev/kvm")
     except OSError:
@@ -44,29 +38,12 @@ pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "ok")
 
 @pytest.fixture(scope="module")
 def world_readable_checkout():
-    d = tempfile.mkdtemp(prefix="pykvm-nobody-", dir="/tmp")
-    try:
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        for name in ("pykvm", "benchmarks", "examples"):
-            src = os.path.join(U.REPO, name)
-            if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(d, name), ignore=ignore)
-        shutil.copytree(os.path.dirname(ioctl_opt.__file__), os.path.join(d, "ioctl_opt"),
-                        ignore=ignore)
-        for root, dirs, files in os.walk(d):
-            os.chmod(root, 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
+    with procs.world_readable_checkout(("pykvm", "benchmarks", "examples")) as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _as_nobody(checkout: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": checkout, "PYTHONDONTWRITEBYTECODE": "1",
-           "LANG": "C.UTF-8"}
-    return subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", SYSTEM_PYTHON, *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=checkout)
+    return procs.run_unprivileged(checkout, *args, timeout=timeout)
 
 
 LIBRARY = r'''
@@ -110,7 +87,7 @@ def test_library_uncaught_error_is_one_clear_line(world_readable_checkout):
     ["-m", "pykvm", "probe", "--json"],
     ["-m", "pykvm", "demo"],
     ["-m", "pykvm.demo"],
-] + ([["-m", "pykvm", "bench"]] if os.path.exists(os.path.join(U.REPO, "benchmarks", "__main__.py"))
+] + ([["-m", "pykvm", "bench"]] if os.path.exists(os.path.join(procs.REPO, "benchmarks", "__main__.py"))
       else []), ids=lambda a: " ".join(a[1:]))
 def test_cli_entry_points_fail_cleanly(world_readable_checkout, argv):
     proc = _as_nobody(world_readable_checkout, *argv, timeout=120)
@@ -125,8 +102,8 @@ def test_cli_entry_points_fail_cleanly(world_readable_checkout, argv):
 
 def test_cli_diff_against_this_host_fails_cleanly(world_readable_checkout, tmp_path):
     report = subprocess.run([sys.executable, "-m", "pykvm",
-                             "probe", "--json"], capture_output=True, text=True, cwd=U.REPO,
-                            env=dict(os.environ, PYTHONPATH=U.REPO), timeout=120).stdout
+                             "probe", "--json"], capture_output=True, text=True, cwd=procs.REPO,
+                            env=dict(os.environ, PYTHONPATH=procs.REPO), timeout=120).stdout
     path = os.path.join(world_readable_checkout, "root-report.json")
     with open(path, "w") as f:
         f.write(report)

@@ -19,9 +19,7 @@ import pytest
 
 import pykvm
 from pykvm import _kick
-
-from . import _util as U
-from . import _x86 as X
+from tests.support import guests, procs
 
 
 class Runner(threading.Thread):
@@ -54,7 +52,7 @@ def _wait_inside_run(vcpu: pykvm.Vcpu, runner: Runner) -> None:
 @pytest.mark.parametrize("method", ["run", "run_raw"])
 def test_kick_stops_a_spinning_guest(vm, cpl, method):
     """CPL0 spins in KVM's emulator here, CPL3 natively: both must stop."""
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=cpl)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=cpl)
     r = Runner(vcpu, method)
     r.start()
     _wait_inside_run(vcpu, r)
@@ -64,19 +62,19 @@ def test_kick_stops_a_spinning_guest(vm, cpl, method):
     assert not r.is_alive(), "kick() did not stop the guest"
     assert r.error is None
     assert r.result in (pykvm.Interrupted(), pykvm.ExitReason.INTR)
-    assert vcpu.get_regs().rip == X.CODE
+    assert vcpu.get_regs().rip == guests.CODE
     # The vCPU is usable afterwards: run it to a real exit.
-    vm.write(X.CODE, X.HELLO_OUT)
+    vm.write(guests.CODE, guests.HELLO_OUT)
     if cpl == 3:
         r = vcpu.get_regs()
-        r.rflags |= X.RFLAGS_IOPL3
+        r.rflags |= guests.RFLAGS_IOPL3
         vcpu.set_regs(r)
     assert vcpu.run() == pykvm.IoOut(0x10, 1, 1, b"A")
 
 
 def test_vmcall_at_cpl0_hang_is_broken_by_kick(vm):
     """On this host vmcall at CPL0 never returns to user space unless kicked."""
-    vcpu, = X.long_mode_vm(vm, bytes.fromhex("0f01c1" "0f01d9" "f4"))  # vmcall; vmmcall; hlt
+    vcpu, = guests.long_mode_vm(vm, bytes.fromhex("0f01c1" "0f01d9" "f4"))  # vmcall; vmmcall; hlt
     r = Runner(vcpu)
     r.start()
     r.join(1.0)
@@ -88,7 +86,7 @@ def test_vmcall_at_cpl0_hang_is_broken_by_kick(vm):
 
 
 def test_immediate_exit_and_kick_before_run(vm):
-    vcpu, = X.long_mode_vm(vm, X.SPIN)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN)
     vcpu.immediate_exit = True
     assert vcpu.run() == pykvm.Interrupted()
     assert not vcpu.immediate_exit
@@ -99,7 +97,7 @@ def test_immediate_exit_and_kick_before_run(vm):
 def test_eintr_from_any_signal_is_an_interrupted_exit_not_an_exception(vm):
     """A signal with a Python handler (main thread) and a plain C-level signal in a
     worker thread: KVM_RUN returns EINTR, run() returns Interrupted."""
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
     seen = []
     old = signal.signal(signal.SIGUSR1, lambda *a: seen.append(a[0]))
     try:
@@ -128,7 +126,7 @@ class Boom(Exception):
 
 
 def test_exception_from_a_signal_handler_propagates_and_leaves_vcpu_usable(vm):
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
 
     def handler(*a):
         raise Boom("from the handler")
@@ -150,10 +148,10 @@ def test_exception_from_a_signal_handler_propagates_and_leaves_vcpu_usable(vm):
 SIGINT_CHILD = r'''
 import sys, os
 import pykvm
-from tests.reliability import _x86 as X
+from tests.support import guests
 kvm = pykvm.Kvm()
 vm = kvm.create_vm()
-vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=int(sys.argv[1]))
+vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=int(sys.argv[1]))
 print("spinning", flush=True)
 try:
     while True:
@@ -170,9 +168,9 @@ print("clean exit", flush=True)
 
 @pytest.mark.parametrize("cpl", [0, 3])
 def test_ctrl_c_stops_a_spinning_guest_in_the_main_thread(cpl):
-    env = dict(os.environ, PYTHONPATH=U.REPO)
+    env = dict(os.environ, PYTHONPATH=procs.REPO)
     child = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, str(cpl)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=U.REPO)
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=procs.REPO)
     try:
         assert child.stdout.readline().strip() == "spinning"
         time.sleep(0.3)
@@ -193,30 +191,30 @@ def test_ctrl_c_stops_a_spinning_guest_in_the_main_thread(cpl):
             child.kill()
             child.wait()
     assert child.returncode == 0, err
-    assert out.splitlines() == ["KeyboardInterrupt", f"regs {X.CODE:#x}", "clean exit"], (out, err)
+    assert out.splitlines() == ["KeyboardInterrupt", f"regs {guests.CODE:#x}", "clean exit"], (out, err)
     assert "Traceback" not in err
 
 
 def test_vcpus_run_in_parallel_with_the_gil_released(vm):
     """Two vCPUs spin at CPL3 (native speed) counting in guest memory while the main
     thread keeps counting in Python: all three make progress at the same time."""
-    vcpus = X.long_mode_vm(vm, X.COUNT_LOOP, cpl=3, vcpus=2)
+    vcpus = guests.long_mode_vm(vm, guests.COUNT_LOOP, cpl=3, vcpus=2)
     for i, v in enumerate(vcpus):
         r = v.get_regs()
-        r.rbx = X.DATA + 8 * i
+        r.rbx = guests.DATA + 8 * i
         v.set_regs(r)
     runners = [Runner(v) for v in vcpus]
     for r in runners:
         r.start()
     try:
-        for v, r in zip(vcpus, runners):
+        for v, r in zip(vcpus, runners, strict=False):
             _wait_inside_run(v, r)
-        before = struct.unpack("<QQ", vm.read(X.DATA, 16))
+        before = struct.unpack("<QQ", vm.read(guests.DATA, 16))
         n = 0
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
             n += 1
-        after = struct.unpack("<QQ", vm.read(X.DATA, 16))
+        after = struct.unpack("<QQ", vm.read(guests.DATA, 16))
         assert all(r.is_alive() for r in runners)
     finally:
         for v in vcpus:
@@ -230,11 +228,11 @@ def test_vcpus_run_in_parallel_with_the_gil_released(vm):
 
 
 def test_many_vcpus_in_many_threads_all_stop(vm):
-    vcpus = X.long_mode_vm(vm, X.SPIN, cpl=3, vcpus=8)
+    vcpus = guests.long_mode_vm(vm, guests.SPIN, cpl=3, vcpus=8)
     runners = [Runner(v) for v in vcpus]
     for r in runners:
         r.start()
-    for v, r in zip(vcpus, runners):
+    for v, r in zip(vcpus, runners, strict=False):
         _wait_inside_run(v, r)
     for v in vcpus:
         v.kick()
@@ -245,7 +243,7 @@ def test_many_vcpus_in_many_threads_all_stop(vm):
 
 @pytest.mark.parametrize("method", ["run", "run_raw"])
 def test_second_thread_on_the_same_vcpu_is_refused(vm, method):
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
     r = Runner(vcpu)
     r.start()
     _wait_inside_run(vcpu, r)
@@ -264,7 +262,7 @@ def test_second_thread_on_the_same_vcpu_is_refused(vm, method):
 def test_register_access_from_another_thread_waits_for_the_run(vm):
     """KVM serialises vCPU ioctls: get_regs() from a second thread blocks until run()
     returns (documented); a kick releases both."""
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
     r = Runner(vcpu)
     r.start()
     _wait_inside_run(vcpu, r)
@@ -276,7 +274,7 @@ def test_register_access_from_another_thread_waits_for_the_run(vm):
     r.join(10)
     g.join(10)
     assert not r.is_alive() and not g.is_alive()
-    assert g.error is None and g.result.rip == X.CODE
+    assert g.error is None and g.result.rip == guests.CODE
     assert blocked or g.result is not None
 
 
@@ -287,16 +285,16 @@ import signal, threading, sys
 import pykvm
 from pykvm import _kick
 signal.signal(_kick.KICK_SIGNAL, signal.SIG_IGN)
-from tests.reliability import _x86 as X
+from tests.support import guests
 vm = pykvm.Kvm().create_vm()
-v, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+v, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
 res = []
 t = threading.Thread(target=lambda: res.append(v.run()), daemon=True)
 t.start(); t.join(0.3); v.kick(); t.join(10)
 print("stopped" if not t.is_alive() else "spinning", res)
 sys.stdout.flush(); import os; os._exit(0)
 '''
-    proc = U.run_python(code, timeout=60)
+    proc = procs.run_python(code, timeout=60)
     assert proc.stdout.strip() == "stopped [Interrupted()]", (proc.stdout, proc.stderr)
 
 
@@ -307,19 +305,19 @@ def test_kick_handler_is_restored_if_reset_to_default():
 import signal, threading, sys, os
 import pykvm
 from pykvm import _kick
-from tests.reliability import _x86 as X
+from tests.support import guests
 vm = pykvm.Kvm().create_vm()
-X.long_mode_vm(vm, X.SPIN, cpl=3)                  # installs the handler
+guests.long_mode_vm(vm, guests.SPIN, cpl=3)                  # installs the handler
 signal.signal(_kick.KICK_SIGNAL, signal.SIG_DFL)   # someone resets it
 vm2 = pykvm.Kvm().create_vm()
-v, = X.long_mode_vm(vm2, X.SPIN, cpl=3)            # a new vCPU puts it back
+v, = guests.long_mode_vm(vm2, guests.SPIN, cpl=3)            # a new vCPU puts it back
 res = []
 t = threading.Thread(target=lambda: res.append(v.run()), daemon=True)
 t.start(); t.join(0.3); v.kick(); t.join(10)
 print("stopped" if not t.is_alive() else "spinning", res)
 sys.stdout.flush(); os._exit(0)
 '''
-    proc = U.run_python(code, timeout=60)
+    proc = procs.run_python(code, timeout=60)
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert proc.stdout.strip() == "stopped [Interrupted()]", (proc.stdout, proc.stderr)
 
@@ -332,7 +330,7 @@ def test_close_from_another_thread_stops_the_running_guest(kvm):
     that address next) and run() finally dies on a released memoryview.
     """
     vm = kvm.create_vm()
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
     r = Runner(vcpu)
     r.start()
     _wait_inside_run(vcpu, r)
@@ -358,10 +356,10 @@ def test_close_racing_a_busy_run_loop_gives_only_closed_errors(kvm):
     problems = []
     for _ in range(100):
         vm = kvm.create_vm()
-        vcpu, = X.long_mode_vm(vm, OUT_LOOP)
+        vcpu, = guests.long_mode_vm(vm, OUT_LOOP)
         errs = []
 
-        def loop():
+        def loop(vcpu=vcpu, errs=errs):
             try:
                 while True:
                     vcpu.run()
@@ -389,9 +387,9 @@ def test_kick_after_the_signal_is_reset_is_a_clear_error_then_works_again(dispos
 import signal, threading, sys, os, time
 import pykvm, pykvm.vcpu
 from pykvm import _kick
-from tests.reliability import _x86 as X
+from tests.support import guests
 vm = pykvm.Kvm().create_vm()
-v, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+v, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
 res = []
 t = threading.Thread(target=lambda: res.append(v.run()), daemon=True)
 t.start()
@@ -408,7 +406,7 @@ v.kick(); t.join(10)
 print("stopped" if not t.is_alive() else "spinning", res)
 sys.stdout.flush(); os._exit(0)
 '''
-    proc = U.run_python(code, timeout=60)
+    proc = procs.run_python(code, timeout=60)
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert proc.stdout.split("\n")[:3] == [
         f"error {errno.EINVAL} kick True True", "spinning", "stopped [Interrupted()]"], (proc.stdout, proc.stderr)
@@ -420,7 +418,7 @@ def test_forked_child_closes_an_inherited_vcpu_without_hanging_or_touching_the_p
     at once.  The parent's vCPU keeps running untouched and still stops on a kick."""
     import warnings
 
-    vcpu, = X.long_mode_vm(vm, X.SPIN, cpl=3)
+    vcpu, = guests.long_mode_vm(vm, guests.SPIN, cpl=3)
     r = Runner(vcpu)
     r.start()
     _wait_inside_run(vcpu, r)

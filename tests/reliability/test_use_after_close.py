@@ -14,14 +14,13 @@ import shutil
 import pytest
 
 import pykvm
-
-from . import _util as U
+from tests.support import procs
 
 CHILD = r'''
 import faulthandler, json, os, sys
 faulthandler.dump_traceback_later(120, exit=True)
 import pykvm
-from tests.reliability._util import build_zoo, public_methods, synth_args
+from tests.reliability.support_zoo import build_zoo, public_methods, synth_args
 from pykvm.fd import FdObject
 
 kvm = pykvm.Kvm()
@@ -76,16 +75,16 @@ KNOWN: set = set()
 def test_closed_objects_never_touch_their_old_fd_numbers(tmp_path):
     log = tmp_path / "strace.log"
     code = CHILD
-    proc = U.run_python(f"import sys; sys.argv=['x']\n{code}", timeout=300)
+    proc = procs.run_python(f"import sys; sys.argv=['x']\n{code}", timeout=300)
     assert proc.returncode == 0, proc.stderr
     # Again under strace (the first run is a plain sanity check of the script itself).
     import os
     import subprocess
     import sys as _sys
 
-    env = dict(os.environ, PYTHONPATH=U.REPO)
+    env = dict(os.environ, PYTHONPATH=procs.REPO)
     proc = subprocess.run(["strace", "-f", "-qq", "-o", str(log), _sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=U.REPO)
+                          capture_output=True, text=True, timeout=300, env=env, cwd=procs.REPO)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     numbers = set(result["numbers"].values())

@@ -24,7 +24,7 @@ with atheris.instrument_imports():
 
 import pykvm
 
-from . import forge
+from . import support_forge as forge
 
 
 def one_input(data: bytes) -> None:

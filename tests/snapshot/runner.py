@@ -11,7 +11,7 @@ import sys
 
 from pykvm import snapshot
 
-from .guest import run_guest
+from .support_guest import run_guest
 
 
 def main(argv: list) -> int:

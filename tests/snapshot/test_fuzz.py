@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import pykvm
 from pykvm import snapshot
 
-from . import forge
+from . import support_forge as forge
 
 EXAMPLES = int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "120"))
 _BASE: list[bytes] = []
@@ -52,12 +52,12 @@ def _leaf_paths(obj: Any, path: tuple = ()) -> list[tuple]:
     if isinstance(obj, dict):
         out = [path]
         for k, v in obj.items():
-            out += _leaf_paths(v, path + (k,))
+            out += _leaf_paths(v, (*path, k))
         return out
     if isinstance(obj, list):
         out = [path]
         for i, v in enumerate(obj[:8]):
-            out += _leaf_paths(v, path + (i,))
+            out += _leaf_paths(v, (*path, i))
         return out
     return [path]
 

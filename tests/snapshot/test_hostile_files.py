@@ -22,7 +22,7 @@ import pykvm
 from pykvm import snapshot
 from pykvm.uapi import structs
 
-from . import forge
+from . import support_forge as forge
 
 ROOT = Path(__file__).resolve().parents[2]
 Corrupt, Incompatible = snapshot.SnapshotCorrupt, snapshot.SnapshotIncompatible
@@ -268,10 +268,10 @@ def test_overlapping_regions(base: bytes, tmp_path: Path) -> None:
     h["vm"]["memory"].append(dict(m, slot=1, guest_phys_addr=0x1000))
     k = _mem_first(recs)
     extra = [(b"MEMR", 1, struct.pack("<IIQQ", 1, 0, 0x1000, m["size"]))]
-    mem = recs[k:-1] + [(b"MEMZ", 1, struct.pack("<QQ", 0, m["size"]))]
+    mem = [*recs[k:-1], (b"MEMZ", 1, struct.pack("<QQ", 0, m["size"]))]
     body = recs[:k] + extra + mem
     path = tmp_path / "overlap.snap"
-    path.write_bytes(forge.build(forge.dump(h), body + [forge.end_record(body)]))
+    path.write_bytes(forge.build(forge.dump(h), [*body, forge.end_record(body)]))
     with pytest.raises(Corrupt, match="overlap"):
         snapshot.verify(path)
 

@@ -22,7 +22,7 @@ import pytest
 import pykvm
 from pykvm import snapshot
 
-from . import forge
+from . import support_forge as forge
 
 ROOT = Path(__file__).resolve().parents[2]
 TMP_MARK = ".pykvm-tmp-"
@@ -153,7 +153,7 @@ def test_two_processes_saving_to_one_path_never_mix(tmp_path: Path) -> None:
                 seen.add(snapshot.verify(dest).memory_size)
     finally:
         for s in savers:
-            out, err = s.communicate(timeout=120)
+            _out, err = s.communicate(timeout=120)
             assert s.returncode == 0, err
     assert seen <= {1 << 20}
     assert _memory_byte(dest) in (0x11, 0x22)

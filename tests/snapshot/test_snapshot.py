@@ -27,8 +27,9 @@ import pytest
 import pykvm
 from pykvm import snapshot
 from pykvm.uapi import structs as S
+from tests.support.guests import USER_CS
 
-from .guest import COUNTER_ADDR, EXTRA_GPA, EXTRA_SIZE, GuestTimeout, build_counter, run_guest
+from .support_guest import COUNTER_ADDR, EXTRA_GPA, EXTRA_SIZE, GuestTimeout, build_counter, run_guest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES, ITERS = 48, 100000
@@ -136,12 +137,11 @@ def test_restore_in_new_process_after_async_kick(tmp_path) -> None:
         with build_counter(kvm, lines=lines, iters=iters) as vm:
             vcpu = vm.vcpus[0]
             out = bytearray()
-            timers: list[threading.Timer] = []
+            kicks: list = []   # vcpu.kick_after watchdogs: the kick mid-line is what the test is about
 
             def arm(o: bytearray) -> bool:
                 if o.endswith(b"\n") and o.count(b"\n") == 4:   # kick 2 ms into line 5's work
-                    timers.append(threading.Timer(0.002, vcpu.kick))
-                    timers[0].start()
+                    kicks.append(vcpu.kick_after(0.002))
                 return False
 
             code = run_guest(vcpu, out, stop=arm, stop_on_interrupt=True)
@@ -166,7 +166,7 @@ def test_restore_in_same_process_reproduces_state(midrun) -> None:
         assert vm.read(EXTRA_GPA + EXTRA_SIZE - 8, 8) == b"LASTPAGE"
         assert vm.read(EXTRA_GPA + 0x2000, 0x10000) == bytes(0x10000)
         s = vcpu.get_sregs()
-        assert (s.cs.selector, s.cs.dpl, s.fs.base, s.efer) == (0x1B, 3, 0x6000, 0x500)
+        assert (s.cs.selector, s.cs.dpl, s.fs.base, s.efer) == (USER_CS, 3, 0x6000, 0x500)
         xmm0 = int.from_bytes(bytes(vcpu.get_fpu().xmm[0]), "little")
         assert xmm0 == 3 * before.count(b"\n") + 3 or xmm0 == 3 * before.count(b"\n")
         assert len(vcpu.get_cpuid2()) == len(kvm.supported_cpuid())
@@ -327,7 +327,7 @@ def test_incompatible_host_fingerprint_is_refused(midrun, tmp_path) -> None:
     assert "KVM API version differs: 11 vs 12" in msg
     assert _open_fds() == fds
     assert len(snapshot.check_compatible(bad)) == 2
-    code, out, err = _restore_in_new_process(bad)
+    code, _out, err = _restore_in_new_process(bad)
     assert code == 99 and "SnapshotIncompatible" in err and "CPU vendor differs" in err
 
 
@@ -402,9 +402,9 @@ def test_save_refuses_a_running_vcpu(tmp_path) -> None:
 
 
 def test_unwritable_destination(tmp_path) -> None:
-    with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm:
-        with pytest.raises(snapshot.SnapshotError, match="cannot save snapshot .*no-such-dir"):
-            snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
+    with pykvm.Kvm() as kvm, build_counter(kvm, lines=1, iters=1) as vm, \
+            pytest.raises(snapshot.SnapshotError, match=r"cannot save snapshot .*no-such-dir"):
+        snapshot.save(vm, tmp_path / "no-such-dir" / "x.snap", kvm=kvm)
 
 
 def test_command_line(midrun) -> None:

@@ -11,13 +11,12 @@ import pytest
 import pykvm
 from pykvm.errors import KvmClosedError, KvmError
 from pykvm.stats import STAT_TYPES, STAT_UNITS, Stats, open_stats
-
-from ..guests import REAL_MODE_HELLO, real_mode
+from tests.support.guests import REAL_MODE_HELLO, real_mode
 
 
 def raw_read(fd: int):
     """Header, id, descriptors and data of a stats fd with os.pread only."""
-    flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack("=6I", os.pread(fd, 24, 0))
+    _flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack("=6I", os.pread(fd, 24, 0))
     ident = os.pread(fd, name_size, id_off).split(b"\0")[0].decode()
     step = 16 + name_size
     raw = os.pread(fd, step * num_desc, desc_off)
@@ -38,7 +37,7 @@ def test_vm_stats_match_raw_read(vm):
         assert st.names == list(raw)
         assert len(st) == len(raw) and "remote_tlb_flush" in st
         for d in st.descriptors:
-            flags, exponent, size, offset, bucket, vals = raw[d.name]
+            flags, exponent, size, offset, bucket, _vals = raw[d.name]
             assert (d.flags, d.exponent, d.size, d.offset, d.bucket_size) == (
                 flags, exponent, size, offset, bucket)
             assert d.type == STAT_TYPES[flags & 0xF]

@@ -16,7 +16,7 @@ import pytest
 from pykvm import uapi
 from pykvm.uapi import structs
 
-from . import cheader
+from . import support_cheader as cheader
 
 pytestmark = pytest.mark.no_kvm_needed
 
@@ -31,7 +31,7 @@ def _ours(key: str) -> int:
         return ctypes.sizeof(getattr(structs, key[7:-1]))
     if key.startswith("offsetof("):
         sname, path = key[9:-1].split(".", 1)
-        from .layout import ctypes_paths
+        from .support_layout import ctypes_paths
         return ctypes_paths(getattr(structs, sname))[path]
     return int(getattr(uapi, key))
 

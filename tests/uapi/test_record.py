@@ -18,7 +18,7 @@ import pytest
 from pykvm import uapi
 from pykvm.uapi import consts, enums, ioctls, kvm, x86
 
-from .layout import ctypes_paths, record_paths
+from .support_layout import ctypes_paths, record_paths
 
 pytestmark = pytest.mark.no_kvm_needed
 

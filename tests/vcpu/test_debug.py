@@ -13,8 +13,9 @@ import pytest
 
 import pykvm
 from pykvm.uapi import structs as S
-
-from .machines import HANDLER_PORT, host_is_pvm, outs, real_mode_handlers, run_until
+from tests.support.guests import HANDLER_PORT, real_mode_handlers
+from tests.support.host import host_is_pvm
+from tests.support.runs import outs, run_until
 
 STEPS = bytes.fromhex(
     "b80100"                    # 0x00: mov ax,0x1
@@ -41,7 +42,7 @@ def test_single_step_gives_successive_rips(vm, watchdog):
             steps.append((e.pc, vcpu.get_regs().rax & 0xFFFF))
     assert steps == [(0x1003, 1), (0x1004, 2), (0x1005, 3), (0x1006, 4)]
     vcpu.set_guest_debug(enable=False)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [5] and isinstance(exits[-1], pykvm.Hlt)
     assert outs(exits, HANDLER_PORT) == []           # no #DB reached the guest
 
@@ -67,7 +68,7 @@ def test_hardware_breakpoints_stop_at_their_rips(vm, watchdog):
             dbg.arch.debugreg[7] &= ~(1 << (2 * slot))  # disable that slot, keep the rest
             vcpu.set_guest_debug(dbg)
     assert hits == [(0x1003, 1, 1), (0x1005, 3, 3), (0x1006, 0, 4), (0x1007, 2, 5)]
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [5] and outs(exits, HANDLER_PORT) == []
 
 
@@ -87,7 +88,7 @@ def test_sw_breakpoint(vm, watchdog):
     vcpu = real_mode_handlers(vm, INT3, [3])
     dbg = vcpu.set_guest_debug(sw_breakpoints=True)
     assert dbg.control == S.KVM_GUESTDBG_ENABLE | S.KVM_GUESTDBG_USE_SW_BP
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     if isinstance(exits[0], pykvm.Debug):
         assert exits[0].exception == 3 and exits[0].pc == 0x1003
         return
@@ -99,7 +100,7 @@ def test_sw_breakpoint(vm, watchdog):
 def test_injected_debug_exceptions_reach_guest(vm, watchdog, flag, vector):
     vcpu = real_mode_handlers(vm, STEPS, [1, 3])
     vcpu.set_guest_debug(**{flag: True})
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, HANDLER_PORT) == [vector]
     assert outs(exits, 0x10) == [5] and isinstance(exits[-1], pykvm.Hlt)
 

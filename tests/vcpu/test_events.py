@@ -13,8 +13,8 @@ import pytest
 
 import pykvm
 from pykvm.uapi import structs as S
-
-from .machines import HANDLER_PORT, outs, real_mode_handlers, run_until
+from tests.support.guests import HANDLER_PORT, real_mode_handlers
+from tests.support.runs import outs, run_until
 
 OUT_HLT = bytes.fromhex(
     "e610"                      # 0x00: out 0x10,al
@@ -31,7 +31,7 @@ def test_nmi_runs_the_guest_nmi_handler(vm, watchdog):
     vcpu = real_mode_handlers(vm, OUT_HLT, [2])
     vcpu.nmi()
     assert vcpu.get_vcpu_events().nmi.pending == 1
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, HANDLER_PORT) == [2]          # handled before the first instruction
     assert outs(exits, 0x10) == [0] and isinstance(exits[-1], pykvm.Hlt)
     assert vcpu.get_vcpu_events().nmi.pending == 0
@@ -89,7 +89,7 @@ def test_vcpu_events_inject_exception_and_nmi(vm, watchdog):
     ev.exception.injected, ev.exception.nr = 1, 6          # #UD
     ev.flags = 0
     vcpu.set_vcpu_events(ev)
-    exits = run_until(vcpu, watchdog, n=1)
+    exits = run_until(vcpu, n=1)
     assert outs(exits, HANDLER_PORT) == [6]
 
     ev = vcpu.get_vcpu_events()
@@ -97,7 +97,7 @@ def test_vcpu_events_inject_exception_and_nmi(vm, watchdog):
     ev.flags = S.KVM_VCPUEVENT_VALID_NMI_PENDING
     vcpu.set_vcpu_events(ev)
     assert vcpu.get_vcpu_events().nmi.pending == 1
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, HANDLER_PORT) == [2]
     assert outs(exits, 0x10) == [0] and isinstance(exits[-1], pykvm.Hlt)
     with pytest.raises(TypeError):
@@ -156,7 +156,7 @@ def test_setup_mce_and_corrected_error_seen_by_guest(kvm, vm, watchdog):
     vcpu = real_mode_handlers(vm, MCE_MSRS, [18])
     vcpu.setup_mce(MCG_CTL_P | 4)                   # 4 banks
     vcpu.set_mce(bank=1, status=MCI_STATUS_VAL | 0x1234)  # corrected: only logged
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, HANDLER_PORT) == []           # no #MC for a corrected error
     assert outs(exits, 0x10) == [MCG_CTL_P | 4, 0x1234, 0x80000000]
     with pytest.raises(pykvm.KvmError) as ei:
@@ -174,6 +174,6 @@ def test_uncorrected_mce_raises_machine_check_in_guest(vm, watchdog):
     vcpu.setup_mce(MCG_CTL_P | 4)
     status = MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN | 0x55
     vcpu.set_mce(S.kvm_x86_mce(status=status, mcg_status=MCG_STATUS_RIPV | MCG_STATUS_MCIP, bank=2))
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, HANDLER_PORT) == [18]         # the guest's #MC handler ran
     assert vcpu.get_msrs([0x17A, 0x409]) == {0x17A: MCG_STATUS_RIPV | MCG_STATUS_MCIP, 0x409: status}

@@ -75,7 +75,7 @@ def test_every_x86_exit_reason_has_a_typed_exit():
         e = exits.decode(page)
         assert not isinstance(e, exits.Unknown), reason
         assert int(e.reason) == reason
-    for reason in exits.NON_X86_REASONS + (44, 63, 64, 1000):
+    for reason in (*exits.NON_X86_REASONS, 44, 63, 64, 1000):
         page = bytearray(4096)
         struct.pack_into("<I", page, 8, reason)
         assert isinstance(exits.decode(page), exits.Unknown)

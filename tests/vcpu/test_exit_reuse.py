@@ -6,8 +6,7 @@ import gc
 
 import pykvm
 from pykvm.vcpu import run as run_engine
-
-from ..guests import real_mode
+from tests.support.guests import real_mode
 
 # loop: inc ax; out 0x10, al; jmp loop
 COUNT_OUT = bytes([0x40, 0xE6, 0x10, 0xEB, 0xFB])
@@ -61,4 +60,4 @@ def test_held_io_in_is_not_reused(vm):
             del e
             gc.collect()
     assert first.port == 0x11 and first.size == 1 and first.count == 1
-    assert len({id(x) for x in others + [first]}) == len(others) + 1
+    assert len({id(x) for x in [*others, first]}) == len(others) + 1

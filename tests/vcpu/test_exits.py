@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pykvm
 from pykvm.uapi import structs as S
-
-from ..guests import long_mode
-from .machines import HANDLER_PORT, cpu_vendor, host_is_pvm, outs, real_mode_handlers, run_until, user_mode
+from tests.support.guests import HANDLER_PORT, long_mode, real_mode_handlers, user_mode
+from tests.support.host import cpu_vendor, host_is_pvm
+from tests.support.runs import outs, run_until
 
 MSR_EXITS = bytes.fromhex(
     "66b945230100"              # 0x00: mov ecx,0x12345    (no such MSR)
@@ -91,7 +91,7 @@ def test_hypercall_exit_at_cpl0(kvm, vm, watchdog):
     if isinstance(e, pykvm.Hypercall):
         assert e.nr == KVM_HC_MAP_GPA_RANGE and e.args[:3] == (0x100000, 1, 0)
         e.set_ret(0)
-        exits = run_until(vcpu, watchdog)
+        exits = run_until(vcpu)
         assert outs(exits, 0x10) == [0]
         return
     assert host_is_pvm(), e
@@ -105,6 +105,6 @@ def test_hypercall_from_cpl3_is_refused_by_kvm(kvm, vm, watchdog):
     vm.enable_cap(pykvm.Cap.EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
     code = _hcall_code(kvm)[:0x16]  # ends with the out: CPL3 may not hlt
     vcpu = user_mode(vm, code, cpuid=kvm.supported_cpuid())
-    exits = run_until(vcpu, watchdog, n=1)
+    exits = run_until(vcpu, n=1)
     assert outs(exits, 0x10) == [0xFFFFFFFF]
     assert vcpu.get_regs().rax == 2**64 - 1

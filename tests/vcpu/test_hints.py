@@ -6,7 +6,7 @@ from __future__ import annotations
 import pykvm.vcpu
 from pykvm.errors import hint_for
 
-from ._hints import VCPU_HINTS, skip_unless_merged
+from .support_hints import VCPU_HINTS, skip_unless_merged
 
 
 def test_vcpu_hints_moved_unchanged() -> None:

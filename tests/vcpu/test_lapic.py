@@ -10,9 +10,10 @@ import pytest
 import pykvm
 from pykvm.uapi import structs as S
 from pykvm.vcpu import lapic_get_reg, lapic_set_reg
+from tests.support.guests import long_mode_apic
+from tests.support.runs import outs
 
-from ._hints import check_hint
-from .machines import long_mode_apic, outs
+from .support_hints import check_hint
 
 APIC_ID, APIC_LVR, APIC_TASKPRI, APIC_SPIV = 0x20, 0x30, 0x80, 0xF0
 

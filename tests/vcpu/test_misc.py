@@ -11,10 +11,11 @@ import pytest
 
 import pykvm
 from pykvm.uapi import structs as S
+from tests.support.guests import HANDLER_PORT, PDPT, long_mode, real_mode, real_mode_handlers
+from tests.support.host import host_is_pvm
+from tests.support.runs import outs, run_until
 
-from ..guests import PDPT, long_mode, real_mode
-from ._hints import check_hint
-from .machines import HANDLER_PORT, host_is_pvm, outs, real_mode_handlers, run_until
+from .support_hints import check_hint
 
 OUT_HLT = bytes.fromhex(
     "e610"                      # 0x00: out 0x10,al
@@ -90,7 +91,7 @@ def test_translate_gva_follows_guest_page_tables(vm, watchdog):
     assert (t.physical_address, t.valid) == (0x1234, 1)
     t = vcpu.translate_gva(0x40004000)              # PTE not present
     assert t.valid == 0
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [int.from_bytes(b"PAGE", "little")]  # the guest agrees
     with pytest.raises(ValueError):
         vcpu.translate_gva(-1)
@@ -167,7 +168,7 @@ def test_vcpu_device_attr_tsc_offset(kvm, vm, watchdog):
     new = (old + (1 << 60)) % 2**64
     vcpu.set_device_attr(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, new)
     now = vcpu.get_device_attr(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     lo, hi = outs(exits, 0x10)
     guest_tsc = hi << 32 | lo
     if now == new:
@@ -185,7 +186,7 @@ def test_vcpu_stats_fd_counts_guest_exits(vm, watchdog):
     with vcpu.get_stats_fd() as st:
         assert st.id.endswith("/vcpu-0")
         before = st.read()
-        exits = run_until(vcpu, watchdog)
+        exits = run_until(vcpu)
         assert outs(exits, 0x10) == [0] and isinstance(exits[-1], pykvm.Hlt)
         after = st.read()
         assert after["halt_exits"] == before["halt_exits"] + 1  # the guest's hlt

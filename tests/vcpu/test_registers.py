@@ -15,10 +15,11 @@ import pytest
 import pykvm
 from pykvm import uapi
 from pykvm.uapi import structs as S
+from tests.support.guests import CR4, long_mode, real_mode, user_mode
+from tests.support.host import host_is_pvm
+from tests.support.runs import outs, run_until
 
-from ..guests import long_mode, real_mode
-from ._hints import check_hint
-from .machines import host_is_pvm, outs, run_until, user_mode
+from .support_hints import check_hint
 
 REGS_SUM = bytes.fromhex(
     "89d8"                      # 0x00: mov ax,bx
@@ -34,7 +35,7 @@ def test_guest_sees_regs_and_we_see_its(vm, watchdog):
     r = vcpu.get_regs()
     r.rbx, r.rcx = 0x1200, 0x34
     vcpu.set_regs(r)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [0x1234]
     assert isinstance(exits[-1], pykvm.Hlt)
     assert vcpu.get_regs().rax & 0xFFFF == 0x4242
@@ -67,12 +68,13 @@ def test_sregs_and_sregs2_segment_bases_and_cr4_seen_by_guest(vm, kvm, watchdog)
     assert s2.fs.base == 0x8000 and s2.cs.l == 1
     assert s2.flags == 0
     s2.gs.base = 0x8100
-    s2.cr4 |= 0x200  # OSFXSR
+    assert s2.cr4 == CR4                 # PAE | OSFXSR | OSXMMEXCPT, as set up
+    s2.cr4 &= ~0x400                     # clear OSXMMEXCPT through KVM_SET_SREGS2
     vcpu.set_sregs2(s2)
 
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [int.from_bytes(b"FSFS", "little"), int.from_bytes(b"GSGS", "little"),
-                                 0x220]
+                                 CR4 & ~0x400]
     assert vcpu.get_sregs().gs.base == 0x8100
 
 
@@ -141,7 +143,7 @@ def test_sregs2_pdptrs_from_user_space(vm, watchdog):
     r = vcpu.get_regs()
     r.rip, r.rflags = 0x10000, 2
     vcpu.set_regs(r)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [int.from_bytes(b"AAAA", "little")]
 
 
@@ -175,7 +177,7 @@ def test_fpu_values_seen_by_guest(kvm, vm, watchdog):
     vcpu.set_fpu(f)
     back = vcpu.get_fpu()
     assert back.fcw == 0x27F and bytes(back.xmm[3]) == bytes(range(0x60, 0x70))
-    exits = run_until(vcpu, watchdog, n=1)
+    exits = run_until(vcpu, n=1)
     assert isinstance(exits[0], pykvm.IoOut)
     assert vm.read(0x8000, 16) == bytes(range(0x60, 0x70))
     assert struct.unpack("<H", vm.read(0x8010, 2))[0] == 0x27F
@@ -222,7 +224,7 @@ def test_xsave_and_xsave2_values_seen_by_guest(kvm, vm, watchdog):
     struct.pack_into("<Q", raw, 512, struct.unpack_from("<Q", raw, 512)[0] | 7)  # XSTATE_BV
     vcpu.set_xsave(xs2)
     assert bytes(vcpu.get_xsave2())[576 + 16:576 + 32] == bytes(range(0x20, 0x30))
-    exits = run_until(vcpu, watchdog, n=1)
+    exits = run_until(vcpu, n=1)
     assert isinstance(exits[0], pykvm.IoOut), exits
     assert vm.read(0x8000, 16) == bytes(range(0x10, 0x20))
     assert vm.read(0x8010, 32) == bytes(range(0x10, 0x30))
@@ -270,7 +272,7 @@ def test_xcr0_seen_by_guest_through_cpuid(kvm, vm, watchdog, xcr0, xsave_bytes):
     x.xcrs[0].value = xcr0
     vcpu.set_xcrs(x)
     assert vcpu.get_xcrs().xcrs[0].value == xcr0
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [xsave_bytes]
 
 
@@ -301,7 +303,7 @@ def test_debugregs_seen_by_guest(vm, watchdog):
     assert list(d.db) == [0, 0, 0, 0] and d.dr6 == 0xFFFF0FF0 and d.dr7 == 0x400  # reset values
     d.db[0], d.db[3], d.dr7 = 0x12345678, 0xABCDEF, 0x400 | 0x2  # G0
     vcpu.set_debug_regs(d)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [0x12345678, 0xABCDEF, 0x402]
     back = vcpu.get_debug_regs()
     assert back.db[0] == 0x12345678 and back.dr7 == 0x402
@@ -328,7 +330,7 @@ MSRS = bytes.fromhex(
 def test_msrs_several_at_once_both_ways(vm, watchdog):
     vcpu = real_mode(vm, MSRS)
     assert vcpu.set_msrs({0x174: 0x10, 0x175: 0x7000}) == 2
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [0x10, 0x7000]
     assert vcpu.get_msrs([0x174, 0x175, 0x176]) == {0x174: 0x10, 0x175: 0x7000, 0x176: 0xCAFE}
 
@@ -342,7 +344,7 @@ def test_one_reg_msr_ids(kvm, vm, watchdog):
     assert cs == 0x2030000200000174
     vcpu.set_one_reg(cs, 0x99)
     vcpu.set_one_reg(uapi.KVM_X86_REG_MSR(0x175), 0x5555)
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [0x99, 0x5555]
     assert vcpu.get_one_reg(uapi.KVM_X86_REG_MSR(0x176)) == 0xCAFE  # the guest's wrmsr
     with pytest.raises(pykvm.KvmError) as ei:
@@ -374,7 +376,7 @@ def test_old_set_cpuid_seen_by_guest(vm, watchdog):
     vcpu = real_mode(vm, CPUID_HV_EBX)
     e = S.kvm_cpuid_entry(function=0x40000000, eax=0x40000001, ebx=int.from_bytes(b"pyKV", "little"))
     vcpu.set_cpuid([e])
-    exits = run_until(vcpu, watchdog)
+    exits = run_until(vcpu)
     assert outs(exits, 0x10) == [0x40000001, int.from_bytes(b"pyKV", "little")]
     got = [(x.function, x.index, x.flags, x.eax) for x in vcpu.get_cpuid2()]
     assert got == [(0x40000000, 0, 0, 0x40000001)]  # converted to a kvm_cpuid_entry2

@@ -10,8 +10,7 @@ import pytest
 
 import pykvm
 from pykvm import uapi
-
-from ..guests import REAL_MODE_HELLO, SPIN, long_mode, real_mode
+from tests.support.guests import REAL_MODE_HELLO, SPIN, long_mode, real_mode
 
 
 def test_real_mode_hello_prints_4(vm, watchdog):
@@ -256,14 +255,12 @@ def test_libc_run_path_used_on_python_314(vm, watchdog, monkeypatch):
         assert vcpu.run() == pykvm.IoOut(0x3F8, 1, 1, b"2")
     vcpu.immediate_exit = True
     assert isinstance(vcpu.run(), pykvm.Interrupted)
-    t = threading.Thread(target=lambda: time.sleep(0.2) or vcpu.kick())
-    t.start()
-    vcpu.run()  # '\n'
-    r = vcpu.get_regs()
-    r.rip = 0x1000 + len(REAL_MODE_HELLO)  # the jmp $
-    vcpu.set_regs(r)
-    assert isinstance(vcpu.run(), pykvm.Interrupted)  # kicked out of a spinning guest
-    t.join()
+    with vcpu.kick_after(0.2):
+        vcpu.run()  # '\n'
+        r = vcpu.get_regs()
+        r.rip = 0x1000 + len(REAL_MODE_HELLO)  # the jmp $
+        vcpu.set_regs(r)
+        assert isinstance(vcpu.run(), pykvm.Interrupted)  # kicked out of a spinning guest
     vcpu.close()
     with pytest.raises(pykvm.KvmClosedError):
         vcpu.run()

@@ -12,8 +12,7 @@ import pytest
 import pykvm
 from pykvm import _kick
 from pykvm.uapi import structs as S
-
-from .machines import HANDLER_PORT, real_mode_handlers
+from tests.support.guests import HANDLER_PORT, SPIN, real_mode, real_mode_handlers
 
 SYNC = bytes.fromhex(
     "66b811000000"              # 0x00: mov eax,0x11
@@ -139,15 +138,7 @@ def test_kick_after_stops_a_spinning_guest_and_can_be_cancelled(kvm):
     import math
 
     with kvm.create_vm() as vm:
-        mem = vm.add_memory(0, 0x10000)
-        mem.write(0x1000, bytes([0xEB, 0xFE]))  # jmp $ (never exits)
-        vcpu = vm.create_vcpu()
-        sregs = vcpu.get_sregs()
-        sregs.cs.base = sregs.cs.selector = 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags = 0x1000, 2
-        vcpu.set_regs(regs)
+        vcpu = real_mode(vm, SPIN)  # jmp $ (never exits)
         with vcpu.kick_after(0.05) as dog:
             assert isinstance(vcpu.run(), pykvm.Interrupted)
         assert dog.fired

@@ -19,8 +19,7 @@ import pykvm.vcpu.run as vcpu_run
 from pykvm import ExitReason
 from pykvm.uapi import structs as S
 from pykvm.vcpu import exits
-
-from ..guests import REAL_MODE_HELLO, real_mode
+from tests.support.guests import REAL_MODE_HELLO, real_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -85,7 +84,7 @@ def test_vcpu_id_usable_after_the_run_page_mapping_failed():
         import json, resource, fcntl
         import pykvm, pykvm.vcpu
         from pykvm.uapi import ioctls as I
-        from tests.guests import real_mode, REAL_MODE_HELLO
+        from tests.support.guests import real_mode, REAL_MODE_HELLO
         kvm = pykvm.Kvm(); vm = kvm.create_vm(); vm.add_memory(0, 0x10000)
         size = kvm.get_vcpu_mmap_size() if hasattr(kvm, "get_vcpu_mmap_size") else 3 * 4096
         create = lambda: fcntl.ioctl(vm.fileno(), I.KVM_CREATE_VCPU, 0)
@@ -112,7 +111,7 @@ def test_vcpu_id_usable_after_running_out_of_fds():
     out = _child("""
         import json, os, resource
         import pykvm
-        from tests.guests import real_mode, REAL_MODE_HELLO
+        from tests.support.guests import real_mode, REAL_MODE_HELLO
         vm = pykvm.Kvm().create_vm()
         lowest_free = os.dup(0); os.close(lowest_free)   # fds below the limit are all taken
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -15,9 +15,9 @@ import pykvm
 from pykvm import Cap
 from pykvm.dirty import DirtyRing, bitmap_to_pages, pages_to_bitmap
 from pykvm.uapi import structs as S
-from tests.guests import real_mode
-
-from ._guests import HLT, OUT_E9, es_segment, es_write_byte, run_to_exit
+from tests.support.guests import HLT, OUT_E9, real_mode
+from tests.support.runs import run_to_exit
+from tests.vm.support_irqguest import es_segment, es_write_byte
 
 SLOT_GPA, SLOT_SIZE = 0x10000, 0x8000          # 8 pages, outside real_mode's 0..64 KiB
 CODE = (es_segment(SLOT_GPA >> 4)
@@ -36,10 +36,10 @@ def _setup(vm):
 def test_get_dirty_log_returns_the_written_pages(vm, watchdog):
     vcpu, mem = _setup(vm)
     assert vm.get_dirty_log(mem.slot) == []
-    assert run_to_exit(vcpu, watchdog).port == 0xE9
+    assert run_to_exit(vcpu).port == 0xE9
     assert vm.get_dirty_log(mem.slot) == [0, 2, 5]
     assert vm.get_dirty_log(mem.slot) == []              # fetching cleared and re-protected it
-    assert run_to_exit(vcpu, watchdog).port == 0xE9
+    assert run_to_exit(vcpu).port == 0xE9
     assert vm.get_dirty_log(mem.slot) == [2]
     assert mem.read(0x5FFF, 1) == b"\x03"
 
@@ -57,12 +57,12 @@ def test_manual_protect_keeps_bits_until_clear_dirty_log(vm, watchdog):
     assert vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & S.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, S.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
     vcpu, mem = _setup(vm)
-    assert run_to_exit(vcpu, watchdog).port == 0xE9
+    assert run_to_exit(vcpu).port == 0xE9
     assert vm.get_dirty_log(mem.slot) == [0, 2, 5]
     assert vm.get_dirty_log(mem.slot) == [0, 2, 5]        # manual mode: fetching clears nothing
     vm.clear_dirty_log(mem.slot, pages=[2, 5])
     assert vm.get_dirty_log(mem.slot) == [0]
-    assert run_to_exit(vcpu, watchdog).port == 0xE9       # page 2 was re-protected: logged again
+    assert run_to_exit(vcpu).port == 0xE9       # page 2 was re-protected: logged again
     assert vm.get_dirty_log(mem.slot) == [0, 2]
     vm.clear_dirty_log(mem.slot)                          # all of them
     assert vm.get_dirty_log(mem.slot) == []
@@ -102,13 +102,13 @@ def test_dirty_ring_harvest_and_reset(vm, watchdog, acq_rel):
     assert isinstance(ring, DirtyRing) and ring.entries == 0x10000 // 16
     assert vm.dirty_ring(vcpu) is ring
     assert ring.harvest() == []
-    assert run_to_exit(vcpu, watchdog).port == 0xE9
+    assert run_to_exit(vcpu).port == 0xE9
     assert ring.pending() == 3
     got = ring.harvest()
     assert [(g.slot, g.offset) for g in got] == [(mem.slot, 0), (mem.slot, 2), (mem.slot, 5)]
     assert all(g.flags & S.KVM_DIRTY_GFN_F_DIRTY for g in got)
     assert vm.reset_dirty_rings() == 3                    # KVM recycled the three entries
-    assert run_to_exit(vcpu, watchdog).port == 0xE9       # page 2 written again: logged again
+    assert run_to_exit(vcpu).port == 0xE9       # page 2 written again: logged again
     assert [(g.slot, g.offset) for g in ring.harvest(reset=False)] == [(mem.slot, 2)]
     assert [(g.slot, g.offset) for g in ring.harvest()] == [(mem.slot, 2)]
     assert vm.reset_dirty_rings() == 1

@@ -15,9 +15,9 @@ import pykvm
 from pykvm import Cap
 from pykvm.coalesced import COALESCED_MMIO_MAX
 from pykvm.eventfd import EventFd
-from tests.guests import RAM, long_mode, real_mode
-
-from ._guests import HLT, OUT_E9, es_segment, es_write_byte, es_write_word, mmio_write64, pio_write, run_to_exit
+from tests.support.guests import HLT, OUT_E9, RAM, long_mode, real_mode
+from tests.support.runs import run_to_exit
+from tests.vm.support_irqguest import es_segment, es_write_byte, es_write_word, mmio_write64, pio_write
 
 PORT = 0x700
 MMIO = RAM            # 0x200000: mapped by long_mode's page tables, no memory behind it
@@ -36,10 +36,10 @@ def test_pio_ioeventfd_with_datamatch(vm, watchdog, width):
     with EventFd() as efd:
         vm.register_ioevent(efd, PORT, length=width, datamatch=value, pio=True)
         # The matching write signals the eventfd inside KVM; the other one exits.
-        e = run_to_exit(vcpu, watchdog)
+        e = run_to_exit(vcpu)
         assert e == pykvm.IoOut(PORT, width, 1, (value ^ 1).to_bytes(width, "little"))
         assert efd.read() == 1
-        assert run_to_exit(vcpu, watchdog).port == 0xE9
+        assert run_to_exit(vcpu).port == 0xE9
 
 
 @pytest.mark.parametrize("length", [0, 2])
@@ -50,10 +50,10 @@ def test_pio_ioeventfd_without_datamatch(vm, watchdog, length):
     with EventFd() as efd:
         vm.register_ioevent(efd, PORT, length=length, pio=True)
         if length == 0:
-            assert run_to_exit(vcpu, watchdog).port == 0xE9
+            assert run_to_exit(vcpu).port == 0xE9
             assert efd.read() == 3
         else:
-            assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(PORT, 1, 1, b"\x03")
+            assert run_to_exit(vcpu) == pykvm.IoOut(PORT, 1, 1, b"\x03")
             assert efd.read() == 2
 
 
@@ -65,7 +65,7 @@ def test_mmio_ioeventfd_with_datamatch(vm, watchdog, width):
     vcpu = long_mode(vm, code)
     with EventFd() as efd:
         vm.register_ioevent(efd, addr, length=width, datamatch=value)
-        e = run_to_exit(vcpu, watchdog)
+        e = run_to_exit(vcpu)
         assert e == pykvm.MmioWrite(addr, (value ^ 1).to_bytes(width, "little"))
         assert efd.read() == 1
 
@@ -78,10 +78,10 @@ def test_mmio_ioeventfd_without_datamatch_and_unregister(vm, watchdog):
     vcpu = long_mode(vm, code)
     with EventFd() as efd:
         vm.register_ioevent(efd, addr)                       # length 0: any width, any value
-        assert run_to_exit(vcpu, watchdog).port == 0xE9
+        assert run_to_exit(vcpu).port == 0xE9
         assert efd.read() == 2
         vm.unregister_ioevent(efd, addr)
-        assert run_to_exit(vcpu, watchdog) == pykvm.MmioWrite(addr, (9).to_bytes(4, "little"))
+        assert run_to_exit(vcpu) == pykvm.MmioWrite(addr, (9).to_bytes(4, "little"))
         assert efd.read() == 0
 
 
@@ -90,9 +90,9 @@ def test_ioeventfd_unregister_pio_with_datamatch(vm, watchdog):
     vcpu = real_mode(vm, code)
     with EventFd() as efd:
         vm.register_ioevent(efd, PORT, length=1, datamatch=0x42, pio=True)
-        assert run_to_exit(vcpu, watchdog).port == 0xE9
+        assert run_to_exit(vcpu).port == 0xE9
         vm.unregister_ioevent(efd, PORT, length=1, datamatch=0x42, pio=True)
-        assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(PORT, 1, 1, b"\x42")
+        assert run_to_exit(vcpu) == pykvm.IoOut(PORT, 1, 1, b"\x42")
         assert efd.read() == 1
         with pytest.raises(pykvm.KvmError) as ei:            # nothing left to remove
             vm.unregister_ioevent(efd, PORT, length=1, datamatch=0x42, pio=True)
@@ -128,7 +128,7 @@ def test_coalesced_mmio_and_pio_land_in_the_ring(vm, watchdog):
     vcpu = real_mode(vm, code)
     vm.register_coalesced_pio(PORT, 3)                     # an access must lie wholly inside
     vm.register_coalesced_mmio(0x20000, 0x1000)
-    assert run_to_exit(vcpu, watchdog).port == 0xE9        # four writes, no exit
+    assert run_to_exit(vcpu).port == 0xE9        # four writes, no exit
     ring = vm.coalesced_ring()
     assert len(ring) == 4
     got = [(e.phys_addr, e.len, e.pio, bytes(e.data[:e.len])) for e in ring.drain()]
@@ -146,8 +146,8 @@ def test_unregistered_coalesced_zones_exit_again(vm, watchdog):
     vm.register_coalesced_mmio(0x20000, 0x1000)
     vm.unregister_coalesced_pio(PORT, 1)
     vm.unregister_coalesced_mmio(0x20000, 0x1000)
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(PORT, 1, 1, b"\xa1")
-    assert run_to_exit(vcpu, watchdog) == pykvm.MmioWrite(0x20010, b"\x55")
+    assert run_to_exit(vcpu) == pykvm.IoOut(PORT, 1, 1, b"\xa1")
+    assert run_to_exit(vcpu) == pykvm.MmioWrite(0x20010, b"\x55")
     assert vm.coalesced_ring(vcpu).drain() == []
 
 

@@ -27,9 +27,9 @@ from pykvm.irq import (
     msi_route,
 )
 from pykvm.uapi import structs as S
-from tests.guests import real_mode
-
-from ._guests import HLT, OUT_E9, IrqGuest, enable_lapic, run_to_exit
+from tests.support.guests import HLT, OUT_E9, real_mode
+from tests.support.runs import run_to_exit
+from tests.vm.support_irqguest import IrqGuest, enable_lapic
 
 
 def pulse(vm: pykvm.Vm, gsi: int) -> None:
@@ -57,7 +57,7 @@ def test_get_irqchip_sees_what_the_guest_programmed_into_the_pic(vm, watchdog):
     ]) + OUT_E9 + HLT
     vcpu = real_mode(vm, code)
     # The PIC ports are handled in the kernel: the first exit is our out 0xe9.
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\xfb")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\xfb")
     pic = vm.get_irqchip(PIC_MASTER).chip.pic
     assert (pic.irq_base, pic.imr, pic.init4) == (0x30, 0xFB, 1)
     assert vm.get_irqchip(PIC_SLAVE).chip_id == PIC_SLAVE
@@ -71,7 +71,7 @@ def test_set_irqchip_pic_master_moves_the_vectors_the_guest_takes(vm, watchdog):
     chip.chip.pic.irq_base = 0x30
     vm.set_irqchip(chip)
     pulse(vm, 3)
-    assert g.wait(watchdog) == {0x33: 1}
+    assert g.wait() == {0x33: 1}
 
 
 def test_set_irqchip_pic_slave_through_the_cascade(vm, watchdog):
@@ -82,7 +82,7 @@ def test_set_irqchip_pic_slave_through_the_cascade(vm, watchdog):
         chip.chip.pic.irq_base = base
         vm.set_irqchip(chip)
     pulse(vm, 10)                                # slave pin 2 -> master pin 2 (cascade)
-    assert g.wait(watchdog) == {0x72: 1}
+    assert g.wait() == {0x72: 1}
     assert vm.get_irqchip(PIC_SLAVE).chip.pic.irq_base == 0x70
 
 
@@ -96,7 +96,7 @@ def test_set_irqchip_ioapic_routes_a_pin_to_the_lapic(vm, watchdog):
     vm.set_irqchip(chip)
     assert vm.get_irqchip(IOAPIC).chip.ioapic.redirtbl[5].bits == ioapic_redirection(0x50)
     pulse(vm, 5)
-    assert g.wait(watchdog) == {0x50: 1}
+    assert g.wait() == {0x50: 1}
 
 
 def test_irqchip_bad_input_and_absent_chip(vm):
@@ -126,11 +126,11 @@ def test_set_gsi_routing_adds_an_msi_route_and_moves_a_pin(vm, watchdog):
     routes.append(msi_route(30, msi_address(0), msi_data(0x44)))   # a GSI with no pin at all
     vm.set_gsi_routing(routes)
     pulse(vm, 30)
-    assert g.wait(watchdog) == {0x44: 1}
+    assert g.wait() == {0x44: 1}
     # Now route GSI 9 to PIC master pin 6 only (its default is slave pin 1).
     vm.set_gsi_routing([irqchip_route(9, PIC_MASTER, 6)])
     pulse(vm, 9)
-    assert g.wait(watchdog) == {0x44: 1, 0x06: 1}
+    assert g.wait() == {0x44: 1, 0x06: 1}
     with pytest.raises(TypeError):
         vm.set_gsi_routing([object()])
     with pytest.raises(ValueError):
@@ -145,7 +145,7 @@ def test_signal_msi_is_taken_by_the_guest(vm, watchdog):
     assert vm.signal_msi(msi_address(0), msi_data(0x40)) == 0
     enable_lapic(g.vcpu)
     assert vm.signal_msi(msi_address(0), msi_data(0x41)) == 1      # delivered to one vCPU
-    assert g.wait(watchdog) == {0x41: 1}
+    assert g.wait() == {0x41: 1}
 
 
 def test_split_irqchip_puts_the_pic_in_user_space_and_keeps_msi(vm, watchdog):
@@ -159,13 +159,13 @@ def test_split_irqchip_puts_the_pic_in_user_space_and_keeps_msi(vm, watchdog):
         vm.create_irq_chip()
     assert ei.value.errno in (errno.EEXIST, errno.EINVAL)
     assert vm.signal_msi(msi_address(0), msi_data(0x42)) == 1
-    assert g.wait(watchdog) == {0x42: 1}
+    assert g.wait() == {0x42: 1}
 
 
 def test_split_irqchip_pic_ports_exit_to_user_space(vm, watchdog):
     vm.enable_split_irqchip()
     vcpu = real_mode(vm, bytes([0xB0, 0xFB, 0xE6, 0x21]) + HLT)   # mov al,0xfb; out 0x21,al
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0x21, 1, 1, b"\xfb")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0x21, 1, 1, b"\xfb")
 
 
 # --- irqfd ---------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_irqfd_write_raises_the_gsi_and_unregister_stops_it(vm, watchdog):
         vm.register_irqfd(efd, 4)
         efd.write()
         assert not efd.is_set                    # KVM consumed the count as it injected
-        assert g.wait(watchdog) == {4: 1}
+        assert g.wait() == {4: 1}
         with pytest.raises(pykvm.KvmError) as ei:
             vm.register_irqfd(efd, 4)
         assert ei.value.errno == errno.EBUSY and ei.value.ioctl == "KVM_IRQFD"
@@ -186,7 +186,7 @@ def test_irqfd_write_raises_the_gsi_and_unregister_stops_it(vm, watchdog):
         assert efd.read() == 1                   # nobody consumes it any more
         vm.register_irqfd(efd.fileno(), 4)       # free again; an fd number works too
         efd.write()
-        assert g.wait(watchdog) == {4: 2}
+        assert g.wait() == {4: 2}
 
 
 def test_irqfd_with_resample_signals_the_resamplefd_on_eoi(vm, watchdog):
@@ -200,11 +200,11 @@ def test_irqfd_with_resample_signals_the_resamplefd_on_eoi(vm, watchdog):
         vm.register_irqfd_with_resample(efd, resample, 5)
         efd.write()
         assert not resample.is_set
-        assert g.wait(watchdog) == {5: 1}        # the handler's EOI ...
+        assert g.wait() == {5: 1}        # the handler's EOI ...
         assert resample.read() == 1              # ... made KVM deassert and signal
         # Without a new write the (deasserted) level line stays quiet; a write raises it again.
         efd.write()
-        assert g.wait(watchdog) == {5: 2}
+        assert g.wait() == {5: 2}
         assert resample.read() == 1
         vm.unregister_irqfd(efd, 5)
 
@@ -230,7 +230,7 @@ def test_get_pit2_sees_the_channel_the_guest_programmed(vm, watchdog):
         0xB0, 0x12, 0xE6, 0x40,   # mov al,0x12; out 0x40,al   count high
     ]) + OUT_E9 + HLT
     vcpu = real_mode(vm, code)
-    assert run_to_exit(vcpu, watchdog).port == 0xE9
+    assert run_to_exit(vcpu).port == 0xE9
     ch0 = vm.get_pit2().channels[0]
     assert (ch0.count, ch0.mode, ch0.rw_mode) == (0x1234, 2, 3)
 
@@ -245,7 +245,7 @@ def test_set_pit2_gate_and_speaker_flag_show_in_port_0x61(vm, watchdog):
         st.channels[2].gate = gate
         st.flags = S.KVM_PIT_FLAGS_SPEAKER_DATA_ON if speaker else 0
         vm.set_pit2(st)
-        e = run_to_exit(vcpu, watchdog)
+        e = run_to_exit(vcpu)
         assert e.port == 0xE9 and e.data[0] & 3 == gate | (speaker << 1), (gate, speaker, e)
         assert vm.get_pit2().flags & S.KVM_PIT_FLAGS_SPEAKER_DATA_ON == speaker * S.KVM_PIT_FLAGS_SPEAKER_DATA_ON
 
@@ -264,7 +264,7 @@ def test_legacy_pit_create_get_set(vm, watchdog):
     vm.set_pit(st)
     assert vm.get_pit().channels[1].count == 0x4321
     assert vm.get_pit2().channels[1].count == 0x4321             # same device
-    assert run_to_exit(vcpu, watchdog).data[0] & 1 == 1          # the guest sees gate 2 up
+    assert run_to_exit(vcpu).data[0] & 1 == 1          # the guest sees gate 2 up
 
 
 def test_reinject_control_needs_the_pit(vm):

@@ -14,9 +14,9 @@ import pykvm
 from pykvm import Cap
 from pykvm.gmem import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd
 from pykvm.uapi import structs as S
-from tests.guests import real_mode
-
-from ._guests import HLT, es_read_byte_out, es_segment, es_write_byte, run_to_exit
+from tests.support.guests import HLT, real_mode
+from tests.support.runs import run_to_exit
+from tests.vm.support_irqguest import es_read_byte_out, es_segment, es_write_byte
 
 GPA, SIZE = 0x10000, 0x10000
 # read [0x10000] and report it, write [0x10010], read it back and report it
@@ -38,9 +38,9 @@ def test_readonly_slot_reads_memory_and_turns_writes_into_mmio_exits(vm, watchdo
     rom = vm.add_memory(GPA, SIZE, flags=S.KVM_MEM_READONLY)
     rom.write(0, b"\x42")
     rom.write(0x10, b"\x43")
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x42")
-    assert run_to_exit(vcpu, watchdog) == pykvm.MmioWrite(GPA + 0x10, b"\x77")
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x43")   # the write did not land
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x42")
+    assert run_to_exit(vcpu) == pykvm.MmioWrite(GPA + 0x10, b"\x77")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x43")   # the write did not land
     assert rom.read(0x10, 1) == b"\x43"
 
 
@@ -53,12 +53,12 @@ def test_set_user_memory_region2_maps_host_memory(vm, watchdog, flags):
     host[0x10] = 0x32
     vm.set_user_memory_region2(5, GPA, SIZE, _addr(host), flags)
     try:
-        assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x31")
+        assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x31")
         if flags & S.KVM_MEM_READONLY:
-            assert run_to_exit(vcpu, watchdog) == pykvm.MmioWrite(GPA + 0x10, b"\x77")
-            assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x32")
+            assert run_to_exit(vcpu) == pykvm.MmioWrite(GPA + 0x10, b"\x77")
+            assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x32")
         else:
-            assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
+            assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
             assert host[0x10] == 0x77
         if flags & S.KVM_MEM_LOG_DIRTY_PAGES:
             assert vm.get_dirty_log(5) == [0]
@@ -81,8 +81,8 @@ def test_guest_memfd_mmap_init_shared_backs_the_slot(vm, watchdog):
     view[0] = 0x55
     # The slot's memory is the guest_memfd itself: host and guest share its pages.
     vm.set_user_memory_region2(3, GPA, SIZE, _addr(view), guest_memfd=gmem)
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x55")
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x55")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
     assert view[0x10] == 0x77
     vm.set_user_memory_region2(3, GPA, 0, 0)
     view.close()
@@ -99,8 +99,8 @@ def test_guest_memfd_slot_takes_shared_memory_from_userspace_addr(vm, watchdog):
     host[0] = 0x66
     vm.set_user_memory_region2(3, GPA, SIZE, _addr(host), S.KVM_MEM_GUEST_MEMFD,
                                guest_memfd=gmem.fileno(), guest_memfd_offset=0)
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x66")
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x66")
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x77")
     assert host[0x10] == 0x77
     vm.set_user_memory_region2(3, GPA, 0, 0)
     host.close()

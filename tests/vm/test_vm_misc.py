@@ -18,9 +18,9 @@ from pykvm.device import Device, DeviceType, device_type_name
 from pykvm.eventfd import EventFd
 from pykvm.uapi import structs as S
 from pykvm.vm import MsrFilterRange
-from tests.guests import real_mode
-
-from ._guests import HLT, rdmsr_out, run_to_exit
+from tests.support.guests import HLT, real_mode
+from tests.support.runs import run_to_exit
+from tests.vm.support_irqguest import rdmsr_out
 
 MSR_MISC_ENABLE = 0x1A0
 MSR_APIC_BASE = 0x1B
@@ -66,15 +66,15 @@ def test_enable_cap_user_space_msr_turns_a_gp_into_an_exit(kvm, watchdog):
     code = rdmsr_out(MSR_BOGUS) + HLT
     with kvm.create_vm() as vm:                            # without the capability: #GP in the guest
         vcpu = _with_gp_handler(vm, code)
-        assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 1, 1, b"\x0d")
+        assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 1, 1, b"\x0d")
     with kvm.create_vm() as vm:
         vm.enable_cap(Cap.X86_USER_SPACE_MSR, S.KVM_MSR_EXIT_REASON_UNKNOWN)
         vcpu = _with_gp_handler(vm, code)
-        e = run_to_exit(vcpu, watchdog)
+        e = run_to_exit(vcpu)
         assert isinstance(e, pykvm.X86Rdmsr) and e.index == MSR_BOGUS
         assert e.msr_reason == S.KVM_MSR_EXIT_REASON_UNKNOWN
         e.set_data(0xCAFEF00D)
-        assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 4, 1, (0xCAFEF00D).to_bytes(4, "little"))
+        assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 4, 1, (0xCAFEF00D).to_bytes(4, "little"))
 
 
 def test_check_extension_on_the_vm_fd_is_per_vm(kvm, vm):
@@ -92,13 +92,13 @@ def test_msr_filter_sends_a_denied_rdmsr_to_user_space(vm, watchdog):
     vm.set_msr_filter([MsrFilterRange.deny([MSR_MISC_ENABLE], S.KVM_MSR_FILTER_READ)])
     code = rdmsr_out(MSR_MISC_ENABLE) + rdmsr_out(MSR_MISC_ENABLE) + HLT
     vcpu = real_mode(vm, code)
-    e = run_to_exit(vcpu, watchdog)
+    e = run_to_exit(vcpu)
     assert isinstance(e, pykvm.X86Rdmsr), e
     assert (e.index, e.msr_reason) == (MSR_MISC_ENABLE, S.KVM_MSR_EXIT_REASON_FILTER)
     e.set_data(0x12345678)
-    assert run_to_exit(vcpu, watchdog) == pykvm.IoOut(0xE9, 4, 1, (0x12345678).to_bytes(4, "little"))
+    assert run_to_exit(vcpu) == pykvm.IoOut(0xE9, 4, 1, (0x12345678).to_bytes(4, "little"))
     vm.set_msr_filter()                                    # no ranges, allow: filter removed
-    e = run_to_exit(vcpu, watchdog)
+    e = run_to_exit(vcpu)
     assert isinstance(e, pykvm.IoOut) and e.port == 0xE9   # KVM answered the rdmsr itself
 
 
@@ -106,8 +106,8 @@ def test_msr_filter_default_deny_with_an_allow_range(vm, watchdog):
     vm.enable_cap(Cap.X86_USER_SPACE_MSR, S.KVM_MSR_EXIT_REASON_FILTER)
     vm.set_msr_filter([MsrFilterRange.allow([MSR_MISC_ENABLE])], default_deny=True)
     vcpu = real_mode(vm, rdmsr_out(MSR_MISC_ENABLE) + rdmsr_out(MSR_APIC_BASE) + HLT)
-    assert run_to_exit(vcpu, watchdog).port == 0xE9        # allowed: handled in the kernel
-    e = run_to_exit(vcpu, watchdog)
+    assert run_to_exit(vcpu).port == 0xE9        # allowed: handled in the kernel
+    e = run_to_exit(vcpu)
     assert isinstance(e, pykvm.X86Rdmsr) and e.index == MSR_APIC_BASE
 
 
@@ -144,7 +144,7 @@ def _count_retired_instructions(kvm, vm, watchdog) -> int:
     code += rdmsr_out(ctr) + HLT                                 # rdmsr PMC0; out 0xe9,eax
     vcpu = real_mode(vm, code)
     vcpu.set_cpuid2(kvm.supported_cpuid())
-    e = run_to_exit(vcpu, watchdog)
+    e = run_to_exit(vcpu)
     assert isinstance(e, pykvm.IoOut), e
     return int.from_bytes(e.data, "little")
 

@@ -11,7 +11,7 @@ import pytest
 from pykvm import x86
 from pykvm.x86 import asm as asm_mod
 
-from .helpers import collect_out, needs_binutils
+from .support_guest import collect_out, needs_binutils
 
 pure = pytest.mark.no_kvm_needed
 

@@ -9,7 +9,7 @@ import pytest
 from pykvm import x86
 from pykvm.x86.descriptors import decode_descriptor
 
-from .helpers import collect_out, long_mode_guest, needs_binutils
+from .support_guest import collect_out, long_mode_guest, needs_binutils
 
 pytestmark_pure = pytest.mark.no_kvm_needed
 
@@ -97,7 +97,7 @@ def test_guest_loads_selectors_from_our_gdt(kvm, vm) -> None:
         hlt
     gdtr: .space 10
     """
-    vcpu, prog, lm = long_mode_guest(kvm, vm, src)
+    vcpu, _prog, lm = long_mode_guest(kvm, vm, src)
     loop = x86.RunLoop(vcpu)
     got = collect_out(loop)
     assert loop.run(timeout=10).reason == "hlt"

@@ -9,7 +9,7 @@ import pytest
 from pykvm import x86
 from pykvm.host.diagnose import loaded_kvm_modules
 
-from .helpers import collect_out, long_mode_guest, needs_binutils
+from .support_guest import collect_out, long_mode_guest, needs_binutils
 
 
 @needs_binutils
@@ -91,7 +91,7 @@ def test_protected_mode_paging_4m_and_4k(kvm, vm) -> None:
 
 @needs_binutils
 def test_long_mode_state_and_cpuid_apic_id(kvm, vm) -> None:
-    vcpu, prog, lm = long_mode_guest(kvm, vm, """
+    vcpu, _prog, lm = long_mode_guest(kvm, vm, """
         mov  eax, 1
         cpuid
         shr  ebx, 24                # initial APIC id
@@ -122,7 +122,7 @@ def test_long_mode_state_and_cpuid_apic_id(kvm, vm) -> None:
 @needs_binutils
 def test_long_mode_user_start(kvm, vm) -> None:
     """cpl=3 starts in user mode: the guest records its CS and RFLAGS in memory."""
-    vcpu, prog, lm = long_mode_guest(kvm, vm, """
+    vcpu, _prog, _lm = long_mode_guest(kvm, vm, """
         mov  ax, cs
         mov  [0x20000], ax
         pushfq

@@ -9,7 +9,7 @@ import pytest
 from pykvm import ExitReason, x86
 from pykvm.x86.paging import iter_mappings, walk
 
-from .helpers import STACK, collect_out, needs_binutils
+from .support_guest import STACK, collect_out, needs_binutils
 
 
 class FakePhys:

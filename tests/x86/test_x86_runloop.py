@@ -9,7 +9,7 @@ import pytest
 from pykvm import x86
 from pykvm.uapi.enums import ExitReason
 
-from .helpers import collect_out, long_mode_guest, needs_binutils
+from .support_guest import collect_out, long_mode_guest, needs_binutils
 
 pytestmark = needs_binutils
 

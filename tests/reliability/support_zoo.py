@@ -1,83 +1,10 @@
-"""Helpers for the reliability tests: fd tables, mappings, RSS, child processes."""
+"""Objects for the reliability tests: one of every fd kind (the zoo), and made-up arguments for their methods."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import subprocess
-import sys
-import textwrap
-
 import pykvm
 from pykvm import uapi
-
-from . import _x86 as X
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def fds() -> dict[int, str]:
-    """{fd: readlink target} of this process."""
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass  # the directory's own fd, gone by now
-    return out
-
-
-def kvm_fds() -> dict[int, str]:
-    """The fds that point at KVM objects (device, VMs, vCPUs, devices, stats, guest_memfd)."""
-    return {fd: t for fd, t in fds().items() if "kvm" in t}
-
-
-def cloexec(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
-
-
-def maps() -> list[str]:
-    with open("/proc/self/maps") as f:
-        return f.read().splitlines()
-
-
-def mapped(addr: int) -> bool:
-    """True if *addr* lies in some mapping of this process."""
-    for line in maps():
-        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-        if lo <= addr < hi:
-            return True
-    return False
-
-
-def kvm_run_mappings() -> list[str]:
-    """Lines of /proc/self/maps that map a vCPU fd (the kvm_run areas)."""
-    return [line for line in maps() if "kvm-vcpu" in line]
-
-
-def rss() -> int:
-    """Resident set size in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def child_fds(**kw) -> dict[int, str]:
-    """Exec a fresh interpreter that inherits every inheritable fd; return its fd table."""
-    code = ("import os\n"
-            "for fd in sorted(os.listdir('/proc/self/fd'), key=int):\n"
-            "    try: print(fd, os.readlink('/proc/self/fd/' + fd))\n"
-            "    except OSError: pass\n")
-    out = subprocess.run([sys.executable, "-c", code], close_fds=False, capture_output=True,
-                         text=True, check=True, timeout=60, **kw).stdout
-    return {int(a): b for a, b in (line.split(" ", 1) for line in out.splitlines())}
-
-
-def run_python(code: str, *, timeout: float = 120, env=None, **kw) -> subprocess.CompletedProcess:
-    """Run *code* (dedented) in a child interpreter with the checkout importable."""
-    e = dict(os.environ if env is None else env)
-    e["PYTHONPATH"] = REPO + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=e, cwd=REPO, **kw)
+from tests.support.guests import RAM
 
 
 def build_zoo(kvm: pykvm.Kvm) -> dict:
@@ -95,7 +22,7 @@ def build_zoo(kvm: pykvm.Kvm) -> dict:
         vm.enable_dirty_ring(0x10000)          # before any vCPU
     vm.create_irq_chip()
     vm.create_pit2()
-    zoo["mem"] = vm.add_memory(0, X.RAM)
+    zoo["mem"] = vm.add_memory(0, RAM)
     vcpu = vm.create_vcpu(0)
     zoo["vcpu"] = vcpu
     zoo["vm-stats"] = vm.get_stats_fd()

@@ -71,7 +71,7 @@ def stats(owner_fd: int) -> dict[str, object]:
     """Header, id, descriptors and data of a stats fd, read with os.pread."""
     sfd = fcntl.ioctl(owner_fd, KVM_GET_STATS_FD, 0)
     try:
-        flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack(
+        _flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack(
             "=6I", os.pread(sfd, 24, 0))
         ident = os.pread(sfd, name_size, id_off).split(b"\0")[0].decode()
         descs = []

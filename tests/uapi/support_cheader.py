@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 
-from .layout import ctypes_paths
+from .support_layout import ctypes_paths
 
 HEADERS = ("/usr/include/linux/kvm.h", "/usr/include/x86_64-linux-gnu/asm/kvm.h",
            "/usr/include/asm/kvm.h")
@@ -36,7 +36,8 @@ def header_structs() -> set:
     names = set()
     for h in HEADERS:
         if os.path.exists(h):
-            names |= set(re.findall(r"^struct (kvm_\w+) \{", open(h).read(), re.M))
+            with open(h) as f:
+                names |= set(re.findall(r"^struct (kvm_\w+) \{", f.read(), re.M))
     return names
 
 
@@ -68,7 +69,8 @@ def run(macros: Iterable[str], structs: Iterable[tuple[str, type]],
                     src.append(_line)
                     where[len(src)] = i
             src.append("  return 0;\n}")
-            open(c, "w").write("\n".join(src) + "\n")
+            with open(c, "w") as f:
+                f.write("\n".join(src) + "\n")
             flags = [f"-I{p}" for p in include or []]
             r = subprocess.run(["gcc", "-w", *flags, "-o", exe, c], capture_output=True, text=True)
             if r.returncode == 0:

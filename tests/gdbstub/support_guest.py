@@ -115,6 +115,8 @@ class ServedGuest:
                             log=(log.append if log is not None else None), **stub_args)
         self.address = self.stub.address
         self._thread = threading.Thread(target=self._serve, daemon=True)
+        # Not a vCPU watchdog (those are vcpu.kick_after): this one ends the gdb
+        # session, and GdbStub.close() kicks a running vCPU itself.
         self._watchdog = threading.Timer(timeout, self.stub.close)
         self._watchdog.daemon = True
 

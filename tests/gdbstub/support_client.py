@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import socket
+import time
+from typing import TYPE_CHECKING
 
 from pykvm.gdbstub import REGISTERS
+
+if TYPE_CHECKING:
+    from .support_guest import ServedGuest
 
 
 class Client:
@@ -70,3 +75,44 @@ class Client:
         n = [r for r, _ in REGISTERS].index(name)
         size = REGISTERS[n][1]
         assert self.cmd(b"P%x=" % n + value.to_bytes(size, "little").hex().encode()) == b"OK"
+
+
+def connect(g: ServedGuest, timeout: float = 10) -> Client:
+    """A client in a new session, once the previous one has ended.
+
+    A connection made while a session still runs is turned away by the stub
+    (that is one of the guarantees); retry until the stub takes us.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        c = Client(g.address)
+        try:
+            assert c.cmd(b"?") in (b"S05", b"T02thread:1;")
+            return c
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            c.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def wait_sessions(g: ServedGuest, n: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while len(g.results) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(g.results) >= n, g.results
+
+
+def wait_closed(c: Client, timeout: float = 10) -> bytes:
+    """Read until the stub closes the connection; return what came before."""
+    c.sock.settimeout(timeout)
+    got = bytearray(c.buf)
+    c.buf = b""
+    try:
+        while True:
+            chunk = c.sock.recv(65536)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+    except ConnectionResetError:
+        return bytes(got)

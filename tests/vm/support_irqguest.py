@@ -1,5 +1,7 @@
 """Guests for the VM-fd tests: an interrupt-counting real-mode guest and code builders.
 
+Built on :mod:`tests.support.guests` (the core tests' one guest set-up).
+
 Guest code is hand-assembled; each byte group carries its assembly.  Real
 mode keeps the code short (the host emulates CPL0 code, ~1 µs/instruction)
 and its interrupt table (IVT: 4-byte ``offset:segment`` entries at 0) is the
@@ -14,10 +16,7 @@ import pykvm
 from pykvm.fd import ioctl
 from pykvm.uapi import ioctls as I
 from pykvm.uapi import structs as S
-from tests.guests import real_mode
-
-OUT_E9 = bytes([0xE6, 0xE9])          # out 0xe9, al   (the "I am here" exit)
-HLT = bytes([0xF4])
+from tests.support.guests import OUT_E9, real_mode
 
 # --- the interrupt-counting guest ------------------------------------------------------
 MAIN = 0x1000        # main loop
@@ -92,13 +91,13 @@ class IrqGuest:
         raw = self.mem.read(COUNTS, 256)
         return {v: n for v, n in enumerate(raw) if n}
 
-    def wait(self, watchdog, seconds: float = 5.0) -> dict[int, int]:
+    def wait(self, seconds: float = 5.0) -> dict[int, int]:
         """Run until the guest reports a wake-up; return :meth:`counts`.
 
         Fails (instead of hanging) if no interrupt arrives: the watchdog
         kicks the vCPU out of its ``hlt``.
         """
-        with watchdog(self.vcpu, seconds) as dog:
+        with self.vcpu.kick_after(seconds) as dog:
             exit_ = self.vcpu.run()
         assert not dog.fired, f"no interrupt reached the guest within {seconds} s"
         assert exit_ == pykvm.IoOut(0xE9, 1, 1, exit_.data), exit_
@@ -152,11 +151,3 @@ def rdmsr_out(index: int) -> bytes:
     return (bytes([0x66, 0xB9]) + struct.pack("<I", index)          # mov ecx, index
             + bytes([0x0F, 0x32])                                    # rdmsr
             + bytes([0x66, 0xE7, 0xE9]))                             # out 0xe9, eax
-
-
-def run_to_exit(vcpu: pykvm.Vcpu, watchdog, seconds: float = 5.0):
-    """One ``run()`` under a watchdog; fails if the watchdog had to kick."""
-    with watchdog(vcpu, seconds) as dog:
-        e = vcpu.run()
-    assert not dog.fired, f"the guest did not exit within {seconds} s (last: {e!r})"
-    return e

@@ -17,8 +17,7 @@ from collections.abc import Callable
 import pykvm
 from pykvm import uapi
 from pykvm.eventfd import EventFd
-
-from . import _x86 as X
+from tests.support import guests
 
 #: Never called by the sweep: they run the guest, block, or end the object.
 SKIP = {"run", "run_raw", "close", "wait", "kick", "kick_after", "fileno"}  # kick_after: tests/vcpu/test_run_page.py
@@ -31,7 +30,7 @@ def make_world(kvm: pykvm.Kvm) -> dict[str, object]:
     if kvm.check_extension(pykvm.Cap.DIRTY_LOG_RING):
         vm.enable_dirty_ring(0x10000)
     vm.create_irq_chip()
-    w["mem"] = vm.add_memory(0, X.RAM)
+    w["mem"] = vm.add_memory(0, guests.RAM)
     vcpu = vm.create_vcpu(0)
     w["vcpu"] = vcpu
     w["vm-stats"] = vm.get_stats_fd()

@@ -1,15 +1,11 @@
-"""Shared helpers for the pykvm.x86 tests."""
+"""Guests for the pykvm.x86 tests, set up by pykvm.x86 itself (the toolkit under test)."""
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
-
 from pykvm import x86
+from tests.support.host import needs_binutils
 
-needs_binutils = pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,
-                                    reason="GNU binutils (as, ld) are not installed")
+__all__ = ["CODE", "STACK", "collect_out", "long_mode_guest", "needs_binutils"]
 
 CODE = 0x10000
 STACK = 0x80000

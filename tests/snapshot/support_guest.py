@@ -10,24 +10,22 @@ writes its exit code to port 0xf4.  Its output therefore depends on the
 general registers, RFLAGS, the SSE state, the FS base, the stack and guest
 memory: a snapshot that loses any of them changes the output.
 
-The machine code was assembled with GNU as (Intel syntax) and is listed
+Long mode at CPL3 by :func:`tests.support.guests.user_mode` (the core
+tests' one set-up), with the FS base at the salt.  The machine code was assembled with GNU as (Intel syntax) and is listed
 instruction by instruction below.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 
 import pykvm
+from tests.support.guests import CODE, RAM, build_long_mode_memory, user_mode
 
-CODE = 0x10000
-PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
 SALT_ADDR = 0x6000                 # FS base
 COUNTER_ADDR = 0x7000              # the line counter
 STACK_TOP = 0x8000
-RAM = 0x200000
 EXTRA_GPA, EXTRA_SIZE = 0x40000000, 0x100000   # a second region (host-written pattern)
 PORT_OUT, PORT_EXIT = 0x3F8, 0xF4
 SALT = 0x0123456789ABCDEF
@@ -118,28 +116,18 @@ def build_counter(kvm: pykvm.Kvm, *, lines: int = 40, iters: int = 20000,
             vm.create_irq_chip()
             vm.create_pit2()
         mem = vm.add_memory(0, RAM)
-        mem.write(PML4, struct.pack("<Q", PDPT | 7))          # present, writable, user
-        mem.write(PDPT, struct.pack("<Q", PD | 7))
-        mem.write(PD, struct.pack("<Q", 0x87))                # 2 MiB user page at 0
-        mem.write(CODE, COUNTER_CODE)
         mem.write(SALT_ADDR, struct.pack("<Q", SALT))
         extra = vm.add_memory(EXTRA_GPA, EXTRA_SIZE)
         extra.write(0x1000, bytes(range(256)) * 16)           # one page of pattern, rest zero
         extra.write(EXTRA_SIZE - 8, b"LASTPAGE")
-        vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid2(kvm.supported_cpuid())
+        build_long_mode_memory(mem)
+        mem.write(CODE, COUNTER_CODE)
+        vcpu = user_mode(vm, COUNTER_CODE, mem=mem, cpuid=kvm.supported_cpuid())
         s = vcpu.get_sregs()
-        s.cr3, s.cr4, s.cr0, s.efer = PML4, 0x620, 0x80000033, 0x500  # PAE|OSFXSR|OSXMMEXCPT; PG|NE|ET|MP|PE
-        for name, sel, typ in (("cs", 0x1B, 11), ("ds", 0x23, 3), ("es", 0x23, 3), ("fs", 0x23, 3),
-                               ("gs", 0x23, 3), ("ss", 0x23, 3)):
-            sg = getattr(s, name)
-            sg.base, sg.limit, sg.selector, sg.type = 0, 0xFFFFFFFF, sel, typ
-            sg.present, sg.dpl, sg.s, sg.g = 1, 3, 1, 1
-            sg.l, sg.db = (1, 0) if name == "cs" else (0, 1)
         s.fs.base = SALT_ADDR
         vcpu.set_sregs(s)
         r = vcpu.get_regs()
-        r.rip, r.rsp, r.rflags = CODE, STACK_TOP, 0x3002      # IOPL 3: out works at CPL3
+        r.rsp = STACK_TOP
         r.r13, r.r14 = lines, iters
         vcpu.set_regs(r)
     except BaseException:
@@ -161,15 +149,7 @@ def run_guest(vcpu: pykvm.Vcpu, out: bytearray, *, stop: Callable[[bytearray], b
     another thread interrupted it.  A watchdog kicks the vCPU after
     *timeout* seconds and :class:`GuestTimeout` is raised.
     """
-    fired = threading.Event()
-
-    def fire() -> None:
-        fired.set()
-        vcpu.kick()
-
-    timer = threading.Timer(timeout, fire)
-    timer.daemon = True
-    timer.start()
+    dog = vcpu.kick_after(timeout)
     try:
         while True:
             ex = vcpu.run()
@@ -180,7 +160,9 @@ def run_guest(vcpu: pykvm.Vcpu, out: bytearray, *, stop: Callable[[bytearray], b
             elif isinstance(ex, pykvm.IoOut) and ex.port == PORT_EXIT:
                 return ex.data[0]
             elif isinstance(ex, pykvm.Interrupted):
-                if fired.is_set():
+                # Without stop_on_interrupt only the watchdog kicks (its ``fired`` is
+                # set just after the kick, so it may still read False here).
+                if dog.fired or not stop_on_interrupt:
                     raise GuestTimeout(f"guest still running after {timeout} s; output so far: "
                                        f"{bytes(out[-200:])!r}")
                 if stop_on_interrupt:
@@ -188,4 +170,4 @@ def run_guest(vcpu: pykvm.Vcpu, out: bytearray, *, stop: Callable[[bytearray], b
             else:
                 raise AssertionError(f"unexpected exit {ex!r} at rip {vcpu.get_regs().rip:#x}")
     finally:
-        timer.cancel()
+        dog.cancel()
