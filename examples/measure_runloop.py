@@ -70,7 +70,7 @@ def loop_run_raw(vcpu, n: int) -> int:
     while True:
         reason = run()
         if reason == 2:
-            direction, size, port, cnt, off = unpack(mm, 32)
+            direction, size, port, cnt, _off = unpack(mm, 32)
             if direction and port == 0xE9:
                 count += size * cnt
         elif reason == 5:

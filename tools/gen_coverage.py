@@ -109,7 +109,7 @@ class _Scanner(ast.NodeVisitor):
         self.owner: dict[str, str] = {}  # qualname -> enclosing class ("" for functions)
 
     def _qual(self, name: str) -> str:
-        return ".".join(self.stack + [name])
+        return ".".join([*self.stack, name])
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         self.stack.append(node.name)
@@ -294,7 +294,7 @@ def generate() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="fail if docs/api-coverage.md is stale")
     args = ap.parse_args(argv)

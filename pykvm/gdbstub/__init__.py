@@ -34,8 +34,6 @@ See ``docs/gdbstub.md``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ..vcpu import Vcpu
 from .protocol import PACKET_SIZE, ProtocolError
 from .registers import REGISTERS, TARGET_XML

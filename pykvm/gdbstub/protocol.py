@@ -20,7 +20,6 @@ again; after ``QStartNoAckMode`` neither side acknowledges.
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 __all__ = [
     "MAX_MEMORY_READ",
@@ -160,7 +159,7 @@ class Interrupt:
     """``\\x03`` outside a packet: gdb's Ctrl-C."""
 
 
-Event = Union[Packet, BadChecksum, Ack, Nak, Interrupt]
+Event = Packet | BadChecksum | Ack | Nak | Interrupt
 
 
 class PacketReader:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Union
 
 from ..uapi import structs
 from ..uapi.enums import Cap
 from ..vcpu import Vcpu
 
-_FxContext = Union[structs.kvm_fpu, structs.kvm_xsave]
+_FxContext = structs.kvm_fpu | structs.kvm_xsave
 
 __all__ = ["REGISTERS", "REGISTER_BYTES", "TARGET_XML", "RegisterFile", "TargetError"]
 
@@ -213,10 +212,8 @@ class RegisterFile:
             else:                                          # fioff/fiseg/fooff/foseg
                 pos = 8 if name in ("fioff", "fiseg") else 16
                 (cur,) = struct.unpack_from("<Q", fx, pos)
-                if name.endswith("off"):
-                    cur = (cur & ~0xFFFFFFFF) | x
-                else:
-                    cur = (cur & 0xFFFFFFFF) | (x & 0xFFFF) << 32
+                cur = ((cur & ~0xFFFFFFFF) | x if name.endswith("off")
+                       else (cur & 0xFFFFFFFF) | (x & 0xFFFF) << 32)
                 struct.pack_into("<Q", fx, pos, cur)
             self._set_fx(fx, ctx)
 

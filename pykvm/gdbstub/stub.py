@@ -120,7 +120,7 @@ class SessionEnd:
     exit_code: int | None = None
 
 
-OnExit = Callable[[exits.Exit], None | Exited | Stop]
+OnExit = Callable[[exits.Exit], Exited | Stop | None]
 
 
 def default_on_exit(ex: exits.Exit) -> Exited | Stop | None:
@@ -417,7 +417,8 @@ class GdbStub:
 
     def gdb_commands(self) -> list[str]:
         """The gdb commands that connect to this stub (``gdb -ex CMD ...``)."""
-        where = self._path if self._path is not None else "%s:%d" % self.address
+        address = self.address
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
         cmds = ["set architecture i386:x86-64", f"target remote {where}"]
         if self.token is not None:
             cmds += [f"monitor auth {self.token}", "maintenance flush register-cache"]
@@ -788,10 +789,10 @@ class GdbStub:
             # either way the guest stops and gdb gets control.
             self._interrupt.clear()
             return f"T{SIGINT:02x}{t}"
-        if isinstance(ex, exits.InternalError) and ex.suberror == structs.KVM_INTERNAL_ERROR_EMULATION:
-            # PVM & co.: the instruction emulator cannot run int3; our breakpoint is what it hit.
-            if self._at_sw_bp(self._linear_rip()):
-                return f"T05{t}{swbreak}"
+        # PVM & co.: the instruction emulator cannot run int3; our breakpoint is what it hit.
+        if (isinstance(ex, exits.InternalError) and ex.suberror == structs.KVM_INTERNAL_ERROR_EMULATION
+                and self._at_sw_bp(self._linear_rip())):
+            return f"T05{t}{swbreak}"
         result = self._call_on_exit(ex)
         if isinstance(result, Exited):
             conn.send(f"W{result.code & 0xFF:02x}")

@@ -181,7 +181,7 @@ class Target:
         self.hw = [None] * 4
 
     def at_sw_breakpoint(self, linear_pc: int) -> bool:
-        """Is *linear_pc* (a virtual address) one of our ``int3``s, by name or by physical byte?"""
+        """Is *linear_pc* (a virtual address) one of our ``int3`` breakpoints, by name or by physical byte?"""
         if linear_pc in self._by_va:
             return True
         if not self._orig:

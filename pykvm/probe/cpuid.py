@@ -220,7 +220,7 @@ def decode_mask(reg: Reg, value: int, *, skip_dynamic: bool = False) -> list[str
     """Names of the set bits of *value* for register *reg*, low bit first."""
     out = []
     for bit in range(32):
-        if value >> bit & 1 and not (skip_dynamic and reg + (bit,) in DYNAMIC_BITS):
+        if value >> bit & 1 and not (skip_dynamic and (*reg, bit) in DYNAMIC_BITS):
             out.append(bit_name(reg, bit))
     return out
 

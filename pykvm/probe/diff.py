@@ -117,7 +117,7 @@ def cpuid_compat(a: dict[str, Any], b: dict[str, Any], an: str = "A", bn: str = 
     for reg, va in ba.items():
         miss = va & ~bb.get(reg, 0)
         for bit in range(32):
-            if miss >> bit & 1 and reg + (bit,) not in C.DYNAMIC_BITS:
+            if miss >> bit & 1 and (*reg, bit) not in C.DYNAMIC_BITS:
                 name = C.bit_name(reg, bit)
                 if name in r.missing:
                     continue
@@ -175,10 +175,7 @@ class Difference:
 
 
 def _counted(path: str) -> bool:
-    for p in NOT_COUNTED:
-        if path == p or path.startswith(p + ".") or path.startswith(p + "["):
-            return False
-    return True
+    return not any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in NOT_COUNTED)
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -271,11 +268,11 @@ def _walk_list(path: str, x: list[Any], y: list[Any]) -> Iterator[Difference]:
     tx, ty = [_tag(v) for v in x], [_tag(v) for v in y]
     if (all(t is not None for t in tx + ty) and len(set(tx)) == len(tx) and len(set(ty)) == len(ty)):
         sx, sy = set(tx), set(ty)
-        for v, t in zip(x, tx):
+        for v, t in zip(x, tx, strict=True):
             if t not in sy:
                 p = f"{path}[{v}]"
                 yield Difference(p, v, None, in_b=False, counted=_counted(p))
-        for v, t in zip(y, ty):
+        for v, t in zip(y, ty, strict=True):
             if t not in sx:
                 p = f"{path}[{v}]"
                 yield Difference(p, None, v, in_a=False, counted=_counted(p))
@@ -414,7 +411,7 @@ def _wrapped(words: list[str], indent: str = "    ") -> list[str]:
 def _compat_lines(c: CpuidCompat) -> list[str]:
     out = ["", f"== CPUID: can a guest set up on {c.src} run on {c.dst}? =="]
     if c.ok is None:
-        return out + [f"  unknown: {c.reason}"]
+        return [*out, f"  unknown: {c.reason}"]
     out.append(f"  {'YES' if c.ok else 'NO'}: {c.reason}")
     if c.missing:
         emu = f", {len(c.emulated_on_dst)} of them emulated on {c.dst}" if c.emulated_on_dst else ""

@@ -138,12 +138,12 @@ def _modules(r: ProbeReport) -> list[str]:
         out.append(f"  {m.name} ({m.role}): {len(m.parameters)} parameters")
         key = [f"{p}={m.parameters[p]}" for p in _KEY_PARAMS if p in m.parameters]
         if key:
-            out.extend(_wrap(["key:"] + key))
+            out.extend(_wrap(["key:", *key]))
         rest = [f"{k}={v}" for k, v in m.parameters.items() if k not in _KEY_PARAMS]
         if rest:
             out.extend(_wrap(rest))
         if m.unreadable:
-            out.extend(_wrap(["unreadable by this user:"] + m.unreadable))
+            out.extend(_wrap(["unreadable by this user:", *m.unreadable]))
     return out
 
 
@@ -151,7 +151,7 @@ def _limits(r: ProbeReport) -> list[str]:
     out = _head("Limits")
     lim = r.limits
     if lim is None:
-        return out + ["  (not collected)"]
+        return [*out, "  (not collected)"]
     rows = [
         ("API version", _num(lim.api_version)),
         ("vCPU mmap size", f"{lim.vcpu_mmap_size} bytes (KVM_GET_VCPU_MMAP_SIZE)"),
@@ -159,7 +159,7 @@ def _limits(r: ProbeReport) -> list[str]:
                          f"vCPU ids < {lim.max_vcpu_id}"),
         ("memory slots", f"{lim.nr_memslots} per address space, "
                          f"{lim.address_spaces} address space(s)"),
-        ("VM types", ", ".join(f"{t} {n}" for t, n in zip(lim.vm_types, lim.vm_type_names))),
+        ("VM types", ", ".join(f"{t} {n}" for t, n in zip(lim.vm_types, lim.vm_type_names, strict=False))),
     ]
     if lim.mce_banks:
         mcg = f", MCG_CAP supported {lim.mce_cap_supported:#x}" if lim.mce_cap_supported is not None else ""
@@ -214,7 +214,7 @@ def _entry_rows(entries: list[CpuidEntry]) -> list[str]:
         rows.insert(0, f"    {'function':<10} {'idx':>3} {'flg':>3}  {'eax':<8} {'ebx':<8} "
                        f"{'ecx':<8} {'edx':<8}")
     if zero:
-        rows += _wrap([f"all-zero ({len(zero)}):"] + zero)
+        rows += _wrap([f"all-zero ({len(zero)}):", *zero])
     return rows
 
 
@@ -222,7 +222,7 @@ def _cpuid(r: ProbeReport) -> list[str]:
     c = r.cpuid
     out = _head("CPUID", "KVM_GET_SUPPORTED_CPUID / KVM_GET_EMULATED_CPUID")
     if c is None:
-        return out + ["  (not collected)"]
+        return [*out, "  (not collected)"]
     out.append(f"  vendor     {c.vendor or '?'}, family {c.family:#x} model {c.model:#x} "
                f"stepping {c.stepping}" + (f", \"{c.brand}\"" if c.brand else ""))
     out.append(f"  leaves     {len(c.supported)} supported (max basic {c.max_basic_leaf:#x}, "
@@ -252,7 +252,7 @@ def _msrs(r: ProbeReport) -> list[str]:
     m = r.msrs
     out = _head("MSRs", "KVM_GET_MSR_INDEX_LIST / KVM_GET_MSR_FEATURE_INDEX_LIST")
     if m is None:
-        return out + ["  (not collected)"]
+        return [*out, "  (not collected)"]
     out.append(f"  saved/restored by a VMM ({len(m.index_list)}):")
     cells = [f"{x.index:#010x} {x.name or '?':<24}"
              for x in sorted(m.index_list, key=lambda x: x.index)]

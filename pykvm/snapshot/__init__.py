@@ -31,7 +31,7 @@ File format (version 1, little endian, documented in ``docs/snapshot.md``)
     ``<4sIQII`` (tag, arg, payload length, payload CRC32, CRC32 of the first
     20 header bytes) and its payload.  Tags: ``VMST`` (VM devices), ``VCPU``
     (one vCPU), ``MEMR`` (a region), ``MEMD`` (region data), ``MEMZ`` (a zero
-    run), ``END `` (record count and memory total: detects truncation).
+    run), ``b"END "`` (record count and memory total: detects truncation).
 
 Layout of this package
     :mod:`.fileformat` (errors, records, the bounded reader, :func:`verify`),

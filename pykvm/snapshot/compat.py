@@ -168,7 +168,7 @@ def problems(p: Parsed, kvm: Kvm, *, allow_tsc_mismatch: bool) -> list[str]:
     if snap_host.get("kvm_api") != here["kvm_api"]:
         found.append(f"KVM API version differs: {snap_host.get('kvm_api')} vs {here['kvm_api']}")
     caps = here["caps"]
-    host_msrs = set(int(x, 16) for x in here["msr_index_list"])
+    host_msrs = {int(x, 16) for x in here["msr_index_list"]}
     sup_words = {k: int(v, 16) for k, v in here["cpuid_features"].items()}
     xcr0_ok = int(here["xcr0_supported"], 16)
     ignore = {f"{leaf:#x}.{sub}.{reg}": mask for leaf, sub, reg, mask in _FEATURE_WORDS}
@@ -226,9 +226,9 @@ def problems(p: Parsed, kvm: Kvm, *, allow_tsc_mismatch: bool) -> list[str]:
             need("DEBUGREGS", f"{tag} debug registers")
         if "nested" in items and len(items["nested"]) > ctypes.sizeof(structs.kvm_nested_state):
             need("NESTED_STATE", f"{tag} nested virtualization state")
-        if "lapic" in items and not any(k.startswith("irqchip.") for k in p.vm):
-            if not caps.get("SPLIT_IRQCHIP"):
-                need("SPLIT_IRQCHIP", f"{tag} LAPIC without an irqchip")
+        if ("lapic" in items and not any(k.startswith("irqchip.") for k in p.vm)
+                and not caps.get("SPLIT_IRQCHIP")):
+            need("SPLIT_IRQCHIP", f"{tag} LAPIC without an irqchip")
         if "msrs" in items:
             missing = sorted({i for i, _ in msr_values(items["msrs"], f"{tag} msrs")} - host_msrs)
             if missing:

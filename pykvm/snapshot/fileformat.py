@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import json
 import os
 import stat
@@ -162,7 +163,7 @@ class Reader:
         else:                                   # a pipe or device: blocking reads
             os.set_blocking(self.fd, True)
         # Buffered: records are small and many; large reads bypass the buffer.
-        self.f = open(self.fd, "rb", buffering=256 << 10, closefd=False)
+        self.f = open(self.fd, "rb", buffering=256 << 10, closefd=False)  # noqa: SIM115 (closed by close())
 
     def close(self) -> None:
         if self.fd is not None:
@@ -666,7 +667,7 @@ def _check_regions(regions: list[tuple[int, int, int, int]], name: str) -> None:
             raise SnapshotCorrupt(f"{name}: region {k}: [{gpa:#x}, +{size:#x}) is not a page-aligned, "
                                   "non-empty guest range")
     spans = sorted((gpa, gpa + size, k) for k, (_, _, gpa, size) in enumerate(regions))
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (start, _, b) in itertools.pairwise(spans):
         if start < end:
             raise SnapshotCorrupt(f"{name}: regions {a} and {b} overlap in guest physical memory")
 

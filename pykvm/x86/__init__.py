@@ -48,7 +48,7 @@ A 64-bit guest in a few lines::
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs follow; at run time __getattr__ below
     from . import quirks
@@ -111,7 +111,74 @@ _SUBMODULES = frozenset({'asm', 'bus', 'consts', 'cpu', 'descriptors', 'devices'
                          'loader', 'msr', 'vectors',
                          'modes', 'paging', 'quirks', 'report', 'runloop'})
 
-__all__ = sorted([*_SUBMODULE_OF, "quirks"])
+# A literal list: type checkers read it as the explicit re-export list of the
+# TYPE_CHECKING imports above (tests/x86/test_x86_lazy.py keeps it resolvable).
+__all__ = [
+    "APIC_BASE_BSP",
+    "APIC_BASE_ENABLE",
+    "APIC_DEFAULT_BASE",
+    "COM1",
+    "CR0",
+    "CR4",
+    "EFER",
+    "FEATURES",
+    "IOAPIC_DEFAULT_BASE",
+    "MSR",
+    "PAGE_1G",
+    "PAGE_2M",
+    "PAGE_4K",
+    "PAGE_4M",
+    "PTE",
+    "RFLAGS",
+    "STAR64",
+    "Arena",
+    "AssemblyError",
+    "Bus",
+    "ElfImage",
+    "Feature",
+    "Gdt",
+    "GiB",
+    "GuestError",
+    "Idt",
+    "KiB",
+    "LongMode",
+    "MiB",
+    "PageTables",
+    "PageTables32",
+    "Program",
+    "ProtectedMode",
+    "RunLoop",
+    "RunResult",
+    "SegType",
+    "Segment",
+    "ToolMissing",
+    "Tss32",
+    "Tss64",
+    "Uart16550",
+    "UnsupportedMode",
+    "Vector",
+    "assemble",
+    "assemble_file",
+    "cpu_mode",
+    "cpuid_has",
+    "describe_vcpu",
+    "disassemble",
+    "features_in",
+    "find_leaf",
+    "gate32",
+    "gate64",
+    "load_elf64",
+    "load_flat",
+    "parse_elf64",
+    "prepare_vm",
+    "quirks",
+    "selector",
+    "setup_cpuid",
+    "setup_long_mode",
+    "setup_protected_mode",
+    "setup_real_mode",
+    "translate",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 from ..exits import IO_LAYOUT, MMIO_DATA_OFFSET, MMIO_LAYOUT, Exit, decode, write_answer
 from ..uapi.enums import ExitReason
@@ -56,7 +56,7 @@ __all__ = [
     "UnhandledHook",
 ]
 
-PortSpec = Union[int, range, Iterable[int]]
+PortSpec = int | range | Iterable[int]
 OutHandler = Callable[[int, bytes], Any]
 InHandler = Callable[[int, int], int | bytes]
 MmioReadHandler = Callable[[int, int], int | bytes]

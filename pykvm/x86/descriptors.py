@@ -59,7 +59,8 @@ class Segment:
     and its G bit are derived from it.
     """
 
-    __slots__ = ("base", "limit", "type", "s", "dpl", "present", "long", "db", "avl")
+    # In constructor-argument order: _fields pairs them with the positional arguments.
+    __slots__ = ("base", "limit", "type", "s", "dpl", "present", "long", "db", "avl")  # noqa: RUF023
     _fields = __slots__
 
     base: int
@@ -75,7 +76,7 @@ class Segment:
     def __init__(self, base: int = 0, limit: int = 0xFFFFFFFF,
                  type: int = SegType.DATA_RW_ACCESSED, s: int = 1, dpl: int = 0,
                  present: int = 1, long: int = 0, db: int = 1, avl: int = 0) -> None:
-        for name, value in zip(self._fields, (base, limit, type, s, dpl, present, long, db, avl)):
+        for name, value in zip(self._fields, (base, limit, type, s, dpl, present, long, db, avl), strict=True):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -86,7 +87,7 @@ class Segment:
 
     def _replace(self, **changes: int) -> Segment:
         """A copy with *changes* applied."""
-        values = dict(zip(self._fields, self._astuple()))
+        values = dict(zip(self._fields, self._astuple(), strict=True))
         values.update(changes)
         return Segment(**values)
 

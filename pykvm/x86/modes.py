@@ -258,6 +258,7 @@ class LongMode:
           user mode, so there CPL3 port I/O faults);
         * *interrupts* sets RFLAGS.IF;
         * *cpu* picks the TSS (default ``vcpu.id``).
+
         Extra keywords set general registers (``rdi=...``).
         """
         if cpl not in (0, 3):

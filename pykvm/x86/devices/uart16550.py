@@ -3,18 +3,18 @@
 What a polling or interrupt-driven driver uses (Linux's ``earlyprintk`` and
 8250 driver, every hobby kernel's ``putc``/``getc``), at ports ``base..base+7``:
 
-====== ====================== ==============================================
-offset read                   write
-====== ====================== ==============================================
-0      RBR: received byte     THR: byte to send (DLL when LCR.DLAB=1)
-1      IER                    IER (DLM when LCR.DLAB=1)
-2      IIR (0xc0 FIFO bits)   FCR (bit 1 clears the receive FIFO)
-3      LCR                    LCR (bit 7 = DLAB)
-4      MCR                    MCR (bit 4 = loopback)
-5      LSR: DR, OE, THRE, TEMT —
-6      MSR: CTS, DSR, DCD     —
-7      SCR                    SCR
-====== ====================== ==============================================
+====== ======================== ==============================================
+offset read                     write
+====== ======================== ==============================================
+0      RBR: received byte       THR: byte to send (DLL when LCR.DLAB=1)
+1      IER                      IER (DLM when LCR.DLAB=1)
+2      IIR (0xc0 FIFO bits)     FCR (bit 1 clears the receive FIFO)
+3      LCR                      LCR (bit 7 = DLAB)
+4      MCR                      MCR (bit 4 = loopback)
+5      LSR: DR, OE, THRE, TEMT  —
+6      MSR: CTS, DSR, DCD       —
+7      SCR                      SCR
+====== ======================== ==============================================
 
 Sending is instant: ``LSR.THRE``/``TEMT`` are always set.  The receive FIFO
 holds :data:`FIFO_SIZE` (16) bytes, as a real 16550A: a byte that arrives when
