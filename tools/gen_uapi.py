@@ -525,14 +525,18 @@ def _pytype(types: Record, t: str) -> str:
     return f"Array[{elem}]"
 
 
-def _annotations(types: Record, t: Record) -> List[str]:
+def _annotations(types: Record, t: Record, top: bool = True) -> List[str]:
     """``name: type`` for every member a reader can reach, with those of
-    anonymous members, which ctypes promotes to the outer class."""
+    anonymous members, which ctypes promotes to the outer class (the
+    promoted members' own anonymous members are promoted, not reachable)."""
     out: List[str] = []
     for m in t["members"]:
-        out.append(f"    {m['name']}: {_pytype(types, m['type'])}")
+        if m["name"].startswith("__"):
+            continue  # the kernel's __empty_* placeholders: Python would mangle the name
+        if top or not m.get("anonymous"):
+            out.append(f"    {m['name']}: {_pytype(types, m['type'])}")
         if m.get("anonymous"):
-            out.extend(_annotations(types, types[m["type"]]))
+            out.extend(_annotations(types, types[m["type"]], False))
     return out
 
 

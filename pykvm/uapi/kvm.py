@@ -397,7 +397,6 @@ class _kvm_run_emulation_failure(Struct):
     ndata: int
     flags: int
     _u: _kvm_run_emulation_failure_u
-    _u: _kvm_run_emulation_failure_u_u
     insn_size: int
     insn_bytes: Array[c_uint8]
     _anonymous_ = ('_u',)
@@ -855,7 +854,6 @@ class _kvm_coalesced_mmio_ring_empty_coalesced_mmio(Struct):
 
 
 class _kvm_coalesced_mmio_ring_u(Struct):
-    __empty_coalesced_mmio: _kvm_coalesced_mmio_ring_empty_coalesced_mmio
     coalesced_mmio: Array[kvm_coalesced_mmio]
     _fields_ = [
         ('__empty_coalesced_mmio', _kvm_coalesced_mmio_ring_empty_coalesced_mmio),
@@ -867,7 +865,6 @@ class kvm_coalesced_mmio_ring(Struct):
     first: int
     last: int
     _u: _kvm_coalesced_mmio_ring_u
-    __empty_coalesced_mmio: _kvm_coalesced_mmio_ring_empty_coalesced_mmio
     coalesced_mmio: Array[kvm_coalesced_mmio]
     _anonymous_ = ('_u',)
     _flex_ = ('coalesced_mmio', kvm_coalesced_mmio)
@@ -955,7 +952,6 @@ class _kvm_signal_mask_empty_sigset(Struct):
 
 
 class _kvm_signal_mask_u(Struct):
-    __empty_sigset: _kvm_signal_mask_empty_sigset
     sigset: Array[c_uint8]
     _fields_ = [
         ('__empty_sigset', _kvm_signal_mask_empty_sigset),
@@ -966,7 +962,6 @@ class _kvm_signal_mask_u(Struct):
 class kvm_signal_mask(Struct):
     len: int
     _u: _kvm_signal_mask_u
-    __empty_sigset: _kvm_signal_mask_empty_sigset
     sigset: Array[c_uint8]
     _anonymous_ = ('_u',)
     _flex_ = ('sigset', c_uint8)
@@ -1148,7 +1143,6 @@ class _kvm_irq_routing_empty_entries(Struct):
 
 
 class _kvm_irq_routing_u(Struct):
-    __empty_entries: _kvm_irq_routing_empty_entries
     entries: Array[kvm_irq_routing_entry]
     _fields_ = [
         ('__empty_entries', _kvm_irq_routing_empty_entries),
@@ -1160,7 +1154,6 @@ class kvm_irq_routing(Struct):
     nr: int
     flags: int
     _u: _kvm_irq_routing_u
-    __empty_entries: _kvm_irq_routing_empty_entries
     entries: Array[kvm_irq_routing_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_irq_routing_entry)
@@ -1230,7 +1223,6 @@ class _kvm_reg_list_empty_reg(Struct):
 
 
 class _kvm_reg_list_u(Struct):
-    __empty_reg: _kvm_reg_list_empty_reg
     reg: Array[c_uint64]
     _fields_ = [
         ('__empty_reg', _kvm_reg_list_empty_reg),
@@ -1241,7 +1233,6 @@ class _kvm_reg_list_u(Struct):
 class kvm_reg_list(Struct):
     n: int
     _u: _kvm_reg_list_u
-    __empty_reg: _kvm_reg_list_empty_reg
     reg: Array[c_uint64]
     _anonymous_ = ('_u',)
     _flex_ = ('reg', c_uint64)
@@ -1374,7 +1365,6 @@ class _kvm_stats_desc_empty_name(Struct):
 
 
 class _kvm_stats_desc_u(Struct):
-    __empty_name: _kvm_stats_desc_empty_name
     name: Array[c_uint8]
     _fields_ = [
         ('__empty_name', _kvm_stats_desc_empty_name),
@@ -1389,7 +1379,6 @@ class kvm_stats_desc(Struct):
     offset: int
     bucket_size: int
     _u: _kvm_stats_desc_u
-    __empty_name: _kvm_stats_desc_empty_name
     name: Array[c_uint8]
     _anonymous_ = ('_u',)
     _flex_ = ('name', c_uint8)

@@ -52,6 +52,17 @@ def KVM_X86_REG_KVM(index: int) -> int:
     return KVM_X86_REG_ID(_consts.KVM_X86_REG_TYPE_KVM, index)
 
 
+def offsetof(struct: type[ctypes.Structure] | type[ctypes.Union], member: str) -> int:
+    """C's ``offsetof``: the byte offset of *member* (also one an anonymous member promotes).
+
+    ``kvm_run.if_flag.offset`` says the same at run time, but the class
+    annotations tell type checkers that ``if_flag`` is an ``int``.
+    """
+    field = getattr(struct, member)
+    offset: int = field.offset
+    return offset
+
+
 def KVM_PMU_ENCODE_MASKED_ENTRY(event_select: int, mask: int, match: int, exclude: int) -> int:
     """The kernel macro: one masked PMU event filter entry (``KVM_PMU_EVENT_FLAG_MASKED_EVENTS``)."""
     return ((event_select & 0xFF) | ((event_select & 0xF00) << 24)
@@ -91,7 +102,7 @@ def _flex_type(base: type, n: int) -> type:
                 {"_fields_": [(name, etype * n)], "_anonymous_": ()})
 
 
-def flex(base: Type[T], n: int) -> ctypes.Structure:
+def flex(base: Type[T], n: int) -> T:
     """Allocate a zeroed ``base`` header followed by *n* flexible-array entries.
 
     ``flex(kvm_cpuid2, 10)`` returns an instance whose ``entries`` field has 10
@@ -104,7 +115,7 @@ def flex(base: Type[T], n: int) -> ctypes.Structure:
         raise TypeError(f"entry count must be an int, not {type(n).__name__}")
     if n < 0 or n > (1 << 24):
         raise ValueError(f"entry count {n} out of range (0..{1 << 24})")
-    obj: ctypes.Structure = _flex_type(base, n)()
+    obj: T = _flex_type(base, n)()
     count_field = _COUNT_FIELD.get(base.__name__)
     if count_field:
         setattr(obj, count_field, n)
@@ -114,4 +125,4 @@ def flex(base: Type[T], n: int) -> ctypes.Structure:
 __all__ = sorted(set(_consts.__all__) | set(_kvm.__all__) | set(_x86.__all__) | {
     "flex", "kvm_ioapic_redirtbl", "KVM_CPUID_FLAG_SIGNIFICANT_INDEX",
     "KVM_MSR_EXIT_REASON_INVAL_FLAG", "KVM_X86_REG_ID", "KVM_X86_REG_MSR", "KVM_X86_REG_KVM",
-    "KVM_PMU_ENCODE_MASKED_ENTRY"})
+    "KVM_PMU_ENCODE_MASKED_ENTRY", "offsetof"})

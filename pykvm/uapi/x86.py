@@ -323,7 +323,6 @@ class _kvm_msrs_empty_entries(Struct):
 
 
 class _kvm_msrs_u(Struct):
-    __empty_entries: _kvm_msrs_empty_entries
     entries: Array[kvm_msr_entry]
     _fields_ = [
         ('__empty_entries', _kvm_msrs_empty_entries),
@@ -335,7 +334,6 @@ class kvm_msrs(Struct):
     nmsrs: int
     pad: int
     _u: _kvm_msrs_u
-    __empty_entries: _kvm_msrs_empty_entries
     entries: Array[kvm_msr_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_msr_entry)
@@ -351,7 +349,6 @@ class _kvm_msr_list_empty_indices(Struct):
 
 
 class _kvm_msr_list_u(Struct):
-    __empty_indices: _kvm_msr_list_empty_indices
     indices: Array[c_uint32]
     _fields_ = [
         ('__empty_indices', _kvm_msr_list_empty_indices),
@@ -362,7 +359,6 @@ class _kvm_msr_list_u(Struct):
 class kvm_msr_list(Struct):
     nmsrs: int
     _u: _kvm_msr_list_u
-    __empty_indices: _kvm_msr_list_empty_indices
     indices: Array[c_uint32]
     _anonymous_ = ('_u',)
     _flex_ = ('indices', c_uint32)
@@ -416,7 +412,6 @@ class _kvm_cpuid_empty_entries(Struct):
 
 
 class _kvm_cpuid_u(Struct):
-    __empty_entries: _kvm_cpuid_empty_entries
     entries: Array[kvm_cpuid_entry]
     _fields_ = [
         ('__empty_entries', _kvm_cpuid_empty_entries),
@@ -428,7 +423,6 @@ class kvm_cpuid(Struct):
     nent: int
     padding: int
     _u: _kvm_cpuid_u
-    __empty_entries: _kvm_cpuid_empty_entries
     entries: Array[kvm_cpuid_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_cpuid_entry)
@@ -465,7 +459,6 @@ class _kvm_cpuid2_empty_entries(Struct):
 
 
 class _kvm_cpuid2_u(Struct):
-    __empty_entries: _kvm_cpuid2_empty_entries
     entries: Array[kvm_cpuid_entry2]
     _fields_ = [
         ('__empty_entries', _kvm_cpuid2_empty_entries),
@@ -477,7 +470,6 @@ class kvm_cpuid2(Struct):
     nent: int
     padding: int
     _u: _kvm_cpuid2_u
-    __empty_entries: _kvm_cpuid2_empty_entries
     entries: Array[kvm_cpuid_entry2]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_cpuid_entry2)
@@ -674,7 +666,6 @@ class _kvm_xsave_empty_extra(Struct):
 
 
 class _kvm_xsave_u(Struct):
-    __empty_extra: _kvm_xsave_empty_extra
     extra: Array[c_uint32]
     _fields_ = [
         ('__empty_extra', _kvm_xsave_empty_extra),
@@ -685,7 +676,6 @@ class _kvm_xsave_u(Struct):
 class kvm_xsave(Struct):
     region: Array[c_uint32]
     _u: _kvm_xsave_u
-    __empty_extra: _kvm_xsave_empty_extra
     extra: Array[c_uint32]
     _anonymous_ = ('_u',)
     _flex_ = ('extra', c_uint32)
@@ -795,7 +785,6 @@ class _kvm_nested_state_data_empty_vmx(Struct):
 
 
 class _kvm_nested_state_data_u(Struct):
-    __empty_vmx: _kvm_nested_state_data_empty_vmx
     vmx: Array[kvm_vmx_nested_state_data]
     _fields_ = [
         ('__empty_vmx', _kvm_nested_state_data_empty_vmx),
@@ -808,7 +797,6 @@ class _kvm_nested_state_data_empty_svm(Struct):
 
 
 class _kvm_nested_state_data_u1(Struct):
-    __empty_svm: _kvm_nested_state_data_empty_svm
     svm: Array[kvm_svm_nested_state_data]
     _fields_ = [
         ('__empty_svm', _kvm_nested_state_data_empty_svm),
@@ -818,10 +806,8 @@ class _kvm_nested_state_data_u1(Struct):
 
 class _kvm_nested_state_data(Union):
     _u: _kvm_nested_state_data_u
-    __empty_vmx: _kvm_nested_state_data_empty_vmx
     vmx: Array[kvm_vmx_nested_state_data]
     _u1: _kvm_nested_state_data_u1
-    __empty_svm: _kvm_nested_state_data_empty_svm
     svm: Array[kvm_svm_nested_state_data]
     _anonymous_ = ('_u', '_u1',)
     _fields_ = [
@@ -850,7 +836,6 @@ class _kvm_pmu_event_filter_empty_events(Struct):
 
 
 class _kvm_pmu_event_filter_u(Struct):
-    __empty_events: _kvm_pmu_event_filter_empty_events
     events: Array[c_uint64]
     _fields_ = [
         ('__empty_events', _kvm_pmu_event_filter_empty_events),
@@ -865,7 +850,6 @@ class kvm_pmu_event_filter(Struct):
     flags: int
     pad: Array[c_uint32]
     _u: _kvm_pmu_event_filter_u
-    __empty_events: _kvm_pmu_event_filter_empty_events
     events: Array[c_uint64]
     _anonymous_ = ('_u',)
     _flex_ = ('events', c_uint64)

@@ -12,9 +12,9 @@ from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 
-_OFF_RIW = S.kvm_run.request_interrupt_window.offset       # 0
-_OFF_READY = S.kvm_run.ready_for_interrupt_injection.offset  # 12
-_OFF_IF = S.kvm_run.if_flag.offset                          # 13
+_OFF_RIW = S.offsetof(S.kvm_run, "request_interrupt_window")       # 0
+_OFF_READY = S.offsetof(S.kvm_run, "ready_for_interrupt_injection")  # 12
+_OFF_IF = S.offsetof(S.kvm_run, "if_flag")                          # 13
 
 
 class EventsMixin:
