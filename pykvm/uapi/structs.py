@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from typing import Any, Dict, Tuple, Type, TypeVar
+from typing import Any, TypeVar
 
 from . import consts as _consts
 from . import kvm as _kvm
 from . import x86 as _x86
-from .consts import *  # noqa: F401,F403
-from .kvm import *  # noqa: F401,F403
-from .x86 import *  # noqa: F401,F403
+from .consts import *  # noqa: F403
+from .kvm import *  # noqa: F403
+from .x86 import *  # noqa: F403
 
 # kvm_nested_state.data is a union of two flexible arrays (vmx, svm); flex()
 # gives it as raw bytes, whose first 8 KiB are vmcs12/vmcb12 + shadow_vmcs12.
@@ -77,7 +77,7 @@ def KVM_PMU_ENCODE_MASKED_ENTRY(event_select: int, mask: int, match: int, exclud
 T = TypeVar("T", bound=ctypes.Structure)
 
 #: The member the kernel reads as the entry count, per flexible-array struct.
-_COUNT_FIELD: Dict[str, str] = {
+_COUNT_FIELD: dict[str, str] = {
     "kvm_cpuid2": "nent",
     "kvm_cpuid": "nent",
     "kvm_msrs": "nmsrs",
@@ -91,7 +91,7 @@ _COUNT_FIELD: Dict[str, str] = {
 
 @lru_cache(maxsize=256)
 def _flex_type(base: type, n: int) -> type:
-    flex_member: Tuple[str, Any] = base._flex_  # type: ignore[attr-defined]
+    flex_member: tuple[str, Any] = base._flex_  # type: ignore[attr-defined]
     name, etype = flex_member
     # A subclass appends its fields after the base's: header, then entries,
     # exactly like the C layout; isinstance(obj, base) stays true.
@@ -102,7 +102,7 @@ def _flex_type(base: type, n: int) -> type:
                 {"_fields_": [(name, etype * n)], "_anonymous_": ()})
 
 
-def flex(base: Type[T], n: int) -> T:
+def flex(base: type[T], n: int) -> T:
     """Allocate a zeroed ``base`` header followed by *n* flexible-array entries.
 
     ``flex(kvm_cpuid2, 10)`` returns an instance whose ``entries`` field has 10

@@ -10,6 +10,7 @@ annotated, so the two cannot drift apart.
 from __future__ import annotations
 
 import ctypes
+import inspect
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_there_are_generated_classes() -> None:
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_annotations_match_ctypes(cls: type) -> None:
-    annotations = cls.__dict__.get("__annotations__", {})
+    annotations = inspect.get_annotations(cls)
     # ``__empty_*`` (the kernel's flexible-array placeholders) would be name-mangled: left out
     assert set(annotations) == {n for n in _exposed(cls) if not n.startswith("__")}
     obj = cls()
