@@ -63,7 +63,7 @@ T = TypeVar("T")
 FdT = TypeVar("FdT", bound="FdObject")
 
 
-def raise_error(err: int, request: int, hint: str | None = None) -> KvmError:
+def raise_error(err: int | None, request: int, hint: str | None = None) -> KvmError:
     """Build the KvmError for *err* from *request* (returned, for ``raise``)."""
     name = ioctl_name(request)
     return KvmError(err, name, hint or hint_for(name, err))

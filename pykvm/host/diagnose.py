@@ -89,7 +89,7 @@ def _firmware_hint() -> str | None:
     return None
 
 
-def explain(path: str, err: int) -> str:
+def explain(path: str, err: int | None) -> str:
     """A hint for an ``open(path)`` that failed with *err* (or ENOTTY/ENODEV)."""
     mods = loaded_kvm_modules()
     vendor = cpu_vendor_module()

@@ -26,6 +26,7 @@ from .._check import uint as _uint
 from ..fd import SingleOwner
 from ..uapi import ioctls, structs
 from ..vcpu import Vcpu
+from ._state import VmState
 from .memory import PAGE_SIZE
 
 __all__ = ["COALESCED_MMIO_MAX", "CoalescedIo", "CoalescedRing"]
@@ -86,7 +87,7 @@ class CoalescedRing(SingleOwner):
         return list(entries)
 
 
-class CoalescedIo:
+class CoalescedIo(VmState):
     """The coalesced MMIO/PIO ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     @staticmethod

@@ -44,6 +44,7 @@ from ..fd import SingleOwner
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
 from ..vcpu import Vcpu
+from ._state import VmState
 from .memory import PAGE_SIZE
 
 __all__ = [
@@ -382,7 +383,7 @@ class DirtyRing(SingleOwner):
         self.close()
 
 
-class DirtyLog:
+class DirtyLog(VmState):
     """The dirty-tracking ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- dirty page tracking ------------------------------------------------------------

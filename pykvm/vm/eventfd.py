@@ -24,6 +24,7 @@ from .._check import uint as _uint
 from ..errors import KvmError
 from ..fd import FdObject
 from ..uapi import ioctls, structs
+from ._state import VmState
 
 __all__ = ["EventFd", "IoEvents", "fd_of"]
 
@@ -125,7 +126,7 @@ def fd_of(obj: int | FdObject | object, what: str = "fd") -> int:
 
 
 
-class IoEvents:
+class IoEvents(VmState):
     """The ioeventfd ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- ioeventfd and coalesced I/O -------------------------------------------------------

@@ -24,6 +24,7 @@ from .._check import flex_fits as _flex_fits
 from .._check import uint as _uint
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
+from ._state import VmState
 from .eventfd import fd_of
 
 __all__ = [
@@ -100,7 +101,7 @@ def ioapic_redirection(vector: int, dest_id: int = 0, *, masked: bool = False, l
             | _uint("dest_id", dest_id, 0xFF) << 56)
 
 
-class Interrupts:
+class Interrupts(VmState):
     """The interrupt-controller ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     def create_irq_chip(self) -> None:

@@ -55,6 +55,7 @@ from ..errors import KvmError
 from ..fd import FdObject, SingleOwner, raise_error
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
+from ._state import VmState
 from .eventfd import fd_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -249,7 +250,7 @@ class GuestMemfd(FdObject):
 
 
 
-class MemorySlots:
+class MemorySlots(VmState):
     """The memory-slot ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     _fd: int

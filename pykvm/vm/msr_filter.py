@@ -21,6 +21,7 @@ from .._check import flex_fits as _flex_fits
 from .._check import uint as _uint
 from ..errors import KvmError
 from ..uapi import ioctls, structs
+from ._state import VmState
 
 __all__ = ["MsrFilterRange", "X86Policies", "msr_filter_bitmap_size"]
 
@@ -34,7 +35,7 @@ def msr_filter_bitmap_size(nmsrs: int) -> int:
     return (nmsrs + 63) // 64 * 8
 
 
-class X86Policies:
+class X86Policies(VmState):
     """The MSR and PMU filter ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- x86 policies ------------------------------------------------------------------------
