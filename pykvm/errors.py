@@ -183,6 +183,8 @@ HINTS = {
 _HINTS = HINTS  # old private name
 
 
-def hint_for(ioctl: str, err: int) -> str | None:
+def hint_for(ioctl: str, err: int | None) -> str | None:
     """The likely cause of *err* from *ioctl*, if pykvm knows one."""
+    if err is None:
+        return None
     return HINTS.get((ioctl, err)) or HINTS.get((None, err))

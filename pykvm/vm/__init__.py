@@ -24,7 +24,7 @@ from ..uapi import ioctls, structs
 from ..vcpu import Vcpu, create_vcpu
 from .coalesced import CoalescedIo, CoalescedRing
 from .dirty import DirtyLog, DirtyRing
-from .eventfd import EventFd, IoEvents, fd_of
+from .eventfd import EventFd, FdLike, IoEvents, fd_of
 from .irq import Interrupts
 from .memory import GuestMemfd, GuestMemory, MemorySlots
 from .msr_filter import MsrFilterRange, X86Policies
@@ -185,7 +185,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         return st
 
     # -- Hyper-V, Xen, memory encryption -------------------------------------------------------
-    def hyperv_eventfd(self, conn_id: int, fd, *, deassign: bool = False) -> None:
+    def hyperv_eventfd(self, conn_id: int, fd: FdLike, *, deassign: bool = False) -> None:
         """``KVM_HYPERV_EVENTFD``: a guest ``HvSignalEvent`` on *conn_id* signals eventfd *fd*.
 
         With *deassign* remove it.  Needs ``KVM_CAP_HYPERV_EVENTFD`` (kernels

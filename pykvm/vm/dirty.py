@@ -410,7 +410,7 @@ class DirtyLog(VmState):
         # KVM writes ALIGN(npages, 64) / 8 bytes: exactly this buffer's size.
         bitmap = ctypes.create_string_buffer(8 * max(1, bitmap_words(npages)))
         arg = structs.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
-        self._ioctl(ioctls.KVM_GET_DIRTY_LOG, arg)  # type: ignore[attr-defined]
+        self._ioctl(ioctls.KVM_GET_DIRTY_LOG, arg)
         return DirtyPages(bitmap.raw, npages)
 
     def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,

@@ -106,6 +106,10 @@ class MsrFilterRange:
     # A plain frozen class, not a dataclass: importing dataclasses (and inspect
     # with it) is 5-6 ms of `import pykvm` (benchmarks/, -X importtime).
     __slots__ = ("base", "bitmap", "flags", "nmsrs")
+    flags: int
+    base: int
+    bitmap: bytes
+    nmsrs: int
 
     def __init__(self, flags: int, base: int, bitmap: bytes, nmsrs: int = -1) -> None:
         if not isinstance(bitmap, (bytes, bytearray)):
@@ -129,11 +133,11 @@ class MsrFilterRange:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"MsrFilterRange is frozen: cannot delete {name!r}")
 
-    def _key(self):
+    def _key(self) -> tuple[int, int, bytes, int]:
         return (self.flags, self.base, self.bitmap, self.nmsrs)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+        return isinstance(other, MsrFilterRange) and type(other) is type(self) and self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())
