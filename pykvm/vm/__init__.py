@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any
 
 from .._check import U32 as _U32
 from .._check import expect as _expect

@@ -259,14 +259,14 @@ class DirtyEntries(Sequence["structs.kvm_dirty_gfn"]):
 
     def pairs(self) -> list[tuple[int, int]]:
         """``[(slot, offset), ...]`` in ring order."""
-        return list(zip(self.slots, self.offsets))
+        return list(zip(self.slots, self.offsets, strict=False))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, DirtyEntries):
             return self.slots == other.slots and self.offsets == other.offsets
         if isinstance(other, (list, tuple)):
             return len(other) == len(self) and all(
-                (getattr(g, "slot", None), getattr(g, "offset", None)) == p for g, p in zip(other, self.pairs()))
+                (getattr(g, "slot", None), getattr(g, "offset", None)) == p for g, p in zip(other, self.pairs(), strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
