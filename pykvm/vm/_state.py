@@ -25,6 +25,7 @@ class VmState:
     """Annotations of the VM state and fd methods the mixins use (set by ``Vm._from_fd``)."""
 
     _fd: int
+    _inherited_fd: int
     _what: str
     _vcpu_mmap_size: int
     _memory: dict[int, GuestMemory]

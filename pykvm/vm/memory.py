@@ -447,6 +447,8 @@ class MemorySlots(VmState):
         return sorted(self._memory.values(), key=lambda m: m.guest_phys_addr)
 
     def _chunks(self, gpa: int, n: int) -> Iterator[tuple[GuestMemory, int, int]]:
+        if self._fd < 0 and self._inherited_fd < 0:  # closed (a forked child's copy still reads)
+            raise self._closed_error("guest memory access")
         _uint("gpa", gpa)
         if n < 0:
             raise ValueError("length must be >= 0")
