@@ -21,6 +21,8 @@ A guest in a few lines::
         print(vcpu.run())   # IoOut(port=0xe9, size=1, count=1, data=b'A')
 """
 
+from typing import TYPE_CHECKING
+
 from . import exits, uapi
 from .errors import KvmClosedError, KvmError, KvmInheritedError, KvmUnavailable
 from .exits import (
@@ -51,6 +53,24 @@ from .vm import Vm
 from .vm.memory import GuestMemory
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover - what __getattr__ loads on first use, for type checkers
+    from . import device as device
+    from . import dirty as dirty
+    from . import gdbstub as gdbstub
+    from . import probe as probe
+    from . import snapshot as snapshot
+    from . import stats as stats
+    from . import x86 as x86
+    from .device import Device as Device
+    from .device import DeviceType as DeviceType
+    from .stats import Stats as Stats
+    from .vm.coalesced import CoalescedRing as CoalescedRing
+    from .vm.dirty import DirtyPages as DirtyPages
+    from .vm.dirty import DirtyRing as DirtyRing
+    from .vm.eventfd import EventFd as EventFd
+    from .vm.memory import GuestMemfd as GuestMemfd
+    from .vm.msr_filter import MsrFilterRange as MsrFilterRange
 
 # Heavier parts load on first use so that ``import pykvm`` stays cheap.
 _LAZY = ("probe", "stats", "x86", "device", "dirty", "snapshot", "gdbstub")

@@ -36,7 +36,7 @@ KICK_SIGNAL: int = int(signal.SIGRTMIN) + 6
 
 _SIG_IGN = 1
 _lock = threading.Lock()
-_installed = set()
+_installed: set[int] = set()
 
 
 def ensure_kick_handler(sig: int = 0) -> None:

@@ -45,7 +45,7 @@ def check(ret: int) -> int:
 
 def ioctl_ulong(fd: int, request: int, arg: int) -> int:
     """``ioctl(fd, request, (unsigned long)arg)``; OSError on failure."""
-    ret = _ioctl_ulong(fd, request, arg)
+    ret: int = _ioctl_ulong(fd, request, arg)
     if ret < 0:
         err = get_errno()
         raise OSError(err, os.strerror(err))
@@ -54,7 +54,7 @@ def ioctl_ulong(fd: int, request: int, arg: int) -> int:
 
 def ioctl_int(fd: int, request: int, arg: int) -> int:
     """``ioctl(fd, request, arg)`` with *arg* in ``[0, 2**31)``; OSError on failure."""
-    ret = _ioctl_plain(fd, request, arg)
+    ret: int = _ioctl_plain(fd, request, arg)
     if ret < 0:
         err = get_errno()
         raise OSError(err, os.strerror(err))
@@ -63,7 +63,7 @@ def ioctl_int(fd: int, request: int, arg: int) -> int:
 
 def ioctl_noarg(fd: int, request: int) -> int:
     """``ioctl(fd, request, 0)`` through libc: EINTR reaches the caller (never retried)."""
-    ret = _ioctl_plain(fd, request, 0)
+    ret: int = _ioctl_plain(fd, request, 0)
     if ret < 0:
         err = get_errno()
         raise OSError(err, os.strerror(err))

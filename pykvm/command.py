@@ -60,7 +60,7 @@ def run_command(prog: str, body: Callable[[], int],
     anything else is an internal error (3).  A command that has its own
     "no" outcomes (status 1) returns them from *body*.
     """
-    refused: tuple[type[BaseException], ...] = (UsageError,) + tuple(usage_errors)
+    refused: tuple[type[BaseException], ...] = (UsageError, *tuple(usage_errors))
     try:
         return int(body() or 0)
     except SystemExit as e:

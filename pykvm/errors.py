@@ -20,19 +20,19 @@ class KvmError(OSError):
     ``.hint`` a sentence on the likely cause, or ``None``.
     """
 
-    def __init__(self, err: int, ioctl: str, hint: str | None = None) -> None:
+    def __init__(self, err: int | None, ioctl: str, hint: str | None = None) -> None:
         super().__init__(err, os.strerror(err) if err else "error")
         self.ioctl = ioctl
         self.hint = hint
 
     def __str__(self) -> str:
-        name = _errno.errorcode.get(self.errno, str(self.errno))
+        name = _errno.errorcode.get(self.errno, str(self.errno)) if self.errno is not None else "None"
         msg = f"{self.ioctl} failed: {name} ({self.strerror})"
         if self.hint:
             msg += f": {self.hint}"
         return msg
 
-    def __reduce__(self):  # picklable across processes
+    def __reduce__(self) -> tuple[type[KvmError], tuple[int | None, str, str | None]]:  # picklable across processes
         return (type(self), (self.errno, self.ioctl, self.hint))
 
 
@@ -183,6 +183,8 @@ HINTS = {
 _HINTS = HINTS  # old private name
 
 
-def hint_for(ioctl: str, err: int) -> str | None:
+def hint_for(ioctl: str, err: int | None) -> str | None:
     """The likely cause of *err* from *ioctl*, if pykvm knows one."""
+    if err is None:
+        return None
     return HINTS.get((ioctl, err)) or HINTS.get((None, err))

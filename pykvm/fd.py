@@ -63,7 +63,7 @@ T = TypeVar("T")
 FdT = TypeVar("FdT", bound="FdObject")
 
 
-def raise_error(err: int, request: int, hint: str | None = None) -> KvmError:
+def raise_error(err: int | None, request: int, hint: str | None = None) -> KvmError:
     """Build the KvmError for *err* from *request* (returned, for ``raise``)."""
     name = ioctl_name(request)
     return KvmError(err, name, hint or hint_for(name, err))
@@ -84,7 +84,8 @@ def ioctl(fd: int, request: int, arg: int | Any = 0) -> int:
             if arg < 0 or arg >= 2**64:
                 raise ValueError(f"{ioctl_name(request)}: argument {arg} is not an unsigned 64-bit value")
             return _ioctl_ulong(fd, request, arg)
-        return _fcntl_ioctl(fd, request, arg, True)
+        ret: int = _fcntl_ioctl(fd, request, arg, True)
+        return ret
     except OSError as e:
         raise raise_error(e.errno, request) from None
 

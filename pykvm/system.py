@@ -47,7 +47,8 @@ class Kvm(CheckExtension, DeviceAttrs, FdObject):
     _ATTR_ABSENT = (errno.ENXIO, errno.ENOTTY, errno.EINVAL)
 
     def __init__(self, path: str = "/dev/kvm") -> None:
-        if isinstance(path, int):  # os.stat/os.open would take it as an fd number
+        # An untyped caller's int: os.stat/os.open would take it as an fd number.
+        if isinstance(path, int):  # type: ignore[unreachable]
             raise TypeError(f"path must be a str, bytes or os.PathLike, not {type(path).__name__}")
         path = os.fspath(path)
         self.path = path

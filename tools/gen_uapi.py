@@ -504,9 +504,47 @@ def _flex_member(types: Record, t: Record) -> tuple[str, str] | None:
     return None
 
 
+#: What reading a member gives, per ctypes scalar (for the class annotations).
+_PYTYPES = {"c_bool": "bool", "c_void_p": "int | None"}
+
+
+def _pytype(types: Record, t: str) -> str:
+    """The type a Python reader of a member of C type *t* gets (``int``, a struct class, ``Array[...]``)."""
+    base, dims = _split_type(t)
+    if base in types:
+        expr = base
+        scalar = base
+    else:
+        scalar = _CTYPES.get(base, base)
+        expr = _PYTYPES.get(scalar, "int")
+    if not dims:
+        return expr
+    elem = scalar
+    for _ in dims[1:]:
+        elem = f"Array[{elem}]"
+    return f"Array[{elem}]"
+
+
+def _annotations(types: Record, t: Record, top: bool = True) -> list[str]:
+    """``name: type`` for every member a reader can reach, with those of
+    anonymous members, which ctypes promotes to the outer class (the
+    promoted members' own anonymous members are promoted, not reachable)."""
+    out: list[str] = []
+    for m in t["members"]:
+        if m["name"].startswith("__"):
+            continue  # the kernel's __empty_* placeholders: Python would mangle the name
+        if top or not m.get("anonymous"):
+            out.append(f"    {m['name']}: {_pytype(types, m['type'])}")
+        if m.get("anonymous"):
+            out.extend(_annotations(types, types[m["type"]], False))
+    return out
+
+
 def _class(types: Record, name: str, t: Record) -> list[str]:
     base = "Union" if t["kind"] == "union" else "Struct"
     lines = [f"class {name}({base}):"]
+    # Annotations without values: for type checkers only (ctypes reads _fields_).
+    lines.extend(_annotations(types, t))
     fields: list[str] = []
     anon = [m["name"] for m in t["members"] if m.get("anonymous")]
     for m in t["members"]:
@@ -535,7 +573,7 @@ def render_types(rec: Record, file: str) -> str:
     header = "arch/x86/include/uapi/asm/kvm.h" if file == "x86" else "include/uapi/linux/kvm.h"
     out = [_provenance(rec, f"The structures and unions of ``{header}``, in ctypes."), "",
            "from __future__ import annotations", "",
-           "from ctypes import (c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401",
+           "from ctypes import (Array, c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401",
            "                    c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p)", "",
            "from ._base import Struct, Union"]
     if file == "kvm":

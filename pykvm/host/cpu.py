@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["cpu_flags", "cpuid", "cpuinfo"]
 
@@ -35,10 +37,10 @@ _STUB = bytes([
 _Regs = ctypes.c_uint32 * 4
 _fn = None
 _failed = False
-_keep = []  # the mapping and the ctypes view that pins it
+_keep: list[object] = []  # the mapping and the ctypes view that pins it
 
 
-def _load():
+def _load() -> Callable[[int, int, Any], None] | None:
     global _fn, _failed
     if _fn is not None or _failed:
         return _fn
@@ -66,7 +68,8 @@ def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
         return None
     regs = _Regs()
     fn(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF, ctypes.byref(regs))
-    return tuple(regs)  # type: ignore[return-value]
+    eax, ebx, ecx, edx = regs
+    return (eax, ebx, ecx, edx)
 
 
 def cpuinfo() -> dict[str, str]:

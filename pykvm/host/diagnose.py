@@ -36,7 +36,7 @@ def loaded_kvm_modules() -> list[str]:
     return found
 
 
-def cpu_flags() -> set:
+def cpu_flags() -> set[str]:
     """The ``flags`` line of /proc/cpuinfo as a set (empty if unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -48,7 +48,7 @@ def cpu_flags() -> set:
     return set()
 
 
-def raw_virt_flags() -> tuple:
+def raw_virt_flags() -> tuple[bool | None, bool | None]:
     """(vmx, svm) as the CPUID instruction reports them here; (None, None) if unknown."""
     try:
         from .cpu import cpuid
@@ -89,7 +89,7 @@ def _firmware_hint() -> str | None:
     return None
 
 
-def explain(path: str, err: int) -> str:
+def explain(path: str, err: int | None) -> str:
     """A hint for an ``open(path)`` that failed with *err* (or ENOTTY/ENODEV)."""
     mods = loaded_kvm_modules()
     vendor = cpu_vendor_module()

@@ -2,8 +2,9 @@
 
 From Python::
 
-    import pykvm.probe
-    report = pykvm.probe()            # the module is callable: same as pykvm.probe.probe()
+    import pykvm
+    report = pykvm.probe.probe()      # a ProbeReport (typed; ``pykvm.probe()`` still works
+                                      # at run time, but type checkers cannot call a module)
     report.usable, report.exit_status
     report.capability(pykvm.Cap.NR_VCPUS).system
     print(pykvm.probe.render(report)) # what `pykvm probe` prints (text.render)

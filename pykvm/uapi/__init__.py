@@ -16,11 +16,11 @@ the object layer (:mod:`pykvm.system`, :mod:`pykvm.vm`, :mod:`pykvm.vcpu`
 ...) does that.
 """
 
-from .enums import *  # noqa: F401,F403
+from .enums import *  # noqa: F403
 from .enums import __all__ as _enums_all
-from .ioctls import *  # noqa: F401,F403
+from .ioctls import *  # noqa: F403
 from .ioctls import __all__ as _ioctls_all
-from .structs import *  # noqa: F401,F403
+from .structs import *  # noqa: F403
 from .structs import __all__ as _structs_all
 
 KVM_API_VERSION = 12

@@ -8,13 +8,13 @@ that hold C's unnamed unions) are left out of it.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List
+from typing import Any
 
 __all__ = ["Struct", "Union"]
 
 
 def _show(obj: Any) -> str:
-    parts: List[str] = []
+    parts: list[str] = []
     for name, *_ in obj._fields_:
         if name.startswith("_") or name.startswith("pad") or name.startswith("reserved"):
             continue

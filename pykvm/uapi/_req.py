@@ -15,7 +15,6 @@ argument itself and re-decodes the number it gets back, so a misspelled
 from __future__ import annotations
 
 import ctypes
-from typing import Dict, Optional
 
 import ioctl_opt
 
@@ -27,10 +26,10 @@ _DIRS = {"": ioctl_opt.IO, "R": ioctl_opt.IOR, "W": ioctl_opt.IOW, "WR": ioctl_o
 _DIRBITS = {"": ioctl_opt.IOC_NONE, "R": ioctl_opt.IOC_READ, "W": ioctl_opt.IOC_WRITE,
             "WR": ioctl_opt.IOC_READ | ioctl_opt.IOC_WRITE}
 
-IOCTLS: Dict[str, int] = {}
+IOCTLS: dict[str, int] = {}
 
 
-def _req(name: str, direction: str, nr: int, argtype: Optional[type] = None) -> int:
+def _req(name: str, direction: str, nr: int, argtype: type | None = None) -> int:
     """Build, check and register one request number."""
     if not 0 <= nr <= 0xFF:
         raise ValueError(f"{name}: ioctl nr {nr:#x} out of range")
@@ -61,7 +60,7 @@ def _req(name: str, direction: str, nr: int, argtype: Optional[type] = None) -> 
 
 
 #: request number -> name; filled by pykvm.uapi.ioctls (the first name wins).
-IOCTL_NAMES: Dict[int, str] = {}
+IOCTL_NAMES: dict[int, str] = {}
 
 
 def ioctl_name(request: int) -> str:

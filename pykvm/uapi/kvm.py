@@ -10,7 +10,7 @@ Extracted: 2026-12-02 with gcc 12.2.0 (DWARF and C-evaluated macros)
 
 from __future__ import annotations
 
-from ctypes import (c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401
+from ctypes import (Array, c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401
                     c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p)
 
 from ._base import Struct, Union
@@ -24,6 +24,11 @@ from .x86 import (  # noqa: F401
 
 
 class kvm_userspace_memory_region(Struct):
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
     _fields_ = [
         ('slot', c_uint32),
         ('flags', c_uint32),
@@ -34,6 +39,15 @@ class kvm_userspace_memory_region(Struct):
 
 
 class kvm_userspace_memory_region2(Struct):
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int
+    guest_memfd: int
+    pad1: int
+    pad2: Array[c_uint64]
     _fields_ = [
         ('slot', c_uint32),
         ('flags', c_uint32),
@@ -48,6 +62,8 @@ class kvm_userspace_memory_region2(Struct):
 
 
 class _kvm_irq_level_u(Union):
+    irq: int
+    status: int
     _fields_ = [
         ('irq', c_uint32),
         ('status', c_int32),
@@ -55,6 +71,10 @@ class _kvm_irq_level_u(Union):
 
 
 class kvm_irq_level(Struct):
+    _u: _kvm_irq_level_u
+    irq: int
+    status: int
+    level: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('_u', _kvm_irq_level_u),
@@ -63,6 +83,9 @@ class kvm_irq_level(Struct):
 
 
 class _kvm_irqchip_chip(Union):
+    dummy: Array[c_uint8]
+    pic: kvm_pic_state
+    ioapic: kvm_ioapic_state
     _fields_ = [
         ('dummy', c_uint8 * 512),
         ('pic', kvm_pic_state),
@@ -71,6 +94,9 @@ class _kvm_irqchip_chip(Union):
 
 
 class kvm_irqchip(Struct):
+    chip_id: int
+    pad: int
+    chip: _kvm_irqchip_chip
     _fields_ = [
         ('chip_id', c_uint32),
         ('pad', c_uint32),
@@ -79,6 +105,8 @@ class kvm_irqchip(Struct):
 
 
 class kvm_pit_config(Struct):
+    flags: int
+    pad: Array[c_uint32]
     _fields_ = [
         ('flags', c_uint32),
         ('pad', c_uint32 * 15),
@@ -86,6 +114,11 @@ class kvm_pit_config(Struct):
 
 
 class _kvm_hyperv_exit_u_synic(Struct):
+    msr: int
+    pad2: int
+    control: int
+    evt_page: int
+    msg_page: int
     _fields_ = [
         ('msr', c_uint32),
         ('pad2', c_uint32),
@@ -96,6 +129,9 @@ class _kvm_hyperv_exit_u_synic(Struct):
 
 
 class _kvm_hyperv_exit_u_hcall(Struct):
+    input: int
+    result: int
+    params: Array[c_uint64]
     _fields_ = [
         ('input', c_uint64),
         ('result', c_uint64),
@@ -104,6 +140,13 @@ class _kvm_hyperv_exit_u_hcall(Struct):
 
 
 class _kvm_hyperv_exit_u_syndbg(Struct):
+    msr: int
+    pad2: int
+    control: int
+    status: int
+    send_page: int
+    recv_page: int
+    pending_page: int
     _fields_ = [
         ('msr', c_uint32),
         ('pad2', c_uint32),
@@ -116,6 +159,9 @@ class _kvm_hyperv_exit_u_syndbg(Struct):
 
 
 class _kvm_hyperv_exit_u(Union):
+    synic: _kvm_hyperv_exit_u_synic
+    hcall: _kvm_hyperv_exit_u_hcall
+    syndbg: _kvm_hyperv_exit_u_syndbg
     _fields_ = [
         ('synic', _kvm_hyperv_exit_u_synic),
         ('hcall', _kvm_hyperv_exit_u_hcall),
@@ -124,6 +170,9 @@ class _kvm_hyperv_exit_u(Union):
 
 
 class kvm_hyperv_exit(Struct):
+    type: int
+    pad1: int
+    u: _kvm_hyperv_exit_u
     _fields_ = [
         ('type', c_uint32),
         ('pad1', c_uint32),
@@ -132,6 +181,11 @@ class kvm_hyperv_exit(Struct):
 
 
 class _kvm_xen_exit_u_hcall(Struct):
+    longmode: int
+    cpl: int
+    input: int
+    result: int
+    params: Array[c_uint64]
     _fields_ = [
         ('longmode', c_uint32),
         ('cpl', c_uint32),
@@ -142,12 +196,15 @@ class _kvm_xen_exit_u_hcall(Struct):
 
 
 class _kvm_xen_exit_u(Union):
+    hcall: _kvm_xen_exit_u_hcall
     _fields_ = [
         ('hcall', _kvm_xen_exit_u_hcall),
     ]
 
 
 class kvm_xen_exit(Struct):
+    type: int
+    u: _kvm_xen_exit_u
     _fields_ = [
         ('type', c_uint32),
         ('u', _kvm_xen_exit_u),
@@ -155,6 +212,9 @@ class kvm_xen_exit(Struct):
 
 
 class kvm_exit_snp_req_certs(Struct):
+    gpa: int
+    npages: int
+    ret: int
     _fields_ = [
         ('gpa', c_uint64),
         ('npages', c_uint64),
@@ -163,12 +223,15 @@ class kvm_exit_snp_req_certs(Struct):
 
 
 class _kvm_run_hw(Struct):
+    hardware_exit_reason: int
     _fields_ = [
         ('hardware_exit_reason', c_uint64),
     ]
 
 
 class _kvm_run_fail_entry(Struct):
+    hardware_entry_failure_reason: int
+    cpu: int
     _fields_ = [
         ('hardware_entry_failure_reason', c_uint64),
         ('cpu', c_uint32),
@@ -176,6 +239,8 @@ class _kvm_run_fail_entry(Struct):
 
 
 class _kvm_run_ex(Struct):
+    exception: int
+    error_code: int
     _fields_ = [
         ('exception', c_uint32),
         ('error_code', c_uint32),
@@ -183,6 +248,11 @@ class _kvm_run_ex(Struct):
 
 
 class _kvm_run_io(Struct):
+    direction: int
+    size: int
+    port: int
+    count: int
+    data_offset: int
     _fields_ = [
         ('direction', c_uint8),
         ('size', c_uint8),
@@ -193,12 +263,17 @@ class _kvm_run_io(Struct):
 
 
 class _kvm_run_debug(Struct):
+    arch: kvm_debug_exit_arch
     _fields_ = [
         ('arch', kvm_debug_exit_arch),
     ]
 
 
 class _kvm_run_mmio(Struct):
+    phys_addr: int
+    data: Array[c_uint8]
+    len: int
+    is_write: int
     _fields_ = [
         ('phys_addr', c_uint64),
         ('data', c_uint8 * 8),
@@ -208,6 +283,10 @@ class _kvm_run_mmio(Struct):
 
 
 class _kvm_run_iocsr_io(Struct):
+    phys_addr: int
+    data: Array[c_uint8]
+    len: int
+    is_write: int
     _fields_ = [
         ('phys_addr', c_uint64),
         ('data', c_uint8 * 8),
@@ -217,6 +296,8 @@ class _kvm_run_iocsr_io(Struct):
 
 
 class _kvm_run_hypercall_u(Union):
+    longmode: int
+    flags: int
     _fields_ = [
         ('longmode', c_uint32),
         ('flags', c_uint64),
@@ -224,6 +305,12 @@ class _kvm_run_hypercall_u(Union):
 
 
 class _kvm_run_hypercall(Struct):
+    nr: int
+    args: Array[c_uint64]
+    ret: int
+    _u: _kvm_run_hypercall_u
+    longmode: int
+    flags: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('nr', c_uint64),
@@ -234,6 +321,9 @@ class _kvm_run_hypercall(Struct):
 
 
 class _kvm_run_tpr_access(Struct):
+    rip: int
+    is_write: int
+    pad: int
     _fields_ = [
         ('rip', c_uint64),
         ('is_write', c_uint32),
@@ -242,6 +332,9 @@ class _kvm_run_tpr_access(Struct):
 
 
 class _kvm_run_s390_sieic(Struct):
+    icptcode: int
+    ipa: int
+    ipb: int
     _fields_ = [
         ('icptcode', c_uint8),
         ('ipa', c_uint16),
@@ -250,6 +343,8 @@ class _kvm_run_s390_sieic(Struct):
 
 
 class _kvm_run_s390_ucontrol(Struct):
+    trans_exc_code: int
+    pgm_code: int
     _fields_ = [
         ('trans_exc_code', c_uint64),
         ('pgm_code', c_uint32),
@@ -257,6 +352,9 @@ class _kvm_run_s390_ucontrol(Struct):
 
 
 class _kvm_run_dcr(Struct):
+    dcrn: int
+    data: int
+    is_write: int
     _fields_ = [
         ('dcrn', c_uint32),
         ('data', c_uint32),
@@ -265,6 +363,9 @@ class _kvm_run_dcr(Struct):
 
 
 class _kvm_run_internal(Struct):
+    suberror: int
+    ndata: int
+    data: Array[c_uint64]
     _fields_ = [
         ('suberror', c_uint32),
         ('ndata', c_uint32),
@@ -273,6 +374,8 @@ class _kvm_run_internal(Struct):
 
 
 class _kvm_run_emulation_failure_u_u(Struct):
+    insn_size: int
+    insn_bytes: Array[c_uint8]
     _fields_ = [
         ('insn_size', c_uint8),
         ('insn_bytes', c_uint8 * 15),
@@ -280,6 +383,9 @@ class _kvm_run_emulation_failure_u_u(Struct):
 
 
 class _kvm_run_emulation_failure_u(Union):
+    _u: _kvm_run_emulation_failure_u_u
+    insn_size: int
+    insn_bytes: Array[c_uint8]
     _anonymous_ = ('_u',)
     _fields_ = [
         ('_u', _kvm_run_emulation_failure_u_u),
@@ -287,6 +393,12 @@ class _kvm_run_emulation_failure_u(Union):
 
 
 class _kvm_run_emulation_failure(Struct):
+    suberror: int
+    ndata: int
+    flags: int
+    _u: _kvm_run_emulation_failure_u
+    insn_size: int
+    insn_bytes: Array[c_uint8]
     _anonymous_ = ('_u',)
     _fields_ = [
         ('suberror', c_uint32),
@@ -297,12 +409,16 @@ class _kvm_run_emulation_failure(Struct):
 
 
 class _kvm_run_osi(Struct):
+    gprs: Array[c_uint64]
     _fields_ = [
         ('gprs', c_uint64 * 32),
     ]
 
 
 class _kvm_run_papr_hcall(Struct):
+    nr: int
+    ret: int
+    args: Array[c_uint64]
     _fields_ = [
         ('nr', c_uint64),
         ('ret', c_uint64),
@@ -311,6 +427,12 @@ class _kvm_run_papr_hcall(Struct):
 
 
 class _kvm_run_s390_tsch(Struct):
+    subchannel_id: int
+    subchannel_nr: int
+    io_int_parm: int
+    io_int_word: int
+    ipb: int
+    dequeued: int
     _fields_ = [
         ('subchannel_id', c_uint16),
         ('subchannel_nr', c_uint16),
@@ -322,12 +444,15 @@ class _kvm_run_s390_tsch(Struct):
 
 
 class _kvm_run_epr(Struct):
+    epr: int
     _fields_ = [
         ('epr', c_uint32),
     ]
 
 
 class _kvm_run_system_event_u(Union):
+    flags: int
+    data: Array[c_uint64]
     _fields_ = [
         ('flags', c_uint64),
         ('data', c_uint64 * 16),
@@ -335,6 +460,11 @@ class _kvm_run_system_event_u(Union):
 
 
 class _kvm_run_system_event(Struct):
+    type: int
+    ndata: int
+    _u: _kvm_run_system_event_u
+    flags: int
+    data: Array[c_uint64]
     _anonymous_ = ('_u',)
     _fields_ = [
         ('type', c_uint32),
@@ -344,6 +474,12 @@ class _kvm_run_system_event(Struct):
 
 
 class _kvm_run_s390_stsi(Struct):
+    addr: int
+    ar: int
+    reserved: int
+    fc: int
+    sel1: int
+    sel2: int
     _fields_ = [
         ('addr', c_uint64),
         ('ar', c_uint8),
@@ -355,12 +491,15 @@ class _kvm_run_s390_stsi(Struct):
 
 
 class _kvm_run_eoi(Struct):
+    vector: int
     _fields_ = [
         ('vector', c_uint8),
     ]
 
 
 class _kvm_run_arm_nisv(Struct):
+    esr_iss: int
+    fault_ipa: int
     _fields_ = [
         ('esr_iss', c_uint64),
         ('fault_ipa', c_uint64),
@@ -368,6 +507,11 @@ class _kvm_run_arm_nisv(Struct):
 
 
 class _kvm_run_msr(Struct):
+    error: int
+    pad: Array[c_uint8]
+    reason: int
+    index: int
+    data: int
     _fields_ = [
         ('error', c_uint8),
         ('pad', c_uint8 * 7),
@@ -378,6 +522,10 @@ class _kvm_run_msr(Struct):
 
 
 class _kvm_run_riscv_sbi(Struct):
+    extension_id: int
+    function_id: int
+    args: Array[c_uint64]
+    ret: Array[c_uint64]
     _fields_ = [
         ('extension_id', c_uint64),
         ('function_id', c_uint64),
@@ -387,6 +535,10 @@ class _kvm_run_riscv_sbi(Struct):
 
 
 class _kvm_run_riscv_csr(Struct):
+    csr_num: int
+    new_value: int
+    write_mask: int
+    ret_value: int
     _fields_ = [
         ('csr_num', c_uint64),
         ('new_value', c_uint64),
@@ -396,12 +548,16 @@ class _kvm_run_riscv_csr(Struct):
 
 
 class _kvm_run_notify(Struct):
+    flags: int
     _fields_ = [
         ('flags', c_uint32),
     ]
 
 
 class _kvm_run_memory_fault(Struct):
+    flags: int
+    gpa: int
+    size: int
     _fields_ = [
         ('flags', c_uint64),
         ('gpa', c_uint64),
@@ -410,6 +566,8 @@ class _kvm_run_memory_fault(Struct):
 
 
 class _kvm_run_tdx_unknown(Struct):
+    ret: int
+    data: Array[c_uint64]
     _fields_ = [
         ('ret', c_uint64),
         ('data', c_uint64 * 5),
@@ -417,6 +575,9 @@ class _kvm_run_tdx_unknown(Struct):
 
 
 class _kvm_run_tdx_get_quote(Struct):
+    ret: int
+    gpa: int
+    size: int
     _fields_ = [
         ('ret', c_uint64),
         ('gpa', c_uint64),
@@ -425,6 +586,12 @@ class _kvm_run_tdx_get_quote(Struct):
 
 
 class _kvm_run_tdx_get_tdvmcall_info(Struct):
+    ret: int
+    leaf: int
+    r11: int
+    r12: int
+    r13: int
+    r14: int
     _fields_ = [
         ('ret', c_uint64),
         ('leaf', c_uint64),
@@ -436,6 +603,8 @@ class _kvm_run_tdx_get_tdvmcall_info(Struct):
 
 
 class _kvm_run_tdx_setup_event_notify(Struct):
+    ret: int
+    vector: int
     _fields_ = [
         ('ret', c_uint64),
         ('vector', c_uint64),
@@ -443,6 +612,10 @@ class _kvm_run_tdx_setup_event_notify(Struct):
 
 
 class _kvm_run_tdx_u(Union):
+    unknown: _kvm_run_tdx_unknown
+    get_quote: _kvm_run_tdx_get_quote
+    get_tdvmcall_info: _kvm_run_tdx_get_tdvmcall_info
+    setup_event_notify: _kvm_run_tdx_setup_event_notify
     _fields_ = [
         ('unknown', _kvm_run_tdx_unknown),
         ('get_quote', _kvm_run_tdx_get_quote),
@@ -452,6 +625,13 @@ class _kvm_run_tdx_u(Union):
 
 
 class _kvm_run_tdx(Struct):
+    flags: int
+    nr: int
+    _u: _kvm_run_tdx_u
+    unknown: _kvm_run_tdx_unknown
+    get_quote: _kvm_run_tdx_get_quote
+    get_tdvmcall_info: _kvm_run_tdx_get_tdvmcall_info
+    setup_event_notify: _kvm_run_tdx_setup_event_notify
     _anonymous_ = ('_u',)
     _fields_ = [
         ('flags', c_uint64),
@@ -461,6 +641,10 @@ class _kvm_run_tdx(Struct):
 
 
 class _kvm_run_arm_sea(Struct):
+    flags: int
+    esr: int
+    gva: int
+    gpa: int
     _fields_ = [
         ('flags', c_uint64),
         ('esr', c_uint64),
@@ -470,6 +654,40 @@ class _kvm_run_arm_sea(Struct):
 
 
 class _kvm_run_u(Union):
+    hw: _kvm_run_hw
+    fail_entry: _kvm_run_fail_entry
+    ex: _kvm_run_ex
+    io: _kvm_run_io
+    debug: _kvm_run_debug
+    mmio: _kvm_run_mmio
+    iocsr_io: _kvm_run_iocsr_io
+    hypercall: _kvm_run_hypercall
+    tpr_access: _kvm_run_tpr_access
+    s390_sieic: _kvm_run_s390_sieic
+    s390_reset_flags: int
+    s390_ucontrol: _kvm_run_s390_ucontrol
+    dcr: _kvm_run_dcr
+    internal: _kvm_run_internal
+    emulation_failure: _kvm_run_emulation_failure
+    osi: _kvm_run_osi
+    papr_hcall: _kvm_run_papr_hcall
+    s390_tsch: _kvm_run_s390_tsch
+    epr: _kvm_run_epr
+    system_event: _kvm_run_system_event
+    s390_stsi: _kvm_run_s390_stsi
+    eoi: _kvm_run_eoi
+    hyperv: kvm_hyperv_exit
+    arm_nisv: _kvm_run_arm_nisv
+    msr: _kvm_run_msr
+    xen: kvm_xen_exit
+    riscv_sbi: _kvm_run_riscv_sbi
+    riscv_csr: _kvm_run_riscv_csr
+    notify: _kvm_run_notify
+    memory_fault: _kvm_run_memory_fault
+    tdx: _kvm_run_tdx
+    arm_sea: _kvm_run_arm_sea
+    snp_req_certs: kvm_exit_snp_req_certs
+    padding: Array[c_uint8]
     _fields_ = [
         ('hw', _kvm_run_hw),
         ('fail_entry', _kvm_run_fail_entry),
@@ -509,6 +727,8 @@ class _kvm_run_u(Union):
 
 
 class _kvm_run_s(Union):
+    regs: kvm_sync_regs
+    padding: Array[c_uint8]
     _fields_ = [
         ('regs', kvm_sync_regs),
         ('padding', c_uint8 * 2048),
@@ -516,6 +736,53 @@ class _kvm_run_s(Union):
 
 
 class kvm_run(Struct):
+    request_interrupt_window: int
+    immediate_exit: int
+    padding1: Array[c_uint8]
+    exit_reason: int
+    ready_for_interrupt_injection: int
+    if_flag: int
+    flags: int
+    cr8: int
+    apic_base: int
+    _u: _kvm_run_u
+    hw: _kvm_run_hw
+    fail_entry: _kvm_run_fail_entry
+    ex: _kvm_run_ex
+    io: _kvm_run_io
+    debug: _kvm_run_debug
+    mmio: _kvm_run_mmio
+    iocsr_io: _kvm_run_iocsr_io
+    hypercall: _kvm_run_hypercall
+    tpr_access: _kvm_run_tpr_access
+    s390_sieic: _kvm_run_s390_sieic
+    s390_reset_flags: int
+    s390_ucontrol: _kvm_run_s390_ucontrol
+    dcr: _kvm_run_dcr
+    internal: _kvm_run_internal
+    emulation_failure: _kvm_run_emulation_failure
+    osi: _kvm_run_osi
+    papr_hcall: _kvm_run_papr_hcall
+    s390_tsch: _kvm_run_s390_tsch
+    epr: _kvm_run_epr
+    system_event: _kvm_run_system_event
+    s390_stsi: _kvm_run_s390_stsi
+    eoi: _kvm_run_eoi
+    hyperv: kvm_hyperv_exit
+    arm_nisv: _kvm_run_arm_nisv
+    msr: _kvm_run_msr
+    xen: kvm_xen_exit
+    riscv_sbi: _kvm_run_riscv_sbi
+    riscv_csr: _kvm_run_riscv_csr
+    notify: _kvm_run_notify
+    memory_fault: _kvm_run_memory_fault
+    tdx: _kvm_run_tdx
+    arm_sea: _kvm_run_arm_sea
+    snp_req_certs: kvm_exit_snp_req_certs
+    padding: Array[c_uint8]
+    kvm_valid_regs: int
+    kvm_dirty_regs: int
+    s: _kvm_run_s
     _anonymous_ = ('_u',)
     _fields_ = [
         ('request_interrupt_window', c_uint8),
@@ -535,6 +802,8 @@ class kvm_run(Struct):
 
 
 class _kvm_coalesced_mmio_zone_u(Union):
+    pad: int
+    pio: int
     _fields_ = [
         ('pad', c_uint32),
         ('pio', c_uint32),
@@ -542,6 +811,11 @@ class _kvm_coalesced_mmio_zone_u(Union):
 
 
 class kvm_coalesced_mmio_zone(Struct):
+    addr: int
+    size: int
+    _u: _kvm_coalesced_mmio_zone_u
+    pad: int
+    pio: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('addr', c_uint64),
@@ -551,6 +825,8 @@ class kvm_coalesced_mmio_zone(Struct):
 
 
 class _kvm_coalesced_mmio_u(Union):
+    pad: int
+    pio: int
     _fields_ = [
         ('pad', c_uint32),
         ('pio', c_uint32),
@@ -558,6 +834,12 @@ class _kvm_coalesced_mmio_u(Union):
 
 
 class kvm_coalesced_mmio(Struct):
+    phys_addr: int
+    len: int
+    _u: _kvm_coalesced_mmio_u
+    pad: int
+    pio: int
+    data: Array[c_uint8]
     _anonymous_ = ('_u',)
     _fields_ = [
         ('phys_addr', c_uint64),
@@ -572,6 +854,7 @@ class _kvm_coalesced_mmio_ring_empty_coalesced_mmio(Struct):
 
 
 class _kvm_coalesced_mmio_ring_u(Struct):
+    coalesced_mmio: Array[kvm_coalesced_mmio]
     _fields_ = [
         ('__empty_coalesced_mmio', _kvm_coalesced_mmio_ring_empty_coalesced_mmio),
         ('coalesced_mmio', kvm_coalesced_mmio * 0),
@@ -579,6 +862,10 @@ class _kvm_coalesced_mmio_ring_u(Struct):
 
 
 class kvm_coalesced_mmio_ring(Struct):
+    first: int
+    last: int
+    _u: _kvm_coalesced_mmio_ring_u
+    coalesced_mmio: Array[kvm_coalesced_mmio]
     _anonymous_ = ('_u',)
     _flex_ = ('coalesced_mmio', kvm_coalesced_mmio)
     _fields_ = [
@@ -589,6 +876,12 @@ class kvm_coalesced_mmio_ring(Struct):
 
 
 class kvm_translation(Struct):
+    linear_address: int
+    physical_address: int
+    valid: int
+    writeable: int
+    usermode: int
+    pad: Array[c_uint8]
     _fields_ = [
         ('linear_address', c_uint64),
         ('physical_address', c_uint64),
@@ -600,12 +893,15 @@ class kvm_translation(Struct):
 
 
 class kvm_interrupt(Struct):
+    irq: int
     _fields_ = [
         ('irq', c_uint32),
     ]
 
 
 class _kvm_dirty_log_u(Union):
+    dirty_bitmap: int | None
+    padding2: int
     _fields_ = [
         ('dirty_bitmap', c_void_p),
         ('padding2', c_uint64),
@@ -613,6 +909,11 @@ class _kvm_dirty_log_u(Union):
 
 
 class kvm_dirty_log(Struct):
+    slot: int
+    padding1: int
+    _u: _kvm_dirty_log_u
+    dirty_bitmap: int | None
+    padding2: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('slot', c_uint32),
@@ -622,6 +923,8 @@ class kvm_dirty_log(Struct):
 
 
 class _kvm_clear_dirty_log_u(Union):
+    dirty_bitmap: int | None
+    padding2: int
     _fields_ = [
         ('dirty_bitmap', c_void_p),
         ('padding2', c_uint64),
@@ -629,6 +932,12 @@ class _kvm_clear_dirty_log_u(Union):
 
 
 class kvm_clear_dirty_log(Struct):
+    slot: int
+    num_pages: int
+    first_page: int
+    _u: _kvm_clear_dirty_log_u
+    dirty_bitmap: int | None
+    padding2: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('slot', c_uint32),
@@ -643,6 +952,7 @@ class _kvm_signal_mask_empty_sigset(Struct):
 
 
 class _kvm_signal_mask_u(Struct):
+    sigset: Array[c_uint8]
     _fields_ = [
         ('__empty_sigset', _kvm_signal_mask_empty_sigset),
         ('sigset', c_uint8 * 0),
@@ -650,6 +960,9 @@ class _kvm_signal_mask_u(Struct):
 
 
 class kvm_signal_mask(Struct):
+    len: int
+    _u: _kvm_signal_mask_u
+    sigset: Array[c_uint8]
     _anonymous_ = ('_u',)
     _flex_ = ('sigset', c_uint8)
     _fields_ = [
@@ -659,6 +972,9 @@ class kvm_signal_mask(Struct):
 
 
 class kvm_tpr_access_ctl(Struct):
+    enabled: int
+    flags: int
+    reserved: Array[c_uint32]
     _fields_ = [
         ('enabled', c_uint32),
         ('flags', c_uint32),
@@ -667,18 +983,23 @@ class kvm_tpr_access_ctl(Struct):
 
 
 class kvm_vapic_addr(Struct):
+    vapic_addr: int
     _fields_ = [
         ('vapic_addr', c_uint64),
     ]
 
 
 class kvm_mp_state(Struct):
+    mp_state: int
     _fields_ = [
         ('mp_state', c_uint32),
     ]
 
 
 class kvm_guest_debug(Struct):
+    control: int
+    pad: int
+    arch: kvm_guest_debug_arch
     _fields_ = [
         ('control', c_uint32),
         ('pad', c_uint32),
@@ -687,6 +1008,12 @@ class kvm_guest_debug(Struct):
 
 
 class kvm_ioeventfd(Struct):
+    datamatch: int
+    addr: int
+    len: int
+    fd: int
+    flags: int
+    pad: Array[c_uint8]
     _fields_ = [
         ('datamatch', c_uint64),
         ('addr', c_uint64),
@@ -698,6 +1025,10 @@ class kvm_ioeventfd(Struct):
 
 
 class kvm_enable_cap(Struct):
+    cap: int
+    flags: int
+    args: Array[c_uint64]
+    pad: Array[c_uint8]
     _fields_ = [
         ('cap', c_uint32),
         ('flags', c_uint32),
@@ -707,6 +1038,8 @@ class kvm_enable_cap(Struct):
 
 
 class kvm_irq_routing_irqchip(Struct):
+    irqchip: int
+    pin: int
     _fields_ = [
         ('irqchip', c_uint32),
         ('pin', c_uint32),
@@ -714,6 +1047,8 @@ class kvm_irq_routing_irqchip(Struct):
 
 
 class _kvm_irq_routing_msi_u(Union):
+    pad: int
+    devid: int
     _fields_ = [
         ('pad', c_uint32),
         ('devid', c_uint32),
@@ -721,6 +1056,12 @@ class _kvm_irq_routing_msi_u(Union):
 
 
 class kvm_irq_routing_msi(Struct):
+    address_lo: int
+    address_hi: int
+    data: int
+    _u: _kvm_irq_routing_msi_u
+    pad: int
+    devid: int
     _anonymous_ = ('_u',)
     _fields_ = [
         ('address_lo', c_uint32),
@@ -731,6 +1072,11 @@ class kvm_irq_routing_msi(Struct):
 
 
 class kvm_irq_routing_s390_adapter(Struct):
+    ind_addr: int
+    summary_addr: int
+    ind_offset: int
+    summary_offset: int
+    adapter_id: int
     _fields_ = [
         ('ind_addr', c_uint64),
         ('summary_addr', c_uint64),
@@ -741,6 +1087,8 @@ class kvm_irq_routing_s390_adapter(Struct):
 
 
 class kvm_irq_routing_hv_sint(Struct):
+    vcpu: int
+    sint: int
     _fields_ = [
         ('vcpu', c_uint32),
         ('sint', c_uint32),
@@ -748,6 +1096,9 @@ class kvm_irq_routing_hv_sint(Struct):
 
 
 class kvm_irq_routing_xen_evtchn(Struct):
+    port: int
+    vcpu: int
+    priority: int
     _fields_ = [
         ('port', c_uint32),
         ('vcpu', c_uint32),
@@ -756,6 +1107,12 @@ class kvm_irq_routing_xen_evtchn(Struct):
 
 
 class _kvm_irq_routing_entry_u(Union):
+    irqchip: kvm_irq_routing_irqchip
+    msi: kvm_irq_routing_msi
+    adapter: kvm_irq_routing_s390_adapter
+    hv_sint: kvm_irq_routing_hv_sint
+    xen_evtchn: kvm_irq_routing_xen_evtchn
+    pad: Array[c_uint32]
     _fields_ = [
         ('irqchip', kvm_irq_routing_irqchip),
         ('msi', kvm_irq_routing_msi),
@@ -767,6 +1124,11 @@ class _kvm_irq_routing_entry_u(Union):
 
 
 class kvm_irq_routing_entry(Struct):
+    gsi: int
+    type: int
+    flags: int
+    pad: int
+    u: _kvm_irq_routing_entry_u
     _fields_ = [
         ('gsi', c_uint32),
         ('type', c_uint32),
@@ -781,6 +1143,7 @@ class _kvm_irq_routing_empty_entries(Struct):
 
 
 class _kvm_irq_routing_u(Struct):
+    entries: Array[kvm_irq_routing_entry]
     _fields_ = [
         ('__empty_entries', _kvm_irq_routing_empty_entries),
         ('entries', kvm_irq_routing_entry * 0),
@@ -788,6 +1151,10 @@ class _kvm_irq_routing_u(Struct):
 
 
 class kvm_irq_routing(Struct):
+    nr: int
+    flags: int
+    _u: _kvm_irq_routing_u
+    entries: Array[kvm_irq_routing_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_irq_routing_entry)
     _fields_ = [
@@ -798,6 +1165,11 @@ class kvm_irq_routing(Struct):
 
 
 class kvm_irqfd(Struct):
+    fd: int
+    gsi: int
+    flags: int
+    resamplefd: int
+    pad: Array[c_uint8]
     _fields_ = [
         ('fd', c_uint32),
         ('gsi', c_uint32),
@@ -808,6 +1180,12 @@ class kvm_irqfd(Struct):
 
 
 class kvm_clock_data(Struct):
+    clock: int
+    flags: int
+    pad0: int
+    realtime: int
+    host_tsc: int
+    pad: Array[c_uint32]
     _fields_ = [
         ('clock', c_uint64),
         ('flags', c_uint32),
@@ -819,6 +1197,10 @@ class kvm_clock_data(Struct):
 
 
 class kvm_config_tlb(Struct):
+    params: int
+    array: int
+    mmu_type: int
+    array_len: int
     _fields_ = [
         ('params', c_uint64),
         ('array', c_uint64),
@@ -828,6 +1210,8 @@ class kvm_config_tlb(Struct):
 
 
 class kvm_dirty_tlb(Struct):
+    bitmap: int
+    num_dirty: int
     _fields_ = [
         ('bitmap', c_uint64),
         ('num_dirty', c_uint32),
@@ -839,6 +1223,7 @@ class _kvm_reg_list_empty_reg(Struct):
 
 
 class _kvm_reg_list_u(Struct):
+    reg: Array[c_uint64]
     _fields_ = [
         ('__empty_reg', _kvm_reg_list_empty_reg),
         ('reg', c_uint64 * 0),
@@ -846,6 +1231,9 @@ class _kvm_reg_list_u(Struct):
 
 
 class kvm_reg_list(Struct):
+    n: int
+    _u: _kvm_reg_list_u
+    reg: Array[c_uint64]
     _anonymous_ = ('_u',)
     _flex_ = ('reg', c_uint64)
     _fields_ = [
@@ -855,6 +1243,8 @@ class kvm_reg_list(Struct):
 
 
 class kvm_one_reg(Struct):
+    id: int
+    addr: int
     _fields_ = [
         ('id', c_uint64),
         ('addr', c_uint64),
@@ -862,6 +1252,12 @@ class kvm_one_reg(Struct):
 
 
 class kvm_msi(Struct):
+    address_lo: int
+    address_hi: int
+    data: int
+    flags: int
+    devid: int
+    pad: Array[c_uint8]
     _fields_ = [
         ('address_lo', c_uint32),
         ('address_hi', c_uint32),
@@ -873,6 +1269,8 @@ class kvm_msi(Struct):
 
 
 class kvm_arm_device_addr(Struct):
+    id: int
+    addr: int
     _fields_ = [
         ('id', c_uint64),
         ('addr', c_uint64),
@@ -880,6 +1278,9 @@ class kvm_arm_device_addr(Struct):
 
 
 class kvm_create_device(Struct):
+    type: int
+    fd: int
+    flags: int
     _fields_ = [
         ('type', c_uint32),
         ('fd', c_uint32),
@@ -888,6 +1289,10 @@ class kvm_create_device(Struct):
 
 
 class kvm_device_attr(Struct):
+    flags: int
+    group: int
+    attr: int
+    addr: int
     _fields_ = [
         ('flags', c_uint32),
         ('group', c_uint32),
@@ -897,6 +1302,8 @@ class kvm_device_attr(Struct):
 
 
 class kvm_vfio_spapr_tce(Struct):
+    groupfd: int
+    tablefd: int
     _fields_ = [
         ('groupfd', c_int32),
         ('tablefd', c_int32),
@@ -904,6 +1311,10 @@ class kvm_vfio_spapr_tce(Struct):
 
 
 class kvm_s390_keyop(Struct):
+    guest_addr: int
+    key: int
+    operation: int
+    pad: Array[c_uint8]
     _fields_ = [
         ('guest_addr', c_uint64),
         ('key', c_uint8),
@@ -913,6 +1324,8 @@ class kvm_s390_keyop(Struct):
 
 
 class kvm_enc_region(Struct):
+    addr: int
+    size: int
     _fields_ = [
         ('addr', c_uint64),
         ('size', c_uint64),
@@ -920,6 +1333,9 @@ class kvm_enc_region(Struct):
 
 
 class kvm_dirty_gfn(Struct):
+    flags: int
+    slot: int
+    offset: int
     _fields_ = [
         ('flags', c_uint32),
         ('slot', c_uint32),
@@ -928,6 +1344,12 @@ class kvm_dirty_gfn(Struct):
 
 
 class kvm_stats_header(Struct):
+    flags: int
+    name_size: int
+    num_desc: int
+    id_offset: int
+    desc_offset: int
+    data_offset: int
     _fields_ = [
         ('flags', c_uint32),
         ('name_size', c_uint32),
@@ -943,6 +1365,7 @@ class _kvm_stats_desc_empty_name(Struct):
 
 
 class _kvm_stats_desc_u(Struct):
+    name: Array[c_uint8]
     _fields_ = [
         ('__empty_name', _kvm_stats_desc_empty_name),
         ('name', c_uint8 * 0),
@@ -950,6 +1373,13 @@ class _kvm_stats_desc_u(Struct):
 
 
 class kvm_stats_desc(Struct):
+    flags: int
+    exponent: int
+    size: int
+    offset: int
+    bucket_size: int
+    _u: _kvm_stats_desc_u
+    name: Array[c_uint8]
     _anonymous_ = ('_u',)
     _flex_ = ('name', c_uint8)
     _fields_ = [
@@ -963,6 +1393,10 @@ class kvm_stats_desc(Struct):
 
 
 class kvm_memory_attributes(Struct):
+    address: int
+    size: int
+    attributes: int
+    flags: int
     _fields_ = [
         ('address', c_uint64),
         ('size', c_uint64),
@@ -972,6 +1406,9 @@ class kvm_memory_attributes(Struct):
 
 
 class kvm_create_guest_memfd(Struct):
+    size: int
+    flags: int
+    reserved: Array[c_uint64]
     _fields_ = [
         ('size', c_uint64),
         ('flags', c_uint64),
@@ -980,6 +1417,10 @@ class kvm_create_guest_memfd(Struct):
 
 
 class kvm_pre_fault_memory(Struct):
+    gpa: int
+    size: int
+    flags: int
+    padding: Array[c_uint64]
     _fields_ = [
         ('gpa', c_uint64),
         ('size', c_uint64),

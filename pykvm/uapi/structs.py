@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from typing import Any, Dict, Tuple, Type, TypeVar
+from typing import Any, TypeVar
 
 from . import consts as _consts
 from . import kvm as _kvm
 from . import x86 as _x86
-from .consts import *  # noqa: F401,F403
-from .kvm import *  # noqa: F401,F403
-from .x86 import *  # noqa: F401,F403
+from .consts import *  # noqa: F403
+from .kvm import *  # noqa: F403
+from .x86 import *  # noqa: F403
 
 # kvm_nested_state.data is a union of two flexible arrays (vmx, svm); flex()
 # gives it as raw bytes, whose first 8 KiB are vmcs12/vmcb12 + shadow_vmcs12.
@@ -52,6 +52,17 @@ def KVM_X86_REG_KVM(index: int) -> int:
     return KVM_X86_REG_ID(_consts.KVM_X86_REG_TYPE_KVM, index)
 
 
+def offsetof(struct: type[ctypes.Structure] | type[ctypes.Union], member: str) -> int:
+    """C's ``offsetof``: the byte offset of *member* (also one an anonymous member promotes).
+
+    ``kvm_run.if_flag.offset`` says the same at run time, but the class
+    annotations tell type checkers that ``if_flag`` is an ``int``.
+    """
+    field = getattr(struct, member)
+    offset: int = field.offset
+    return offset
+
+
 def KVM_PMU_ENCODE_MASKED_ENTRY(event_select: int, mask: int, match: int, exclude: int) -> int:
     """The kernel macro: one masked PMU event filter entry (``KVM_PMU_EVENT_FLAG_MASKED_EVENTS``)."""
     return ((event_select & 0xFF) | ((event_select & 0xF00) << 24)
@@ -66,7 +77,7 @@ def KVM_PMU_ENCODE_MASKED_ENTRY(event_select: int, mask: int, match: int, exclud
 T = TypeVar("T", bound=ctypes.Structure)
 
 #: The member the kernel reads as the entry count, per flexible-array struct.
-_COUNT_FIELD: Dict[str, str] = {
+_COUNT_FIELD: dict[str, str] = {
     "kvm_cpuid2": "nent",
     "kvm_cpuid": "nent",
     "kvm_msrs": "nmsrs",
@@ -80,7 +91,7 @@ _COUNT_FIELD: Dict[str, str] = {
 
 @lru_cache(maxsize=256)
 def _flex_type(base: type, n: int) -> type:
-    flex_member: Tuple[str, Any] = base._flex_  # type: ignore[attr-defined]
+    flex_member: tuple[str, Any] = base._flex_  # type: ignore[attr-defined]
     name, etype = flex_member
     # A subclass appends its fields after the base's: header, then entries,
     # exactly like the C layout; isinstance(obj, base) stays true.
@@ -91,7 +102,7 @@ def _flex_type(base: type, n: int) -> type:
                 {"_fields_": [(name, etype * n)], "_anonymous_": ()})
 
 
-def flex(base: Type[T], n: int) -> ctypes.Structure:
+def flex(base: type[T], n: int) -> T:
     """Allocate a zeroed ``base`` header followed by *n* flexible-array entries.
 
     ``flex(kvm_cpuid2, 10)`` returns an instance whose ``entries`` field has 10
@@ -104,7 +115,7 @@ def flex(base: Type[T], n: int) -> ctypes.Structure:
         raise TypeError(f"entry count must be an int, not {type(n).__name__}")
     if n < 0 or n > (1 << 24):
         raise ValueError(f"entry count {n} out of range (0..{1 << 24})")
-    obj: ctypes.Structure = _flex_type(base, n)()
+    obj: T = _flex_type(base, n)()
     count_field = _COUNT_FIELD.get(base.__name__)
     if count_field:
         setattr(obj, count_field, n)
@@ -114,4 +125,4 @@ def flex(base: Type[T], n: int) -> ctypes.Structure:
 __all__ = sorted(set(_consts.__all__) | set(_kvm.__all__) | set(_x86.__all__) | {
     "flex", "kvm_ioapic_redirtbl", "KVM_CPUID_FLAG_SIGNIFICANT_INDEX",
     "KVM_MSR_EXIT_REASON_INVAL_FLAG", "KVM_X86_REG_ID", "KVM_X86_REG_MSR", "KVM_X86_REG_KVM",
-    "KVM_PMU_ENCODE_MASKED_ENTRY"})
+    "KVM_PMU_ENCODE_MASKED_ENTRY", "offsetof"})

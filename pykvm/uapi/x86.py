@@ -10,13 +10,29 @@ Extracted: 2026-12-02 with gcc 12.2.0 (DWARF and C-evaluated macros)
 
 from __future__ import annotations
 
-from ctypes import (c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401
+from ctypes import (Array, c_bool, c_char, c_int8, c_int16, c_int32, c_int64,  # noqa: F401
                     c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p)
 
 from ._base import Struct, Union
 
 
 class kvm_pic_state(Struct):
+    last_irr: int
+    irr: int
+    imr: int
+    isr: int
+    priority_add: int
+    irq_base: int
+    read_reg_select: int
+    poll: int
+    special_mask: int
+    init_state: int
+    auto_eoi: int
+    rotate_on_auto_eoi: int
+    special_fully_nested_mode: int
+    init4: int
+    elcr: int
+    elcr_mask: int
     _fields_ = [
         ('last_irr', c_uint8),
         ('irr', c_uint8),
@@ -38,6 +54,17 @@ class kvm_pic_state(Struct):
 
 
 class _kvm_ioapic_state_redirtbl_fields(Struct):
+    vector: int
+    delivery_mode: int
+    dest_mode: int
+    delivery_status: int
+    polarity: int
+    remote_irr: int
+    trig_mode: int
+    mask: int
+    reserve: int
+    reserved: Array[c_uint8]
+    dest_id: int
     _fields_ = [
         ('vector', c_uint8),
         ('delivery_mode', c_uint8, 3),
@@ -54,6 +81,8 @@ class _kvm_ioapic_state_redirtbl_fields(Struct):
 
 
 class _kvm_ioapic_state_redirtbl(Union):
+    bits: int
+    fields: _kvm_ioapic_state_redirtbl_fields
     _fields_ = [
         ('bits', c_uint64),
         ('fields', _kvm_ioapic_state_redirtbl_fields),
@@ -61,6 +90,12 @@ class _kvm_ioapic_state_redirtbl(Union):
 
 
 class kvm_ioapic_state(Struct):
+    base_address: int
+    ioregsel: int
+    id: int
+    irr: int
+    pad: int
+    redirtbl: Array[_kvm_ioapic_state_redirtbl]
     _fields_ = [
         ('base_address', c_uint64),
         ('ioregsel', c_uint32),
@@ -72,6 +107,24 @@ class kvm_ioapic_state(Struct):
 
 
 class kvm_regs(Struct):
+    rax: int
+    rbx: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    rsp: int
+    rbp: int
+    r8: int
+    r9: int
+    r10: int
+    r11: int
+    r12: int
+    r13: int
+    r14: int
+    r15: int
+    rip: int
+    rflags: int
     _fields_ = [
         ('rax', c_uint64),
         ('rbx', c_uint64),
@@ -95,12 +148,26 @@ class kvm_regs(Struct):
 
 
 class kvm_lapic_state(Struct):
+    regs: Array[c_uint8]
     _fields_ = [
         ('regs', c_uint8 * 1024),
     ]
 
 
 class kvm_segment(Struct):
+    base: int
+    limit: int
+    selector: int
+    type: int
+    present: int
+    dpl: int
+    db: int
+    s: int
+    l: int
+    g: int
+    avl: int
+    unusable: int
+    padding: int
     _fields_ = [
         ('base', c_uint64),
         ('limit', c_uint32),
@@ -119,6 +186,9 @@ class kvm_segment(Struct):
 
 
 class kvm_dtable(Struct):
+    base: int
+    limit: int
+    padding: Array[c_uint16]
     _fields_ = [
         ('base', c_uint64),
         ('limit', c_uint16),
@@ -127,6 +197,24 @@ class kvm_dtable(Struct):
 
 
 class kvm_sregs(Struct):
+    cs: kvm_segment
+    ds: kvm_segment
+    es: kvm_segment
+    fs: kvm_segment
+    gs: kvm_segment
+    ss: kvm_segment
+    tr: kvm_segment
+    ldt: kvm_segment
+    gdt: kvm_dtable
+    idt: kvm_dtable
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+    interrupt_bitmap: Array[c_uint64]
     _fields_ = [
         ('cs', kvm_segment),
         ('ds', kvm_segment),
@@ -150,6 +238,25 @@ class kvm_sregs(Struct):
 
 
 class kvm_sregs2(Struct):
+    cs: kvm_segment
+    ds: kvm_segment
+    es: kvm_segment
+    fs: kvm_segment
+    gs: kvm_segment
+    ss: kvm_segment
+    tr: kvm_segment
+    ldt: kvm_segment
+    gdt: kvm_dtable
+    idt: kvm_dtable
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+    flags: int
+    pdptrs: Array[c_uint64]
     _fields_ = [
         ('cs', kvm_segment),
         ('ds', kvm_segment),
@@ -174,6 +281,17 @@ class kvm_sregs2(Struct):
 
 
 class kvm_fpu(Struct):
+    fpr: Array[Array[c_uint8]]
+    fcw: int
+    fsw: int
+    ftwx: int
+    pad1: int
+    last_opcode: int
+    last_ip: int
+    last_dp: int
+    xmm: Array[Array[c_uint8]]
+    mxcsr: int
+    pad2: int
     _fields_ = [
         ('fpr', (c_uint8 * 16) * 8),
         ('fcw', c_uint16),
@@ -190,6 +308,9 @@ class kvm_fpu(Struct):
 
 
 class kvm_msr_entry(Struct):
+    index: int
+    reserved: int
+    data: int
     _fields_ = [
         ('index', c_uint32),
         ('reserved', c_uint32),
@@ -202,6 +323,7 @@ class _kvm_msrs_empty_entries(Struct):
 
 
 class _kvm_msrs_u(Struct):
+    entries: Array[kvm_msr_entry]
     _fields_ = [
         ('__empty_entries', _kvm_msrs_empty_entries),
         ('entries', kvm_msr_entry * 0),
@@ -209,6 +331,10 @@ class _kvm_msrs_u(Struct):
 
 
 class kvm_msrs(Struct):
+    nmsrs: int
+    pad: int
+    _u: _kvm_msrs_u
+    entries: Array[kvm_msr_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_msr_entry)
     _fields_ = [
@@ -223,6 +349,7 @@ class _kvm_msr_list_empty_indices(Struct):
 
 
 class _kvm_msr_list_u(Struct):
+    indices: Array[c_uint32]
     _fields_ = [
         ('__empty_indices', _kvm_msr_list_empty_indices),
         ('indices', c_uint32 * 0),
@@ -230,6 +357,9 @@ class _kvm_msr_list_u(Struct):
 
 
 class kvm_msr_list(Struct):
+    nmsrs: int
+    _u: _kvm_msr_list_u
+    indices: Array[c_uint32]
     _anonymous_ = ('_u',)
     _flex_ = ('indices', c_uint32)
     _fields_ = [
@@ -239,6 +369,10 @@ class kvm_msr_list(Struct):
 
 
 class kvm_msr_filter_range(Struct):
+    flags: int
+    nmsrs: int
+    base: int
+    bitmap: int | None
     _fields_ = [
         ('flags', c_uint32),
         ('nmsrs', c_uint32),
@@ -248,6 +382,8 @@ class kvm_msr_filter_range(Struct):
 
 
 class kvm_msr_filter(Struct):
+    flags: int
+    ranges: Array[kvm_msr_filter_range]
     _fields_ = [
         ('flags', c_uint32),
         ('ranges', kvm_msr_filter_range * 16),
@@ -255,6 +391,12 @@ class kvm_msr_filter(Struct):
 
 
 class kvm_cpuid_entry(Struct):
+    function: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+    padding: int
     _fields_ = [
         ('function', c_uint32),
         ('eax', c_uint32),
@@ -270,6 +412,7 @@ class _kvm_cpuid_empty_entries(Struct):
 
 
 class _kvm_cpuid_u(Struct):
+    entries: Array[kvm_cpuid_entry]
     _fields_ = [
         ('__empty_entries', _kvm_cpuid_empty_entries),
         ('entries', kvm_cpuid_entry * 0),
@@ -277,6 +420,10 @@ class _kvm_cpuid_u(Struct):
 
 
 class kvm_cpuid(Struct):
+    nent: int
+    padding: int
+    _u: _kvm_cpuid_u
+    entries: Array[kvm_cpuid_entry]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_cpuid_entry)
     _fields_ = [
@@ -287,6 +434,14 @@ class kvm_cpuid(Struct):
 
 
 class kvm_cpuid_entry2(Struct):
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+    padding: Array[c_uint32]
     _fields_ = [
         ('function', c_uint32),
         ('index', c_uint32),
@@ -304,6 +459,7 @@ class _kvm_cpuid2_empty_entries(Struct):
 
 
 class _kvm_cpuid2_u(Struct):
+    entries: Array[kvm_cpuid_entry2]
     _fields_ = [
         ('__empty_entries', _kvm_cpuid2_empty_entries),
         ('entries', kvm_cpuid_entry2 * 0),
@@ -311,6 +467,10 @@ class _kvm_cpuid2_u(Struct):
 
 
 class kvm_cpuid2(Struct):
+    nent: int
+    padding: int
+    _u: _kvm_cpuid2_u
+    entries: Array[kvm_cpuid_entry2]
     _anonymous_ = ('_u',)
     _flex_ = ('entries', kvm_cpuid_entry2)
     _fields_ = [
@@ -321,6 +481,19 @@ class kvm_cpuid2(Struct):
 
 
 class kvm_pit_channel_state(Struct):
+    count: int
+    latched_count: int
+    count_latched: int
+    status_latched: int
+    status: int
+    read_state: int
+    write_state: int
+    write_latch: int
+    rw_mode: int
+    mode: int
+    bcd: int
+    gate: int
+    count_load_time: int
     _fields_ = [
         ('count', c_uint32),
         ('latched_count', c_uint16),
@@ -339,6 +512,11 @@ class kvm_pit_channel_state(Struct):
 
 
 class kvm_debug_exit_arch(Struct):
+    exception: int
+    pad: int
+    pc: int
+    dr6: int
+    dr7: int
     _fields_ = [
         ('exception', c_uint32),
         ('pad', c_uint32),
@@ -349,18 +527,23 @@ class kvm_debug_exit_arch(Struct):
 
 
 class kvm_guest_debug_arch(Struct):
+    debugreg: Array[c_uint64]
     _fields_ = [
         ('debugreg', c_uint64 * 8),
     ]
 
 
 class kvm_pit_state(Struct):
+    channels: Array[kvm_pit_channel_state]
     _fields_ = [
         ('channels', kvm_pit_channel_state * 3),
     ]
 
 
 class kvm_pit_state2(Struct):
+    channels: Array[kvm_pit_channel_state]
+    flags: int
+    reserved: Array[c_uint32]
     _fields_ = [
         ('channels', kvm_pit_channel_state * 3),
         ('flags', c_uint32),
@@ -369,6 +552,8 @@ class kvm_pit_state2(Struct):
 
 
 class kvm_reinject_control(Struct):
+    pit_reinject: int
+    reserved: Array[c_uint8]
     _fields_ = [
         ('pit_reinject', c_uint8),
         ('reserved', c_uint8 * 31),
@@ -376,6 +561,11 @@ class kvm_reinject_control(Struct):
 
 
 class _kvm_vcpu_events_exception(Struct):
+    injected: int
+    nr: int
+    has_error_code: int
+    pending: int
+    error_code: int
     _fields_ = [
         ('injected', c_uint8),
         ('nr', c_uint8),
@@ -386,6 +576,10 @@ class _kvm_vcpu_events_exception(Struct):
 
 
 class _kvm_vcpu_events_interrupt(Struct):
+    injected: int
+    nr: int
+    soft: int
+    shadow: int
     _fields_ = [
         ('injected', c_uint8),
         ('nr', c_uint8),
@@ -395,6 +589,10 @@ class _kvm_vcpu_events_interrupt(Struct):
 
 
 class _kvm_vcpu_events_nmi(Struct):
+    injected: int
+    pending: int
+    masked: int
+    pad: int
     _fields_ = [
         ('injected', c_uint8),
         ('pending', c_uint8),
@@ -404,6 +602,10 @@ class _kvm_vcpu_events_nmi(Struct):
 
 
 class _kvm_vcpu_events_smi(Struct):
+    smm: int
+    pending: int
+    smm_inside_nmi: int
+    latched_init: int
     _fields_ = [
         ('smm', c_uint8),
         ('pending', c_uint8),
@@ -413,12 +615,23 @@ class _kvm_vcpu_events_smi(Struct):
 
 
 class _kvm_vcpu_events_triple_fault(Struct):
+    pending: int
     _fields_ = [
         ('pending', c_uint8),
     ]
 
 
 class kvm_vcpu_events(Struct):
+    exception: _kvm_vcpu_events_exception
+    interrupt: _kvm_vcpu_events_interrupt
+    nmi: _kvm_vcpu_events_nmi
+    sipi_vector: int
+    flags: int
+    smi: _kvm_vcpu_events_smi
+    triple_fault: _kvm_vcpu_events_triple_fault
+    reserved: Array[c_uint8]
+    exception_has_payload: int
+    exception_payload: int
     _fields_ = [
         ('exception', _kvm_vcpu_events_exception),
         ('interrupt', _kvm_vcpu_events_interrupt),
@@ -434,6 +647,11 @@ class kvm_vcpu_events(Struct):
 
 
 class kvm_debugregs(Struct):
+    db: Array[c_uint64]
+    dr6: int
+    dr7: int
+    flags: int
+    reserved: Array[c_uint64]
     _fields_ = [
         ('db', c_uint64 * 4),
         ('dr6', c_uint64),
@@ -448,6 +666,7 @@ class _kvm_xsave_empty_extra(Struct):
 
 
 class _kvm_xsave_u(Struct):
+    extra: Array[c_uint32]
     _fields_ = [
         ('__empty_extra', _kvm_xsave_empty_extra),
         ('extra', c_uint32 * 0),
@@ -455,6 +674,9 @@ class _kvm_xsave_u(Struct):
 
 
 class kvm_xsave(Struct):
+    region: Array[c_uint32]
+    _u: _kvm_xsave_u
+    extra: Array[c_uint32]
     _anonymous_ = ('_u',)
     _flex_ = ('extra', c_uint32)
     _fields_ = [
@@ -464,6 +686,9 @@ class kvm_xsave(Struct):
 
 
 class kvm_xcr(Struct):
+    xcr: int
+    reserved: int
+    value: int
     _fields_ = [
         ('xcr', c_uint32),
         ('reserved', c_uint32),
@@ -472,6 +697,10 @@ class kvm_xcr(Struct):
 
 
 class kvm_xcrs(Struct):
+    nr_xcrs: int
+    flags: int
+    xcrs: Array[kvm_xcr]
+    padding: Array[c_uint64]
     _fields_ = [
         ('nr_xcrs', c_uint32),
         ('flags', c_uint32),
@@ -481,6 +710,9 @@ class kvm_xcrs(Struct):
 
 
 class kvm_sync_regs(Struct):
+    regs: kvm_regs
+    sregs: kvm_sregs
+    events: kvm_vcpu_events
     _fields_ = [
         ('regs', kvm_regs),
         ('sregs', kvm_sregs),
@@ -489,6 +721,8 @@ class kvm_sync_regs(Struct):
 
 
 class kvm_vmx_nested_state_data(Struct):
+    vmcs12: Array[c_uint8]
+    shadow_vmcs12: Array[c_uint8]
     _fields_ = [
         ('vmcs12', c_uint8 * 4096),
         ('shadow_vmcs12', c_uint8 * 4096),
@@ -496,12 +730,19 @@ class kvm_vmx_nested_state_data(Struct):
 
 
 class _kvm_vmx_nested_state_hdr_smm(Struct):
+    flags: int
     _fields_ = [
         ('flags', c_uint16),
     ]
 
 
 class kvm_vmx_nested_state_hdr(Struct):
+    vmxon_pa: int
+    vmcs12_pa: int
+    smm: _kvm_vmx_nested_state_hdr_smm
+    pad: int
+    flags: int
+    preemption_timer_deadline: int
     _fields_ = [
         ('vmxon_pa', c_uint64),
         ('vmcs12_pa', c_uint64),
@@ -513,12 +754,15 @@ class kvm_vmx_nested_state_hdr(Struct):
 
 
 class kvm_svm_nested_state_data(Struct):
+    vmcb12: Array[c_uint8]
     _fields_ = [
         ('vmcb12', c_uint8 * 4096),
     ]
 
 
 class kvm_svm_nested_state_hdr(Struct):
+    vmcb_pa: int
+    gpat: int
     _fields_ = [
         ('vmcb_pa', c_uint64),
         ('gpat', c_uint64),
@@ -526,6 +770,9 @@ class kvm_svm_nested_state_hdr(Struct):
 
 
 class _kvm_nested_state_hdr(Union):
+    vmx: kvm_vmx_nested_state_hdr
+    svm: kvm_svm_nested_state_hdr
+    pad: Array[c_uint8]
     _fields_ = [
         ('vmx', kvm_vmx_nested_state_hdr),
         ('svm', kvm_svm_nested_state_hdr),
@@ -538,6 +785,7 @@ class _kvm_nested_state_data_empty_vmx(Struct):
 
 
 class _kvm_nested_state_data_u(Struct):
+    vmx: Array[kvm_vmx_nested_state_data]
     _fields_ = [
         ('__empty_vmx', _kvm_nested_state_data_empty_vmx),
         ('vmx', kvm_vmx_nested_state_data * 0),
@@ -549,6 +797,7 @@ class _kvm_nested_state_data_empty_svm(Struct):
 
 
 class _kvm_nested_state_data_u1(Struct):
+    svm: Array[kvm_svm_nested_state_data]
     _fields_ = [
         ('__empty_svm', _kvm_nested_state_data_empty_svm),
         ('svm', kvm_svm_nested_state_data * 0),
@@ -556,6 +805,10 @@ class _kvm_nested_state_data_u1(Struct):
 
 
 class _kvm_nested_state_data(Union):
+    _u: _kvm_nested_state_data_u
+    vmx: Array[kvm_vmx_nested_state_data]
+    _u1: _kvm_nested_state_data_u1
+    svm: Array[kvm_svm_nested_state_data]
     _anonymous_ = ('_u', '_u1',)
     _fields_ = [
         ('_u', _kvm_nested_state_data_u),
@@ -564,6 +817,11 @@ class _kvm_nested_state_data(Union):
 
 
 class kvm_nested_state(Struct):
+    flags: int
+    format: int
+    size: int
+    hdr: _kvm_nested_state_hdr
+    data: _kvm_nested_state_data
     _fields_ = [
         ('flags', c_uint16),
         ('format', c_uint16),
@@ -578,6 +836,7 @@ class _kvm_pmu_event_filter_empty_events(Struct):
 
 
 class _kvm_pmu_event_filter_u(Struct):
+    events: Array[c_uint64]
     _fields_ = [
         ('__empty_events', _kvm_pmu_event_filter_empty_events),
         ('events', c_uint64 * 0),
@@ -585,6 +844,13 @@ class _kvm_pmu_event_filter_u(Struct):
 
 
 class kvm_pmu_event_filter(Struct):
+    action: int
+    nevents: int
+    fixed_counter_bitmap: int
+    flags: int
+    pad: Array[c_uint32]
+    _u: _kvm_pmu_event_filter_u
+    events: Array[c_uint64]
     _anonymous_ = ('_u',)
     _flex_ = ('events', c_uint64)
     _fields_ = [
@@ -598,6 +864,13 @@ class kvm_pmu_event_filter(Struct):
 
 
 class kvm_x86_mce(Struct):
+    status: int
+    addr: int
+    misc: int
+    mcg_status: int
+    bank: int
+    pad1: Array[c_uint8]
+    pad2: Array[c_uint64]
     _fields_ = [
         ('status', c_uint64),
         ('addr', c_uint64),
@@ -610,6 +883,13 @@ class kvm_x86_mce(Struct):
 
 
 class kvm_xen_hvm_config(Struct):
+    flags: int
+    msr: int
+    blob_addr_32: int
+    blob_addr_64: int
+    blob_size_32: int
+    blob_size_64: int
+    pad2: Array[c_uint8]
     _fields_ = [
         ('flags', c_uint32),
         ('msr', c_uint32),
@@ -622,6 +902,8 @@ class kvm_xen_hvm_config(Struct):
 
 
 class _kvm_xen_hvm_attr_u_shared_info(Union):
+    gfn: int
+    hva: int
     _fields_ = [
         ('gfn', c_uint64),
         ('hva', c_uint64),
@@ -629,6 +911,9 @@ class _kvm_xen_hvm_attr_u_shared_info(Union):
 
 
 class _kvm_xen_hvm_attr_u_evtchn_deliver_port(Struct):
+    port: int
+    vcpu: int
+    priority: int
     _fields_ = [
         ('port', c_uint32),
         ('vcpu', c_uint32),
@@ -637,6 +922,8 @@ class _kvm_xen_hvm_attr_u_evtchn_deliver_port(Struct):
 
 
 class _kvm_xen_hvm_attr_u_evtchn_deliver_eventfd(Struct):
+    port: int
+    fd: int
     _fields_ = [
         ('port', c_uint32),
         ('fd', c_int32),
@@ -644,6 +931,9 @@ class _kvm_xen_hvm_attr_u_evtchn_deliver_eventfd(Struct):
 
 
 class _kvm_xen_hvm_attr_u_evtchn_deliver(Union):
+    port: _kvm_xen_hvm_attr_u_evtchn_deliver_port
+    eventfd: _kvm_xen_hvm_attr_u_evtchn_deliver_eventfd
+    padding: Array[c_uint32]
     _fields_ = [
         ('port', _kvm_xen_hvm_attr_u_evtchn_deliver_port),
         ('eventfd', _kvm_xen_hvm_attr_u_evtchn_deliver_eventfd),
@@ -652,6 +942,10 @@ class _kvm_xen_hvm_attr_u_evtchn_deliver(Union):
 
 
 class _kvm_xen_hvm_attr_u_evtchn(Struct):
+    send_port: int
+    type: int
+    flags: int
+    deliver: _kvm_xen_hvm_attr_u_evtchn_deliver
     _fields_ = [
         ('send_port', c_uint32),
         ('type', c_uint32),
@@ -661,6 +955,13 @@ class _kvm_xen_hvm_attr_u_evtchn(Struct):
 
 
 class _kvm_xen_hvm_attr_u(Union):
+    long_mode: int
+    vector: int
+    runstate_update_flag: int
+    shared_info: _kvm_xen_hvm_attr_u_shared_info
+    evtchn: _kvm_xen_hvm_attr_u_evtchn
+    xen_version: int
+    pad: Array[c_uint64]
     _fields_ = [
         ('long_mode', c_uint8),
         ('vector', c_uint8),
@@ -673,6 +974,9 @@ class _kvm_xen_hvm_attr_u(Union):
 
 
 class kvm_xen_hvm_attr(Struct):
+    type: int
+    pad: Array[c_uint16]
+    u: _kvm_xen_hvm_attr_u
     _fields_ = [
         ('type', c_uint16),
         ('pad', c_uint16 * 3),
@@ -681,6 +985,12 @@ class kvm_xen_hvm_attr(Struct):
 
 
 class _kvm_xen_vcpu_attr_u_runstate(Struct):
+    state: int
+    state_entry_time: int
+    time_running: int
+    time_runnable: int
+    time_blocked: int
+    time_offline: int
     _fields_ = [
         ('state', c_uint64),
         ('state_entry_time', c_uint64),
@@ -692,6 +1002,9 @@ class _kvm_xen_vcpu_attr_u_runstate(Struct):
 
 
 class _kvm_xen_vcpu_attr_u_timer(Struct):
+    port: int
+    priority: int
+    expires_ns: int
     _fields_ = [
         ('port', c_uint32),
         ('priority', c_uint32),
@@ -700,6 +1013,13 @@ class _kvm_xen_vcpu_attr_u_timer(Struct):
 
 
 class _kvm_xen_vcpu_attr_u(Union):
+    gpa: int
+    hva: int
+    pad: Array[c_uint64]
+    runstate: _kvm_xen_vcpu_attr_u_runstate
+    vcpu_id: int
+    timer: _kvm_xen_vcpu_attr_u_timer
+    vector: int
     _fields_ = [
         ('gpa', c_uint64),
         ('hva', c_uint64),
@@ -712,6 +1032,9 @@ class _kvm_xen_vcpu_attr_u(Union):
 
 
 class kvm_xen_vcpu_attr(Struct):
+    type: int
+    pad: Array[c_uint16]
+    u: _kvm_xen_vcpu_attr_u
     _fields_ = [
         ('type', c_uint16),
         ('pad', c_uint16 * 3),
@@ -720,6 +1043,11 @@ class kvm_xen_vcpu_attr(Struct):
 
 
 class kvm_sev_cmd(Struct):
+    id: int
+    pad0: int
+    data: int
+    error: int
+    sev_fd: int
     _fields_ = [
         ('id', c_uint32),
         ('pad0', c_uint32),
@@ -730,6 +1058,11 @@ class kvm_sev_cmd(Struct):
 
 
 class kvm_sev_init(Struct):
+    vmsa_features: int
+    flags: int
+    ghcb_version: int
+    pad1: int
+    pad2: Array[c_uint32]
     _fields_ = [
         ('vmsa_features', c_uint64),
         ('flags', c_uint32),
@@ -740,6 +1073,14 @@ class kvm_sev_init(Struct):
 
 
 class kvm_sev_launch_start(Struct):
+    handle: int
+    policy: int
+    dh_uaddr: int
+    dh_len: int
+    pad0: int
+    session_uaddr: int
+    session_len: int
+    pad1: int
     _fields_ = [
         ('handle', c_uint32),
         ('policy', c_uint32),
@@ -753,6 +1094,9 @@ class kvm_sev_launch_start(Struct):
 
 
 class kvm_sev_launch_update_data(Struct):
+    uaddr: int
+    len: int
+    pad0: int
     _fields_ = [
         ('uaddr', c_uint64),
         ('len', c_uint32),
@@ -761,6 +1105,15 @@ class kvm_sev_launch_update_data(Struct):
 
 
 class kvm_sev_launch_secret(Struct):
+    hdr_uaddr: int
+    hdr_len: int
+    pad0: int
+    guest_uaddr: int
+    guest_len: int
+    pad1: int
+    trans_uaddr: int
+    trans_len: int
+    pad2: int
     _fields_ = [
         ('hdr_uaddr', c_uint64),
         ('hdr_len', c_uint32),
@@ -775,6 +1128,9 @@ class kvm_sev_launch_secret(Struct):
 
 
 class kvm_sev_launch_measure(Struct):
+    uaddr: int
+    len: int
+    pad0: int
     _fields_ = [
         ('uaddr', c_uint64),
         ('len', c_uint32),
@@ -783,6 +1139,9 @@ class kvm_sev_launch_measure(Struct):
 
 
 class kvm_sev_guest_status(Struct):
+    handle: int
+    policy: int
+    state: int
     _fields_ = [
         ('handle', c_uint32),
         ('policy', c_uint32),
@@ -791,6 +1150,10 @@ class kvm_sev_guest_status(Struct):
 
 
 class kvm_sev_dbg(Struct):
+    src_uaddr: int
+    dst_uaddr: int
+    len: int
+    pad0: int
     _fields_ = [
         ('src_uaddr', c_uint64),
         ('dst_uaddr', c_uint64),
@@ -800,6 +1163,10 @@ class kvm_sev_dbg(Struct):
 
 
 class kvm_sev_attestation_report(Struct):
+    mnonce: Array[c_uint8]
+    uaddr: int
+    len: int
+    pad0: int
     _fields_ = [
         ('mnonce', c_uint8 * 16),
         ('uaddr', c_uint64),
@@ -809,6 +1176,20 @@ class kvm_sev_attestation_report(Struct):
 
 
 class kvm_sev_send_start(Struct):
+    policy: int
+    pad0: int
+    pdh_cert_uaddr: int
+    pdh_cert_len: int
+    pad1: int
+    plat_certs_uaddr: int
+    plat_certs_len: int
+    pad2: int
+    amd_certs_uaddr: int
+    amd_certs_len: int
+    pad3: int
+    session_uaddr: int
+    session_len: int
+    pad4: int
     _fields_ = [
         ('policy', c_uint32),
         ('pad0', c_uint32),
@@ -828,6 +1209,15 @@ class kvm_sev_send_start(Struct):
 
 
 class kvm_sev_send_update_data(Struct):
+    hdr_uaddr: int
+    hdr_len: int
+    pad0: int
+    guest_uaddr: int
+    guest_len: int
+    pad1: int
+    trans_uaddr: int
+    trans_len: int
+    pad2: int
     _fields_ = [
         ('hdr_uaddr', c_uint64),
         ('hdr_len', c_uint32),
@@ -842,6 +1232,14 @@ class kvm_sev_send_update_data(Struct):
 
 
 class kvm_sev_receive_start(Struct):
+    handle: int
+    policy: int
+    pdh_uaddr: int
+    pdh_len: int
+    pad0: int
+    session_uaddr: int
+    session_len: int
+    pad1: int
     _fields_ = [
         ('handle', c_uint32),
         ('policy', c_uint32),
@@ -855,6 +1253,15 @@ class kvm_sev_receive_start(Struct):
 
 
 class kvm_sev_receive_update_data(Struct):
+    hdr_uaddr: int
+    hdr_len: int
+    pad0: int
+    guest_uaddr: int
+    guest_len: int
+    pad1: int
+    trans_uaddr: int
+    trans_len: int
+    pad2: int
     _fields_ = [
         ('hdr_uaddr', c_uint64),
         ('hdr_len', c_uint32),
@@ -869,6 +1276,11 @@ class kvm_sev_receive_update_data(Struct):
 
 
 class kvm_sev_snp_launch_start(Struct):
+    policy: int
+    gosvw: Array[c_uint8]
+    flags: int
+    pad0: Array[c_uint8]
+    pad1: Array[c_uint64]
     _fields_ = [
         ('policy', c_uint64),
         ('gosvw', c_uint8 * 16),
@@ -879,6 +1291,14 @@ class kvm_sev_snp_launch_start(Struct):
 
 
 class kvm_sev_snp_launch_update(Struct):
+    gfn_start: int
+    uaddr: int
+    len: int
+    type: int
+    pad0: int
+    flags: int
+    pad1: int
+    pad2: Array[c_uint64]
     _fields_ = [
         ('gfn_start', c_uint64),
         ('uaddr', c_uint64),
@@ -892,6 +1312,15 @@ class kvm_sev_snp_launch_update(Struct):
 
 
 class kvm_sev_snp_launch_finish(Struct):
+    id_block_uaddr: int
+    id_auth_uaddr: int
+    id_block_en: int
+    auth_key_en: int
+    vcek_disabled: int
+    host_data: Array[c_uint8]
+    pad0: Array[c_uint8]
+    flags: int
+    pad1: Array[c_uint64]
     _fields_ = [
         ('id_block_uaddr', c_uint64),
         ('id_auth_uaddr', c_uint64),
@@ -906,6 +1335,10 @@ class kvm_sev_snp_launch_finish(Struct):
 
 
 class kvm_hyperv_eventfd(Struct):
+    conn_id: int
+    fd: int
+    flags: int
+    padding: Array[c_uint32]
     _fields_ = [
         ('conn_id', c_uint32),
         ('fd', c_int32),
@@ -915,6 +1348,10 @@ class kvm_hyperv_eventfd(Struct):
 
 
 class kvm_tdx_cmd(Struct):
+    id: int
+    flags: int
+    data: int
+    hw_error: int
     _fields_ = [
         ('id', c_uint32),
         ('flags', c_uint32),
@@ -924,6 +1361,14 @@ class kvm_tdx_cmd(Struct):
 
 
 class kvm_tdx_capabilities(Struct):
+    supported_attrs: int
+    supported_xfam: int
+    kernel_tdvmcallinfo_1_r11: int
+    user_tdvmcallinfo_1_r11: int
+    kernel_tdvmcallinfo_1_r12: int
+    user_tdvmcallinfo_1_r12: int
+    reserved: Array[c_uint64]
+    cpuid: kvm_cpuid2
     _fields_ = [
         ('supported_attrs', c_uint64),
         ('supported_xfam', c_uint64),
@@ -937,6 +1382,13 @@ class kvm_tdx_capabilities(Struct):
 
 
 class kvm_tdx_init_vm(Struct):
+    attributes: int
+    xfam: int
+    mrconfigid: Array[c_uint64]
+    mrowner: Array[c_uint64]
+    mrownerconfig: Array[c_uint64]
+    reserved: Array[c_uint64]
+    cpuid: kvm_cpuid2
     _fields_ = [
         ('attributes', c_uint64),
         ('xfam', c_uint64),
@@ -949,6 +1401,9 @@ class kvm_tdx_init_vm(Struct):
 
 
 class kvm_tdx_init_mem_region(Struct):
+    source_addr: int
+    gpa: int
+    nr_pages: int
     _fields_ = [
         ('source_addr', c_uint64),
         ('gpa', c_uint64),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any, Dict
+from typing import Any
 
 from ..fd import DeviceAttrs, EnableCap
 from .control import ControlMixin

@@ -4,7 +4,8 @@ kvmclock, pre-faulting memory, ``KVM_ENABLE_CAP``, Xen attributes, statistics.""
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .._check import U32 as _U32
 from .._check import expect as _expect
@@ -13,12 +14,15 @@ from .._check import uint as _uint
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..stats import Stats
 
 
-class ControlMixin:
+class ControlMixin(VcpuState):
     """Miscellaneous ioctls of :class:`~pykvm.vcpu.Vcpu`."""
 
-    _ioctl: Callable[..., int]
 
     # -- signals during KVM_RUN -----------------------------------------------------------
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
@@ -95,7 +99,7 @@ class ControlMixin:
         self._ioctl(I.KVM_XEN_VCPU_SET_ATTR, attr)
 
     # -- statistics ------------------------------------------------------------------------
-    def get_stats_fd(self):
+    def get_stats_fd(self) -> Stats:
         """``KVM_GET_STATS_FD``: this vCPU's binary statistics (a :class:`pykvm.stats.Stats`,
         which owns the new fd: close it or use ``with``)."""
         from ..stats import open_stats

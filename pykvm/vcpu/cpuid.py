@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from .._check import expect as _expect
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
 
 
 def flex_capacity(buf: ctypes.Structure, header: type, entry: type) -> int:
@@ -18,10 +19,9 @@ def flex_capacity(buf: ctypes.Structure, header: type, entry: type) -> int:
     return (ctypes.sizeof(buf) - ctypes.sizeof(header)) // ctypes.sizeof(entry)
 
 
-class CpuidMixin:
+class CpuidMixin(VcpuState):
     """CPUID ioctls of :class:`~pykvm.vcpu.Vcpu`."""
 
-    _ioctl: Callable[..., int]
 
     def get_cpuid2(self, max_entries: int = 256) -> list[S.kvm_cpuid_entry2]:
         """``KVM_GET_CPUID2``: the CPUID table set on this vCPU (grows on E2BIG)."""

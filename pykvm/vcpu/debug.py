@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .._check import expect as _expect
 from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
 
 
-class DebugMixin:
+class DebugMixin(VcpuState):
     """Debug ioctls of :class:`~pykvm.vcpu.Vcpu`."""
 
-    _ioctl: Callable[..., int]
 
     # -- debugging ----------------------------------------------------------------------------
     def set_guest_debug(self, debug: S.kvm_guest_debug | None = None, *, enable: bool = True,

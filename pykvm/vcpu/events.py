@@ -4,23 +4,22 @@ SMI injection, the interrupt-window fields of the run page, machine checks."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 
 from .._check import U32 as _U32
 from .._check import expect as _expect
 from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
 
-_OFF_RIW = S.kvm_run.request_interrupt_window.offset       # 0
-_OFF_READY = S.kvm_run.ready_for_interrupt_injection.offset  # 12
-_OFF_IF = S.kvm_run.if_flag.offset                          # 13
+_OFF_RIW = S.offsetof(S.kvm_run, "request_interrupt_window")       # 0
+_OFF_READY = S.offsetof(S.kvm_run, "ready_for_interrupt_injection")  # 12
+_OFF_IF = S.offsetof(S.kvm_run, "if_flag")                          # 13
 
 
-class EventsMixin:
+class EventsMixin(VcpuState):
     """Event ioctls of :class:`~pykvm.vcpu.Vcpu`."""
 
-    _ioctl: Callable[..., int]
 
     # -- CPU state machine and events ----------------------------------------------------
     def get_mp_state(self) -> int:

@@ -3,19 +3,17 @@ and :func:`lapic_get_reg` / :func:`lapic_set_reg` for one register of a page."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .._check import U32 as _U32
 from .._check import expect as _expect
 from .._check import uint as _uint
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
 
 
-class LapicMixin:
+class LapicMixin(VcpuState):
     """LAPIC ioctls of :class:`~pykvm.vcpu.Vcpu` (need ``vm.create_irq_chip()`` first)."""
 
-    _ioctl: Callable[..., int]
 
     # -- local APIC (in-kernel irqchip) ----------------------------------------------------
     def get_lapic(self) -> S.kvm_lapic_state:

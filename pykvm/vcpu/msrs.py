@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from .._check import int_arg as _int_arg
 from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ._state import VcpuState
 
 
-def msrs_buffer(indices: Iterable[int]):
+def msrs_buffer(indices: Iterable[int]) -> S.kvm_msrs:
+    """A zeroed ``kvm_msrs`` with one entry per MSR index in *indices* (each a u32)."""
     idx = [_int_arg("MSR index", i) for i in indices]
     for i in idx:
         if not 0 <= i <= 0xFFFFFFFF:
@@ -24,10 +26,9 @@ def msrs_buffer(indices: Iterable[int]):
 
 
 
-class MsrsMixin:
+class MsrsMixin(VcpuState):
     """MSR ioctls of :class:`~pykvm.vcpu.Vcpu`."""
 
-    _ioctl: Callable[..., int]
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS``: ``{index: value}`` for the MSRs KVM could read.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from collections.abc import Callable
 
 from .._check import expect as _expect
 from .._check import uint as _uint
@@ -13,12 +12,12 @@ from ..errors import KvmError
 from ..uapi import ioctls as I
 from ..uapi import structs as S
 from ..uapi.enums import Cap
+from ._state import VcpuState
 
 
-class RegsMixin:
+class RegsMixin(VcpuState):
     """Register ioctls of :class:`~pykvm.vcpu.Vcpu` (one ioctl per method)."""
 
-    _ioctl: Callable[..., int]
 
     # -- registers ---------------------------------------------------------------------
     def get_regs(self) -> S.kvm_regs:

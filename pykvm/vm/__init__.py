@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any
 
 from .._check import U32 as _U32
 from .._check import expect as _expect
@@ -24,7 +23,7 @@ from ..uapi import ioctls, structs
 from ..vcpu import Vcpu, create_vcpu
 from .coalesced import CoalescedIo, CoalescedRing
 from .dirty import DirtyLog, DirtyRing
-from .eventfd import EventFd, IoEvents, fd_of
+from .eventfd import EventFd, FdLike, IoEvents, fd_of
 from .irq import Interrupts
 from .memory import GuestMemfd, GuestMemory, MemorySlots
 from .msr_filter import MsrFilterRange, X86Policies
@@ -185,7 +184,7 @@ class Vm(Capabilities, MemorySlots, DirtyLog, Interrupts, IoEvents, CoalescedIo,
         return st
 
     # -- Hyper-V, Xen, memory encryption -------------------------------------------------------
-    def hyperv_eventfd(self, conn_id: int, fd, *, deassign: bool = False) -> None:
+    def hyperv_eventfd(self, conn_id: int, fd: FdLike, *, deassign: bool = False) -> None:
         """``KVM_HYPERV_EVENTFD``: a guest ``HvSignalEvent`` on *conn_id* signals eventfd *fd*.
 
         With *deassign* remove it.  Needs ``KVM_CAP_HYPERV_EVENTFD`` (kernels

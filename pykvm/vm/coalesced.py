@@ -26,6 +26,7 @@ from .._check import uint as _uint
 from ..fd import SingleOwner
 from ..uapi import ioctls, structs
 from ..vcpu import Vcpu
+from ._state import VmState
 from .memory import PAGE_SIZE
 
 __all__ = ["COALESCED_MMIO_MAX", "CoalescedIo", "CoalescedRing"]
@@ -59,7 +60,8 @@ class CoalescedRing(SingleOwner):
     def __len__(self) -> int:
         """Entries written by KVM and not yet drained."""
         first, last = _HDR.unpack_from(self.vcpu.run_mmap, _RING_OFFSET)
-        return (last - first) % COALESCED_MMIO_MAX
+        pending: int = (last - first) % COALESCED_MMIO_MAX
+        return pending
 
     def drain(self) -> list[structs.kvm_coalesced_mmio]:
         """Take every pending entry, oldest first, and free its place in the ring.
@@ -86,7 +88,7 @@ class CoalescedRing(SingleOwner):
         return list(entries)
 
 
-class CoalescedIo:
+class CoalescedIo(VmState):
     """The coalesced MMIO/PIO ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     @staticmethod
@@ -126,7 +128,7 @@ class CoalescedIo:
         if vcpu is None:
             if not self._vcpus:
                 raise ValueError("the coalesced ring is mapped through a vCPU: create one first")
-            vcpu = self.vcpus[0]
+            vcpu = self._vcpus[min(self._vcpus)]  # the first by id
         elif not isinstance(vcpu, Vcpu) or self._vcpus.get(vcpu.id) is not vcpu:
             raise ValueError(f"{vcpu!r} is not a vCPU of this VM")
         return CoalescedRing(vcpu)

@@ -44,6 +44,7 @@ from ..fd import SingleOwner
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
 from ..vcpu import Vcpu
+from ._state import VmState
 from .memory import PAGE_SIZE
 
 __all__ = [
@@ -258,14 +259,14 @@ class DirtyEntries(Sequence["structs.kvm_dirty_gfn"]):
 
     def pairs(self) -> list[tuple[int, int]]:
         """``[(slot, offset), ...]`` in ring order."""
-        return list(zip(self.slots, self.offsets))
+        return list(zip(self.slots, self.offsets, strict=False))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, DirtyEntries):
             return self.slots == other.slots and self.offsets == other.offsets
         if isinstance(other, (list, tuple)):
             return len(other) == len(self) and all(
-                (getattr(g, "slot", None), getattr(g, "offset", None)) == p for g, p in zip(other, self.pairs()))
+                (getattr(g, "slot", None), getattr(g, "offset", None)) == p for g, p in zip(other, self.pairs(), strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
@@ -382,7 +383,7 @@ class DirtyRing(SingleOwner):
         self.close()
 
 
-class DirtyLog:
+class DirtyLog(VmState):
     """The dirty-tracking ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- dirty page tracking ------------------------------------------------------------
@@ -409,7 +410,7 @@ class DirtyLog:
         # KVM writes ALIGN(npages, 64) / 8 bytes: exactly this buffer's size.
         bitmap = ctypes.create_string_buffer(8 * max(1, bitmap_words(npages)))
         arg = structs.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
-        self._ioctl(ioctls.KVM_GET_DIRTY_LOG, arg)  # type: ignore[attr-defined]
+        self._ioctl(ioctls.KVM_GET_DIRTY_LOG, arg)
         return DirtyPages(bitmap.raw, npages)
 
     def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 import select
+from typing import Protocol, TypeAlias
 
 from .._check import U64 as _U64
 from .._check import uint as _uint
 from ..errors import KvmError
 from ..fd import FdObject
 from ..uapi import ioctls, structs
+from ._state import VmState
 
 __all__ = ["EventFd", "IoEvents", "fd_of"]
 
@@ -105,6 +107,16 @@ class EventFd(FdObject):
         return self.wait(0)
 
 
+class HasFileno(Protocol):
+    """Anything with a ``fileno()`` method (a pykvm fd object, a file, a socket)."""
+
+    def fileno(self) -> int: ...
+
+
+#: What takes an fd: an fd number or an object with ``fileno()``.
+FdLike: TypeAlias = "int | HasFileno"
+
+
 def fd_of(obj: int | FdObject | object, what: str = "fd") -> int:
     """The fd number of *obj*: an int, or anything with ``fileno()``.
 
@@ -125,12 +137,12 @@ def fd_of(obj: int | FdObject | object, what: str = "fd") -> int:
 
 
 
-class IoEvents:
+class IoEvents(VmState):
     """The ioeventfd ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- ioeventfd and coalesced I/O -------------------------------------------------------
     @staticmethod
-    def _ioeventfd(fd, addr: int, length: int, datamatch: int | None, pio: bool,
+    def _ioeventfd(fd: FdLike, addr: int, length: int, datamatch: int | None, pio: bool,
                    deassign: bool) -> structs.kvm_ioeventfd:
         _uint("addr", addr, 0xFFFF if pio else _U64)
         if length not in (0, 1, 2, 4, 8):
@@ -148,7 +160,7 @@ class IoEvents:
             flags |= structs.KVM_IOEVENTFD_FLAG_DATAMATCH
         return structs.kvm_ioeventfd(datamatch=dm, addr=addr, len=length, fd=fd_of(fd, "fd"), flags=flags)
 
-    def register_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: int | None = None,
+    def register_ioevent(self, fd: FdLike, addr: int, *, length: int = 0, datamatch: int | None = None,
                          pio: bool = False) -> None:
         """``KVM_IOEVENTFD``: a guest write to *addr* signals eventfd *fd* instead of exiting.
 
@@ -160,7 +172,7 @@ class IoEvents:
         """
         self._ioctl(ioctls.KVM_IOEVENTFD, self._ioeventfd(fd, addr, length, datamatch, pio, False))
 
-    def unregister_ioevent(self, fd, addr: int, *, length: int = 0, datamatch: int | None = None,
+    def unregister_ioevent(self, fd: FdLike, addr: int, *, length: int = 0, datamatch: int | None = None,
                            pio: bool = False) -> None:
         """``KVM_IOEVENTFD`` with ``DEASSIGN``: remove the matching ioeventfd (same arguments)."""
         self._ioctl(ioctls.KVM_IOEVENTFD, self._ioeventfd(fd, addr, length, datamatch, pio, True))

@@ -24,7 +24,8 @@ from .._check import flex_fits as _flex_fits
 from .._check import uint as _uint
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
-from .eventfd import fd_of
+from ._state import VmState
+from .eventfd import FdLike, fd_of
 
 __all__ = [
     "IOAPIC",
@@ -100,7 +101,7 @@ def ioapic_redirection(vector: int, dest_id: int = 0, *, masked: bool = False, l
             | _uint("dest_id", dest_id, 0xFF) << 56)
 
 
-class Interrupts:
+class Interrupts(VmState):
     """The interrupt-controller ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     def create_irq_chip(self) -> None:
@@ -195,13 +196,13 @@ class Interrupts:
                         flags=_uint("flags", flags, _U32), devid=_uint("devid", devid, _U32))
         return self._ioctl(ioctls.KVM_SIGNAL_MSI, msi)
 
-    def _irqfd(self, fd, gsi: int, flags: int, resamplefd=None) -> None:
+    def _irqfd(self, fd: FdLike, gsi: int, flags: int, resamplefd: FdLike | None = None) -> None:
         arg = structs.kvm_irqfd(fd=fd_of(fd, "fd"), gsi=_uint("gsi", gsi, _U32), flags=flags)
         if resamplefd is not None:
             arg.resamplefd = fd_of(resamplefd, "resamplefd")
         self._ioctl(ioctls.KVM_IRQFD, arg)
 
-    def register_irqfd(self, fd, gsi: int) -> None:
+    def register_irqfd(self, fd: FdLike, gsi: int) -> None:
         """``KVM_IRQFD``: a write to eventfd *fd* raises GSI *gsi* (an edge: assert, deassert).
 
         *fd* is an :class:`~pykvm.eventfd.EventFd` or an fd number.  Needs an
@@ -209,7 +210,7 @@ class Interrupts:
         """
         self._irqfd(fd, gsi, 0)
 
-    def register_irqfd_with_resample(self, fd, resamplefd, gsi: int) -> None:
+    def register_irqfd_with_resample(self, fd: FdLike, resamplefd: FdLike, gsi: int) -> None:
         """``KVM_IRQFD`` with ``KVM_IRQFD_FLAG_RESAMPLE``: a level-triggered irqfd.
 
         A write to *fd* asserts GSI *gsi* and keeps it asserted; when the
@@ -219,7 +220,7 @@ class Interrupts:
         """
         self._irqfd(fd, gsi, structs.KVM_IRQFD_FLAG_RESAMPLE, resamplefd)
 
-    def unregister_irqfd(self, fd, gsi: int) -> None:
+    def unregister_irqfd(self, fd: FdLike, gsi: int) -> None:
         """``KVM_IRQFD`` with ``KVM_IRQFD_FLAG_DEASSIGN``: stop *fd* from raising *gsi*."""
         self._irqfd(fd, gsi, structs.KVM_IRQFD_FLAG_DEASSIGN)
 

@@ -55,10 +55,11 @@ from ..errors import KvmError
 from ..fd import FdObject, SingleOwner, raise_error
 from ..uapi import ioctls, structs
 from ..uapi.enums import Cap
+from ._state import VmState
 from .eventfd import fd_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from _typeshed import ReadableBuffer
 
 _fcntl_ioctl = fcntl.ioctl
 _KVM_SET_USER_MEMORY_REGION = ioctls.KVM_SET_USER_MEMORY_REGION
@@ -89,10 +90,11 @@ class GuestMemory(SingleOwner, mmap.mmap):
 
     slot: int = -1
     guest_phys_addr: int = 0
-    size: int = 0
+    # An int, where mmap has a size() method: guest memory has one fixed size.
+    size: int = 0  # type: ignore[assignment]
     userspace_addr: int = 0
     flags: int = 0
-    _vm = None
+    _vm: MemorySlots | None = None
 
     @classmethod
     def _anonymous(cls, size: int) -> GuestMemory:
@@ -129,7 +131,7 @@ class GuestMemory(SingleOwner, mmap.mmap):
         self._check(offset, n)
         return self[offset:offset + n]
 
-    def write(self, offset: int, data) -> None:  # type: ignore[override]
+    def write(self, offset: int, data: ReadableBuffer) -> None:  # type: ignore[override]
         """Copy *data* (any bytes-like) into guest RAM at *offset*."""
         data = memoryview(data).cast("B")
         self._check(offset, len(data))
@@ -178,7 +180,7 @@ class GuestMemory(SingleOwner, mmap.mmap):
         elif not self.closed:
             mmap.mmap.close(self)
 
-    def resize(self, newsize: int) -> None:  # type: ignore[override]
+    def resize(self, newsize: int) -> None:
         """Refused: a memslot's size is fixed (resizing could move or shrink the mapping)."""
         raise ValueError("guest memory cannot be resized: remove it and add a new region")
 
@@ -203,7 +205,7 @@ class GuestMemfd(FdObject):
 
     _what = "guest_memfd"
 
-    def __init__(self, fd: int, size: int, flags: int, vm=None) -> None:
+    def __init__(self, fd: int, size: int, flags: int, vm: MemorySlots | None = None) -> None:
         super().__init__(fd)
         try:
             set_cloexec(fd)
@@ -249,7 +251,7 @@ class GuestMemfd(FdObject):
 
 
 
-class MemorySlots:
+class MemorySlots(VmState):
     """The memory-slot ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     _fd: int
@@ -278,7 +280,7 @@ class MemorySlots:
                 is memory_size.__class__ is userspace_addr.__class__ is flags.__class__):
             fd = self._fd
             if fd < 0:
-                raise self._closed_error("KVM_SET_USER_MEMORY_REGION")  # type: ignore[attr-defined]
+                raise self._closed_error("KVM_SET_USER_MEMORY_REGION")
             try:
                 _fcntl_ioctl(fd, _KVM_SET_USER_MEMORY_REGION, region, True)
             except OSError as e:
@@ -289,7 +291,7 @@ class MemorySlots:
             guest_phys_addr=_uint("guest_phys_addr", guest_phys_addr),
             memory_size=_uint("memory_size", memory_size),
             userspace_addr=_uint("userspace_addr", userspace_addr))
-        self._ioctl(_KVM_SET_USER_MEMORY_REGION, region)  # type: ignore[attr-defined]
+        self._ioctl(_KVM_SET_USER_MEMORY_REGION, region)
         if memory_size:
             self._slots[slot] = key
             self._regions[slot] = region
@@ -324,7 +326,7 @@ class MemorySlots:
             userspace_addr=_uint("userspace_addr", userspace_addr),
             guest_memfd_offset=_uint("guest_memfd_offset", guest_memfd_offset),
             guest_memfd=gfd)
-        self._ioctl(ioctls.KVM_SET_USER_MEMORY_REGION2, region)  # type: ignore[attr-defined]
+        self._ioctl(ioctls.KVM_SET_USER_MEMORY_REGION2, region)
         self._regions.pop(slot, None)
         if memory_size:
             self._slots[slot] = (guest_phys_addr, memory_size, userspace_addr, flags)
@@ -445,6 +447,8 @@ class MemorySlots:
         return sorted(self._memory.values(), key=lambda m: m.guest_phys_addr)
 
     def _chunks(self, gpa: int, n: int) -> Iterator[tuple[GuestMemory, int, int]]:
+        if self._fd < 0 and self._inherited_fd < 0:  # closed (a forked child's copy still reads)
+            raise self._closed_error("guest memory access")
         _uint("gpa", gpa)
         if n < 0:
             raise ValueError("length must be >= 0")
@@ -464,7 +468,7 @@ class MemorySlots:
         """Copy *n* bytes of guest RAM at guest physical *gpa* (may span regions)."""
         return b"".join(mem[off:off + k] for mem, off, k in self._chunks(gpa, n))
 
-    def write(self, gpa: int, data) -> None:
+    def write(self, gpa: int, data: ReadableBuffer) -> None:
         """Copy *data* into guest RAM at guest physical *gpa* (may span regions)."""
         data = memoryview(data).cast("B")
         pos = 0

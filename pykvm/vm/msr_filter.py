@@ -21,6 +21,7 @@ from .._check import flex_fits as _flex_fits
 from .._check import uint as _uint
 from ..errors import KvmError
 from ..uapi import ioctls, structs
+from ._state import VmState
 
 __all__ = ["MsrFilterRange", "X86Policies", "msr_filter_bitmap_size"]
 
@@ -34,7 +35,7 @@ def msr_filter_bitmap_size(nmsrs: int) -> int:
     return (nmsrs + 63) // 64 * 8
 
 
-class X86Policies:
+class X86Policies(VmState):
     """The MSR and PMU filter ioctls of :class:`~pykvm.vm.Vm` (mixed into it)."""
 
     # -- x86 policies ------------------------------------------------------------------------
@@ -105,6 +106,10 @@ class MsrFilterRange:
     # A plain frozen class, not a dataclass: importing dataclasses (and inspect
     # with it) is 5-6 ms of `import pykvm` (benchmarks/, -X importtime).
     __slots__ = ("flags", "base", "bitmap", "nmsrs")
+    flags: int
+    base: int
+    bitmap: bytes
+    nmsrs: int
 
     def __init__(self, flags: int, base: int, bitmap: bytes, nmsrs: int = -1) -> None:
         if not isinstance(bitmap, (bytes, bytearray)):
@@ -128,11 +133,11 @@ class MsrFilterRange:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"MsrFilterRange is frozen: cannot delete {name!r}")
 
-    def _key(self):
+    def _key(self) -> tuple[int, int, bytes, int]:
         return (self.flags, self.base, self.bitmap, self.nmsrs)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+        return isinstance(other, MsrFilterRange) and type(other) is type(self) and self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())
