@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import platform
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +44,7 @@ def _load() -> Callable[[int, int, Any], None] | None:
     global _fn, _failed
     if _fn is not None or _failed:
         return _fn
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if os.uname().machine not in ("x86_64", "AMD64"):  # not platform: it imports subprocess (3.10)
         _failed = True
         return None
     try:
