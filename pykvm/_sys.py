@@ -2,8 +2,8 @@
 
 Everything in pykvm that needs libc (``ioctl`` with an ``unsigned long``
 argument, ``KVM_RUN`` that must return EINTR, ``sigaction``, ``fallocate``)
-goes through this module, so there is one ``CDLL`` and one place that turns a
-``-1`` into ``OSError``.  Nothing here knows about KVM.
+goes through this module, so there is one ``CDLL``; each call turns a ``-1``
+into ``OSError`` from errno.  Nothing here knows about KVM.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import ctypes
 import os
 
 __all__ = [
-    "check",
     "fallocate",
     "get_errno",
     "ioctl_int",
@@ -33,14 +32,6 @@ _ioctl_ulong.restype = ctypes.c_int
 # The same libc symbol without argtypes, as a separate function object: ctypes
 # then passes Python ints as C ints, its cheapest call.
 _ioctl_plain = ctypes.CDLL(None, use_errno=True).ioctl
-
-
-def check(ret: int) -> int:
-    """Return *ret*, or raise ``OSError`` from errno when it is negative."""
-    if ret < 0:
-        err = get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
 
 
 def ioctl_ulong(fd: int, request: int, arg: int) -> int:

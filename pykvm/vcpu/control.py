@@ -85,7 +85,6 @@ class ControlMixin(VcpuState):
                 raise
 
 
-    # -- capabilities and attributes -----------------------------------------------------
     # -- Xen ------------------------------------------------------------------------------------
     def xen_vcpu_get_attr(self, type_: int) -> S.kvm_xen_vcpu_attr:
         """``KVM_XEN_VCPU_GET_ATTR`` (``KVM_CAP_XEN_HVM``; EINVAL when KVM has no Xen support)."""

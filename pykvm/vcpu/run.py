@@ -39,6 +39,7 @@ from ..errors import KvmClosedError, KvmError
 from ..fd import FdObject, raise_error
 from ..uapi import ioctls as I
 from ..uapi import structs as S
+from ..uapi.enums import ExitReason
 from .exits import DECODE_TABLE, INTERRUPTED, IO_LAYOUT, Exit, IoIn, IoOut, _d_fault, _unknown
 
 _new = object.__new__
@@ -63,7 +64,8 @@ _KVM_RUN = I.KVM_RUN
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, getattr(errno, "EHWPOISON", 133))
-_EXIT_MEMORY_FAULT = 39
+_EXIT_MEMORY_FAULT = int(ExitReason.MEMORY_FAULT)
+_EXIT_IO = int(ExitReason.IO)
 _get_ident = threading.get_ident
 
 # Exit-object reuse (CPython with the GIL, before 3.14): run() hands out a cached
@@ -200,7 +202,7 @@ class RunEngine(FdObject):
             _run_ioctl(self._fd, _KVM_RUN)
             # Decode while still holding the run lock: close() waits for it.
             reason = self._u32[2]
-            if reason == 2:  # KVM_EXIT_IO, the commonest exit: decoded inline (one frame less)
+            if reason == _EXIT_IO:  # the commonest exit: decoded inline (one frame less)
                 mv = self._mv
                 direction, size, port, count, off = _io_unpack(mv, _IO_AT)
                 # Reuse a cached exit object only when nothing but the cache refers
